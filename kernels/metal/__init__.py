@@ -1,0 +1,1 @@
+"""Metal kernels for Apple MPS, compiled with torch.mps.compile_shader."""

@@ -1,0 +1,1 @@
+"""Triton kernels (CUDA; tested on the CPU with TRITON_INTERPRET=1)."""

@@ -1,0 +1,3 @@
+from monofast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""The `monofast` command line.
+
+Commands are looked up lazily: `monofast --help` imports nothing heavy, and each
+command's module (and torch, where it needs it) loads only when that command runs.
+User errors print one line and exit with code 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from monofast import __version__
+from monofast.errors import UserError
+
+PROG = "monofast"
+
+
+@dataclass(frozen=True)
+class Command:
+    """A CLI command: either a pipeline stage (`stage` set) or a module with
+    `add_arguments(parser)` and `main(args)`."""
+
+    help: str
+    module: str | None = None
+    stage: str | None = None
+
+
+COMMANDS: dict[str, Command] = {
+    "run": Command("run every stage of a preset into one run directory", module="monofast.cli:RunCommand"),
+    "presets": Command("list the presets and what each sets", module="monofast.cli:PresetsCommand"),
+    "data": Command("stage 1: build the corpus and train the tokenizer", stage="data"),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Shared options of every stage command
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """`--preset`, `--run`, `--config`, `--force`: the options every stage command shares."""
+    from monofast import presets
+
+    group = parser.add_argument_group("run options")
+    group.add_argument("--preset", default="quick", choices=presets.names(),
+                       help="preset whose values are the starting point (default: quick)")
+    group.add_argument("--run", type=Path, default=None, metavar="DIR",
+                       help="run directory holding one folder per stage (default: runs/<preset>)")
+    group.add_argument("--config", type=Path, default=None, metavar="FILE",
+                       help="TOML or JSON file of option values, flat or grouped by stage")
+    group.add_argument("--force", action="store_true",
+                       help="re-run even when the outputs are up to date")
+
+
+def run_dir(args: argparse.Namespace):
+    from monofast.pipeline import RunDir, default_run_dir
+
+    return RunDir(args.run if args.run is not None else default_run_dir(args.preset))
+
+
+def file_layer(path: Path | None, stage: str, fields: set[str]) -> dict[str, Any]:
+    """The part of a config file that applies to `stage`: its `[stage]` table, plus the
+    top-level keys that are fields of the stage's config."""
+    if path is None:
+        return {}
+    from monofast import config, pipeline
+
+    data = config.load_config_file(path)
+    stage_names = {s.name for s in pipeline.STAGES}
+    layer = {k: v for k, v in data.items() if not isinstance(v, dict) and k.replace("-", "_") in fields}
+    unknown_top = [k for k, v in data.items()
+                   if not isinstance(v, dict) and k.replace("-", "_") not in _all_fields()]
+    if unknown_top:
+        raise UserError(f"{path}: unknown option(s) {', '.join(unknown_top)}")
+    bad_tables = [k for k, v in data.items() if isinstance(v, dict) and k not in stage_names]
+    if bad_tables:
+        raise UserError(f"{path}: unknown stage table(s) {', '.join(bad_tables)}; "
+                        f"stages are {', '.join(sorted(stage_names))}")
+    layer.update(data.get(stage, {}))
+    return layer
+
+
+def _all_fields() -> set[str]:
+    from monofast import pipeline
+
+    names: set[str] = set()
+    for stage in pipeline.STAGES:
+        names.update(pipeline.stage_fields(stage))
+    return names
+
+
+class StageCommand:
+    """`monofast <stage>`: resolve the stage's config and run it (skipped when up to date)."""
+
+    def __init__(self, stage: str):
+        from monofast import pipeline
+
+        self.stage = pipeline.stage_named(stage)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from monofast import config
+
+        add_run_options(parser)
+        config.add_arguments(parser, self.stage.config_cls(), f"{self.stage.name} options")
+
+    def main(self, args: argparse.Namespace) -> int:
+        from monofast import config, pipeline
+
+        cls = self.stage.config_cls()
+        fields = set(pipeline.stage_fields(self.stage))
+        cfg = pipeline.resolve_config(self.stage, args.preset, file_layer(args.config, self.stage.name, fields),
+                                      config.cli_overrides(cls, args))
+        pipeline.run_stage(self.stage, cfg, run_dir(args), force=args.force)
+        return 0
+
+
+class RunCommand:
+    """`monofast run`: every stage in order."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from monofast import pipeline
+
+        add_run_options(parser)
+        parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                            help="override one option of one stage, e.g. --set data.vocab_size=2048 "
+                                 "(repeatable)")
+        parser.add_argument("--from", dest="start", default=None,
+                            choices=[s.name for s in pipeline.STAGES],
+                            help="re-run this stage and every later one")
+
+    def main(self, args: argparse.Namespace) -> int:
+        from monofast import pipeline
+
+        layers: dict[str, list[dict[str, Any]]] = {}
+        for stage in pipeline.STAGES:
+            fields = set(pipeline.stage_fields(stage))
+            layers[stage.name] = [file_layer(args.config, stage.name, fields)]
+        for item in args.set:
+            key, eq, value = item.partition("=")
+            stage, dot, name = key.partition(".")
+            if not eq or not dot:
+                raise UserError(f"--set {item!r}: expected STAGE.KEY=VALUE, e.g. data.vocab_size=2048")
+            if stage not in layers:
+                raise UserError(f"--set {item!r}: no stage {stage!r}; stages are {', '.join(layers)}")
+            layers[stage].append({name: value})
+        pipeline.run_all(args.preset, run_dir(args), layers, force=args.force, start=args.start)
+        return 0
+
+
+class PresetsCommand:
+    """`monofast presets`: print every preset's description and values."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        pass
+
+    def main(self, args: argparse.Namespace) -> int:
+        from monofast.presets import PRESETS
+
+        for name, preset in PRESETS.items():
+            print(f"{name}: {preset.get('about', '')}")
+            for stage, values in preset.items():
+                if isinstance(values, dict):
+                    shown = ", ".join(f"{k}={v}" for k, v in values.items())
+                    print(f"  {stage}: {shown}")
+        return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatch
+
+def _overview() -> str:
+    width = max(len(name) for name in COMMANDS) + 2
+    lines = [
+        f"usage: {PROG} [--version] COMMAND [options]",
+        "",
+        "Towards Monosemanticity, reproducible and fast: tiny GPT -> MLP activations -> sparse",
+        "autoencoders -> feature browser.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name.ljust(width)}{cmd.help}" for name, cmd in COMMANDS.items()]
+    lines += ["", f"Run `{PROG} COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def _find(argv: Sequence[str]) -> tuple[str | None, int]:
+    """The longest command name that prefixes argv, and how many words it took."""
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in COMMANDS:
+            return name, words
+    return None, 0
+
+
+def _instantiate(name: str, command: Command) -> Any:
+    if command.stage is not None:
+        return StageCommand(command.stage)
+    assert command.module is not None
+    module, _, attr = command.module.partition(":")
+    return getattr(importlib.import_module(module), attr)()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_overview())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"{PROG} {__version__}")
+        return 0
+    name, used = _find(argv)
+    if name is None:
+        group = [n for n in COMMANDS if n.startswith(argv[0] + " ")]
+        if group and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+            print(f"usage: {PROG} {argv[0]} {{{','.join(n.split()[1] for n in group)}}} ...")
+            for n in group:
+                print(f"  {n.ljust(20)}{COMMANDS[n].help}")
+            return 0 if len(argv) > 1 else 2
+        print(f"{PROG}: error: unknown command {' '.join(argv[:2])!r}; see `{PROG} --help`", file=sys.stderr)
+        return 2
+
+    from monofast import log
+
+    log.setup()
+    command = COMMANDS[name]
+    try:
+        impl = _instantiate(name, command)
+        parser = argparse.ArgumentParser(prog=f"{PROG} {name}", description=command.help)
+        impl.add_arguments(parser)
+        args = parser.parse_args(argv[used:])
+        return int(impl.main(args) or 0)
+    except UserError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+

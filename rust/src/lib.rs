@@ -1,0 +1,11 @@
+//! Native core of monofast.
+//!
+//! The core modules below are plain Rust with no knowledge of Python; `cargo test`
+//! exercises them directly. The `python` module is the only one that touches PyO3:
+//! it extracts owned values, releases the GIL for the work, and converts errors.
+
+pub mod checksum;
+pub mod error;
+
+#[cfg(feature = "python")]
+mod python;
