@@ -15,7 +15,7 @@ use crate::checksum;
 use crate::error::Error;
 
 create_exception!(
-    _native,
+    monofast._native,
     CorruptFileError,
     PyValueError,
     "A file was read but its contents are invalid (truncated, bad header, checksum mismatch)."
