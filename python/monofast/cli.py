@@ -130,6 +130,9 @@ class RunCommand:
         parser.add_argument("--from", dest="start", default=None,
                             choices=[s.name for s in pipeline.STAGES],
                             help="re-run this stage and every later one")
+        parser.add_argument("--to", dest="stop", default=None,
+                            choices=[s.name for s in pipeline.STAGES],
+                            help="stop after this stage")
 
     def main(self, args: argparse.Namespace) -> int:
         from monofast import pipeline
@@ -146,7 +149,8 @@ class RunCommand:
             if stage not in layers:
                 raise UserError(f"--set {item!r}: no stage {stage!r}; stages are {', '.join(layers)}")
             layers[stage].append({name: value})
-        pipeline.run_all(args.preset, run_dir(args), layers, force=args.force, start=args.start)
+        pipeline.run_all(args.preset, run_dir(args), layers, force=args.force, start=args.start,
+                          stop=args.stop)
         return 0
 
 

