@@ -111,3 +111,19 @@ def test_presets_lists_all(capsys):
     out = capsys.readouterr().out
     for name in ("smoke", "quick", "laptop", "paper"):
         assert out.count(f"{name}:") >= 1
+
+
+def test_full_disk_is_one_line(tmp_path, two_sources, monkeypatch, capsys):
+    import errno
+
+    from monofast import data
+
+    def full(cfg, out):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "train.bin"))
+
+    monkeypatch.setattr(data, "build", full)
+    argv = ["data", "--run", str(tmp_path / "r")] + [a for s in two_sources for a in ("--source", s)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "disk is full writing" in err and "train.bin" in err and err.count("\n") == 1
+    assert not (tmp_path / "r" / "data" / "manifest.json").exists()

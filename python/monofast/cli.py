@@ -8,6 +8,7 @@ User errors print one line and exit with code 2; bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from dataclasses import dataclass
@@ -242,5 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"{PROG}: error: the disk is full{where}; free some space (or pass --run on another "
+              f"disk) and run the same command again: finished stages are kept", file=sys.stderr)
+        return 2
 
 
