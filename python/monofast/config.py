@@ -142,8 +142,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None 
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=UNSET, help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, default=UNSET, metavar=meta.get("metavar", f.name.upper()),
+            group.add_argument(flag, dest=f.name, default=UNSET, metavar=meta.get("metavar", _metavar(base)),
                                type=functools.partial(_argparse_value, tp), help=help_text)
+
+
+def _metavar(tp: Any) -> str:
+    if typing.get_origin(tp) in (tuple, list):
+        return "A,B,..."
+    return {int: "N", float: "X"}.get(tp, "TEXT")
 
 
 def _argparse_value(tp: Any, text: str) -> Any:
