@@ -43,3 +43,58 @@ def test_missing_file_is_oserror_naming_it(tmp_path):
 def test_corrupt_error_is_value_error():
     assert issubclass(_native.CorruptFileError, ValueError)
     assert _native.CorruptFileError.__module__ == "monofast._native"
+
+
+def test_store_errors_map_to_python_classes(tmp_path):
+    import numpy as np
+
+    writer = _native.ShardWriter(tmp_path / "s", 2, "fp32", 10)
+    one = np.zeros(1, np.int32)
+    with pytest.raises(ValueError, match="float32"):
+        writer.append(np.zeros((1, 2), np.float64), one, np.zeros(1, np.uint8), one, one)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        writer.append(np.zeros((2, 4), np.float32)[:, ::2], np.zeros(2, np.int32), np.zeros(2, np.uint8),
+                      np.zeros(2, np.int32), np.zeros(2, np.int32))
+    writer.append(np.ones((1, 2), np.float32), one, np.zeros(1, np.uint8), one, one)
+    with pytest.raises(ValueError, match="JSON object"):
+        writer.finish("[1]")
+    assert '"rows": 1' in writer.finish('{"layer": 3}')
+    assert writer.closed
+    with pytest.raises(ValueError, match="closed"):
+        writer.finish()
+    with pytest.raises(ValueError, match="dtype"):
+        _native.ShardWriter(tmp_path / "t", 2, "int8", 10)
+    with pytest.raises(ValueError, match="fingerprint"):
+        _native.ShardWriter(tmp_path / "t", 2, "fp32", 10, "x" * 5000)
+
+    store = _native.Store(tmp_path / "s")
+    assert (store.rows, store.dim, store.dtype, len(store)) == (1, 2, "fp32", 1)
+    with pytest.raises(IndexError, match="out of range"):
+        store.take(np.array([1], np.int64))
+    (tmp_path / "t").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"index\.json: No such file or directory$"):
+        _native.Store(tmp_path / "t")
+    with pytest.raises(OSError, match="not a directory"):
+        _native.Store(tmp_path / "s" / "index.json")
+    with pytest.raises(ValueError, match="rank"):
+        _native.Stream(store, 4, rank=1, world_size=1)
+
+
+def test_stream_batches_and_state(tmp_path):
+    import numpy as np
+
+    writer = _native.ShardWriter(tmp_path / "s", 3, "fp16", 4)
+    ids = np.arange(10, dtype=np.int32)
+    writer.append(np.arange(30, dtype=np.float16).reshape(10, 3), ids, (ids % 2).astype(np.uint8), ids, ids)
+    writer.finish()
+    store = _native.Store(tmp_path / "s")
+    stream = _native.Stream(store, 4, "none", epochs=2, to_float32=True)
+    assert len(stream) == 3 and stream.rows_per_epoch == 10
+    acts, token_id, source_id, context_id, position, row = next(stream)
+    assert acts.dtype == np.float32 and acts.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert row.tolist() == [0, 1, 2, 3] and source_id.tolist() == [0, 1, 0, 1]
+    assert stream.state() == (0, 4)
+    stream.restore(1, 8)
+    assert [r.tolist() for *_, r in stream] == [[8, 9]]
+    assert stream.state() == (2, 0)
+    stream.close()

@@ -1,1 +1,12 @@
-"""Triton kernels (CUDA; tested on the CPU with TRITON_INTERPRET=1)."""
+"""Triton kernels for the SAE step (CUDA; tested on the CPU with TRITON_INTERPRET=1).
+
+encode.py   fused encoder forward and its backward epilogue kernel
+decode.py   fused decoder forward (with the squared error) and its weight gradient
+wgrad.py    the batch-reduction product shared by both weight gradients
+step.py     input checks, the autograd function, `sae_step`
+common.py   autotune configs (bypassed under the interpreter), block sums
+"""
+
+from .step import TritonStep, check_inputs, sae_step
+
+__all__ = ["TritonStep", "check_inputs", "sae_step"]

@@ -1,8 +1,21 @@
 """Type stubs of the Rust extension, checked against the built module by mypy.stubtest."""
 
 import os
+from typing import Any, final
+
+import numpy as np
+import numpy.typing as npt
 
 __version__: str
+
+_BatchTuple = tuple[
+    npt.NDArray[Any],  # (B, D) activations: float32, float16 or uint16 (bf16 bits)
+    npt.NDArray[np.int32],  # (B,) token_id
+    npt.NDArray[np.uint8],  # (B,) source_id
+    npt.NDArray[np.int32],  # (B,) context_id
+    npt.NDArray[np.int32],  # (B,) position
+    npt.NDArray[np.int64],  # (B,) global row index
+]
 
 class CorruptFileError(ValueError):
     """A file was read but its contents are invalid (truncated, bad header, checksum mismatch)."""
@@ -12,3 +25,96 @@ def hash_file(path: str | os.PathLike[str]) -> str:
 
 def hash_bytes(data: bytes) -> str:
     """XXH3-128 hex digest of a bytes-like object."""
+
+def verify(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """Check every shard of the store in `path`; returns (shards, rows, bytes)."""
+
+@final
+class ShardWriter:
+    """Writes an activation store on a background thread."""
+
+    def __new__(
+        cls,
+        path: str | os.PathLike[str],
+        dim: int,
+        dtype: str,
+        rows_per_shard: int,
+        fingerprint: str = "",
+        resume: bool = False,
+        queue: int = 2,
+    ) -> ShardWriter: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def resumed_rows(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def rows_per_shard(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def append(
+        self,
+        activations: npt.NDArray[Any],
+        token_id: npt.NDArray[np.int32],
+        source_id: npt.NDArray[np.uint8],
+        context_id: npt.NDArray[np.int32],
+        position: npt.NDArray[np.int32],
+    ) -> None: ...
+    def finish(self, extra: str = "{}") -> str: ...
+    def abort(self) -> None: ...
+
+@final
+class Store:
+    """An opened activation store: memory-mapped, checked shards."""
+
+    def __new__(cls, path: str | os.PathLike[str]) -> Store: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def rows_per_shard(self) -> int: ...
+    @property
+    def shards(self) -> list[str]: ...
+    @property
+    def index_json(self) -> str: ...
+    def __len__(self) -> int: ...
+    def take(self, indices: npt.NDArray[np.int64], to_float32: bool = False) -> _BatchTuple: ...
+
+@final
+class Stream:
+    """Batches of a store in a seeded order, prefetched on Rust threads."""
+
+    def __new__(
+        cls,
+        store: Store,
+        batch_size: int,
+        shuffle: str = "exact",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        epochs: int | None = 1,
+        to_float32: bool = False,
+        threads: int = 2,
+        prefetch: int = 4,
+        block_rows: int = 4096,
+        window_blocks: int = 64,
+    ) -> Stream: ...
+    def __len__(self) -> int: ...
+    @property
+    def rows_per_epoch(self) -> int: ...
+    def __iter__(self) -> Stream: ...
+    def __next__(self) -> _BatchTuple: ...
+    def state(self) -> tuple[int, int]: ...
+    def restore(self, epoch: int, row: int) -> None: ...
+    def close(self) -> None: ...
+
+@final
+class _BatchBuffer:
+    """Owns a batch's activation memory (the numpy array's base)."""

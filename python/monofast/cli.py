@@ -35,6 +35,15 @@ COMMANDS: dict[str, Command] = {
     "run": Command("run every stage of a preset into one run directory", module="monofast.cli:RunCommand"),
     "presets": Command("list the presets and what each sets", module="monofast.cli:PresetsCommand"),
     "data": Command("stage 1: build the corpus and train the tokenizer", stage="data"),
+    "gpt train": Command("stage 2: train the tiny GPT (resumable with --resume)", stage="gpt"),
+    "gpt sample": Command("continue a prompt with the trained GPT", module="monofast.gpt:SampleCommand"),
+    "harvest": Command("stage 3: store the GPT's MLP activations as shards (resumable)", stage="activations"),
+    "activations verify": Command("check every activation shard's checksum; name the first bad one",
+                                  module="monofast.activations:VerifyCommand"),
+    "sae train": Command("stage 4: train sparse autoencoders on the activations", stage="sae"),
+    "analyze": Command("stage 5: feature statistics, top and quantile examples, ablation effects",
+                       stage="analysis"),
+    "site": Command("stage 6: build the static feature browser (opens from file://)", stage="site"),
 }
 
 

@@ -42,6 +42,11 @@ class Stage:
     """Names of the earlier stages whose outputs it reads."""
     about: str
     """One line for `--help` and the results table."""
+    command: str = ""
+    """The CLI command that runs it alone, when it differs from the name (`gpt train`)."""
+
+    def cli(self) -> str:
+        return f"monofast {self.command or self.name}"
 
     def config_cls(self) -> type:
         return _load(self.config)
@@ -58,6 +63,17 @@ def _load(spec: str) -> Any:
 STAGES: tuple[Stage, ...] = (
     Stage("data", "monofast.data:DataConfig", "monofast.data:run_stage", (),
           "corpus and byte-level BPE tokenizer"),
+    Stage("gpt", "monofast.gpt:GPTTrainConfig", "monofast.gpt:run_stage", ("data",),
+          "train the tiny GPT whose MLP activations the SAEs decompose", command="gpt train"),
+    Stage("activations", "monofast.harvest:HarvestConfig", "monofast.harvest:run_stage", ("data", "gpt"),
+          "harvest the GPT's MLP activations into memory-mapped shards", command="harvest"),
+    Stage("sae", "monofast.sae_train:SAETrainConfig", "monofast.sae_train:run_stage", ("activations", "gpt"),
+          "train sparse autoencoders on the activations", command="sae train"),
+    Stage("analysis", "monofast.analysis.config:AnalysisConfig", "monofast.analysis.run:run_stage",
+          ("data", "gpt", "sae"), "feature statistics, top-k and quantile examples, ablation effects",
+          command="analyze"),
+    Stage("site", "monofast.site.config:SiteConfig", "monofast.site.build:run_stage", ("sae", "analysis"),
+          "static feature browser that opens from file://"),
 )
 
 
@@ -83,7 +99,7 @@ class RunDir:
         if not (folder / MANIFEST).is_file():
             raise UserError(
                 f"stage {name!r} has not finished in {self.root} (no {name}/{MANIFEST}); "
-                f"run `monofast {name} --run {self.root}` or `monofast run --run {self.root}` first"
+                f"run `{stage_named(name).cli()} --run {self.root}` or `monofast run --run {self.root}` first"
             )
         return folder
 

@@ -49,7 +49,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.bin");
         let data: Vec<u8> = (0..20_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        std::fs::File::create(&path).unwrap().write_all(&data).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&data)
+            .unwrap();
         assert_eq!(hash_file(&path).unwrap(), hash_bytes(&data));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -1,18 +1,35 @@
 //! The one module that knows about Python.
 //!
-//! Each function extracts owned Rust values from its arguments, runs the core with the
-//! GIL released, and converts the core's `Error` through `to_py_err`, the single error
-//! conversion path: unreadable files become `OSError`, bad contents `CorruptFileError`
-//! (a `ValueError` subclass).
+//! Each function extracts owned Rust values (or read-only views of numpy input) from its
+//! arguments, runs the core with the GIL released, and converts the core's `Error`
+//! through `to_py_err`, the single error conversion path: unreadable files become
+//! `OSError`, bad contents `CorruptFileError` (a `ValueError` subclass), bad arguments
+//! `ValueError`, rows out of range `IndexError`.
+//!
+//! Batches leave as numpy arrays that own their memory: the activation array's base is a
+//! `_BatchBuffer` whose buffer goes back to the stream's pool when the array dies, so
+//! `torch.from_numpy` wraps it with no copy and the next batch reuses warm pages.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use half::f16;
+use numpy::ndarray::ArrayView2;
+use numpy::{IntoPyArray, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::create_exception;
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyIndexError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use serde_json::{Map, Value};
 
+use crate::buffer::{AlignedBuf, Pool};
 use crate::checksum;
 use crate::error::Error;
+use crate::format::DType;
+use crate::shuffle::Mode;
+use crate::store::{self, MetaColumns};
+use crate::stream::{self, Position, StreamConfig};
+use crate::writer::{self, Rows, WriterSpec};
 
 create_exception!(
     monofast._native,
@@ -28,6 +45,8 @@ fn to_py_err(err: Error) -> PyErr {
             PyOSError::new_err((errno, err.to_string()))
         }
         Error::Corrupt { .. } => CorruptFileError::new_err(err.to_string()),
+        Error::Invalid(_) => PyValueError::new_err(err.to_string()),
+        Error::OutOfRange(_) => PyIndexError::new_err(err.to_string()),
     }
 }
 
@@ -43,11 +62,484 @@ fn hash_bytes(data: &[u8]) -> String {
     checksum::hash_bytes(data)
 }
 
+/// Check every shard of the store in `path` (structure and checksum), in order; raise
+/// `CorruptFileError` naming the first bad one. Returns (shards, rows, bytes).
+#[pyfunction]
+fn verify(py: Python<'_>, path: PathBuf) -> PyResult<(u64, u64, u64)> {
+    let report = py.detach(|| store::verify(&path)).map_err(to_py_err)?;
+    Ok((report.shards, report.rows, report.bytes))
+}
+
+fn parse_dtype(name: &str) -> PyResult<DType> {
+    DType::parse(name)
+        .ok_or_else(|| PyValueError::new_err(format!("dtype={name:?}; choose fp32, fp16 or bf16")))
+}
+
+// ---------------------------------------------------------------------------------------
+// Writer
+
+/// Read-only view of the activations handed to `append`, whatever numpy dtype carries them.
+enum ActivationView<'py> {
+    F32(PyReadonlyArray2<'py, f32>),
+    F16(PyReadonlyArray2<'py, f16>),
+    /// bf16 travels as its raw 16 bits (numpy has no bfloat16).
+    U16(PyReadonlyArray2<'py, u16>),
+    I16(PyReadonlyArray2<'py, i16>),
+}
+
+impl<'py> ActivationView<'py> {
+    fn extract(obj: &Bound<'py, PyAny>, dtype: DType) -> PyResult<Self> {
+        let view = match dtype {
+            DType::F32 => obj.extract().map(ActivationView::F32).ok(),
+            DType::F16 => obj.extract().map(ActivationView::F16).ok(),
+            DType::BF16 => obj
+                .extract()
+                .map(ActivationView::U16)
+                .or_else(|_| obj.extract().map(ActivationView::I16))
+                .ok(),
+        };
+        view.ok_or_else(|| {
+            let wanted = match dtype {
+                DType::F32 => "float32",
+                DType::F16 => "float16",
+                DType::BF16 => "uint16 or int16 holding bfloat16 bits",
+            };
+            PyValueError::new_err(format!(
+                "activations must be a 2-D numpy array of {wanted} for a {} store",
+                dtype.name()
+            ))
+        })
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            ActivationView::F32(a) => a.shape(),
+            ActivationView::F16(a) => a.shape(),
+            ActivationView::U16(a) => a.shape(),
+            ActivationView::I16(a) => a.shape(),
+        }
+    }
+
+    fn bytes(&self) -> PyResult<&[u8]> {
+        fn raw<T>(s: &[T]) -> &[u8] {
+            // SAFETY: plain numeric elements, viewed as their bytes for as long as `s` lives.
+            unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+        }
+        let not_contiguous =
+            |_| PyValueError::new_err("activations must be C-contiguous (np.ascontiguousarray)");
+        Ok(match self {
+            ActivationView::F32(a) => raw(a.as_slice().map_err(not_contiguous)?),
+            ActivationView::F16(a) => raw(a.as_slice().map_err(not_contiguous)?),
+            ActivationView::U16(a) => raw(a.as_slice().map_err(not_contiguous)?),
+            ActivationView::I16(a) => raw(a.as_slice().map_err(not_contiguous)?),
+        })
+    }
+}
+
+fn column<'a, T: numpy::Element>(
+    array: &'a PyReadonlyArray1<'_, T>,
+    name: &str,
+) -> PyResult<&'a [T]> {
+    array
+        .as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{name} must be a contiguous 1-D array")))
+}
+
+/// Writes an activation store on a background thread (see `monofast.activations`).
+#[pyclass(module = "monofast._native")]
+struct ShardWriter {
+    inner: writer::Writer,
+}
+
+#[pymethods]
+impl ShardWriter {
+    #[new]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword signature
+    #[pyo3(signature = (path, dim, dtype, rows_per_shard, fingerprint = String::new(), resume = false, queue = 2))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        dim: u64,
+        dtype: &str,
+        rows_per_shard: u64,
+        fingerprint: String,
+        resume: bool,
+        queue: usize,
+    ) -> PyResult<Self> {
+        let spec = WriterSpec {
+            dim,
+            dtype: parse_dtype(dtype)?,
+            rows_per_shard,
+            fingerprint,
+        };
+        let inner = py
+            .detach(|| writer::Writer::open(&path, spec, resume, queue))
+            .map_err(to_py_err)?;
+        Ok(ShardWriter { inner })
+    }
+
+    /// Rows on disk or queued: the global index the next appended row gets.
+    #[getter]
+    fn rows(&self) -> u64 {
+        self.inner.rows()
+    }
+
+    /// Rows kept from an interrupted earlier writer.
+    #[getter]
+    fn resumed_rows(&self) -> u64 {
+        self.inner.resumed_rows()
+    }
+
+    #[getter]
+    fn dim(&self) -> u64 {
+        self.inner.spec().dim
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.inner.spec().dtype.name()
+    }
+
+    #[getter]
+    fn rows_per_shard(&self) -> u64 {
+        self.inner.spec().rows_per_shard
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        !self.inner.is_open()
+    }
+
+    /// Queue rows: activations (rows, dim) and four (rows,) metadata columns. Copies the
+    /// input and returns once it is queued; blocks (GIL released) while the queue is full.
+    fn append<'py>(
+        &mut self,
+        py: Python<'py>,
+        activations: &Bound<'py, PyAny>,
+        token_id: PyReadonlyArray1<'py, i32>,
+        source_id: PyReadonlyArray1<'py, u8>,
+        context_id: PyReadonlyArray1<'py, i32>,
+        position: PyReadonlyArray1<'py, i32>,
+    ) -> PyResult<()> {
+        let spec = self.inner.spec();
+        let view = ActivationView::extract(activations, spec.dtype)?;
+        if view.shape()[1] as u64 != spec.dim {
+            return Err(PyValueError::new_err(format!(
+                "activations have {} columns; this store's rows have dim {}",
+                view.shape()[1],
+                spec.dim
+            )));
+        }
+        let rows = Rows {
+            activations: view.bytes()?,
+            token_id: column(&token_id, "token_id")?,
+            source_id: column(&source_id, "source_id")?,
+            context_id: column(&context_id, "context_id")?,
+            position: column(&position, "position")?,
+        };
+        // The copy out of the arrays runs with the GIL released. Another Python thread
+        // writing to the same arrays meanwhile would only change which bytes get stored;
+        // the Python front always hands over arrays it has just made.
+        let inner = &mut self.inner;
+        py.detach(move || inner.append(rows)).map_err(to_py_err)
+    }
+
+    /// Write the last shard and `index.json` (with the JSON object `extra` merged in);
+    /// returns the index as JSON text.
+    #[pyo3(signature = (extra = "{}"))]
+    fn finish(&mut self, py: Python<'_>, extra: &str) -> PyResult<String> {
+        let extra: Map<String, Value> = serde_json::from_str(extra)
+            .map_err(|e| PyValueError::new_err(format!("extra must be a JSON object ({e})")))?;
+        let inner = &mut self.inner;
+        let index = py.detach(move || inner.finish(extra)).map_err(to_py_err)?;
+        Ok(String::from_utf8(index.to_json()).expect("serde_json writes UTF-8"))
+    }
+
+    /// Stop without finishing: delete the open temporary shard, keep finished ones.
+    fn abort(&mut self, py: Python<'_>) {
+        let inner = &mut self.inner;
+        py.detach(move || inner.abort());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Store, stream, batches
+
+/// Owns a batch's activation memory; the numpy array's base. Returns it to the pool on drop.
+#[pyclass(module = "monofast._native", frozen)]
+struct _BatchBuffer {
+    buf: Mutex<Option<AlignedBuf>>,
+    pool: Option<Arc<Pool>>,
+}
+
+impl Drop for _BatchBuffer {
+    fn drop(&mut self) {
+        let buf = self.buf.get_mut().ok().and_then(Option::take);
+        if let (Some(buf), Some(pool)) = (buf, &self.pool) {
+            pool.put(buf);
+        }
+    }
+}
+
+/// A 2-D numpy array over `buf` (rows x dim) whose lifetime holds the buffer.
+fn activation_array<'py>(
+    py: Python<'py>,
+    buf: AlignedBuf,
+    pool: Option<Arc<Pool>>,
+    rows: usize,
+    dim: usize,
+    dtype: DType,
+    to_f32: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let ptr = buf.as_ptr();
+    let owner = Bound::new(
+        py,
+        _BatchBuffer {
+            buf: Mutex::new(Some(buf)),
+            pool,
+        },
+    )?
+    .into_any();
+    // SAFETY: `ptr` points at rows x dim elements of the chosen type (the gather wrote
+    // them), 64-byte aligned; the memory lives inside `owner`, which becomes the array's
+    // base object and is never mutated or moved while the array exists.
+    unsafe {
+        Ok(if to_f32 || dtype == DType::F32 {
+            let view = ArrayView2::from_shape_ptr((rows, dim), ptr.cast::<f32>());
+            PyArray2::borrow_from_array(&view, owner).into_any()
+        } else if dtype == DType::F16 {
+            let view = ArrayView2::from_shape_ptr((rows, dim), ptr.cast::<f16>());
+            PyArray2::borrow_from_array(&view, owner).into_any()
+        } else {
+            let view = ArrayView2::from_shape_ptr((rows, dim), ptr.cast::<u16>());
+            PyArray2::borrow_from_array(&view, owner).into_any()
+        })
+    }
+}
+
+fn batch_tuple<'py>(
+    py: Python<'py>,
+    activations: Bound<'py, PyAny>,
+    meta: MetaColumns,
+) -> PyResult<Bound<'py, PyTuple>> {
+    PyTuple::new(
+        py,
+        [
+            activations,
+            meta.token_id.into_pyarray(py).into_any(),
+            meta.source_id.into_pyarray(py).into_any(),
+            meta.context_id.into_pyarray(py).into_any(),
+            meta.position.into_pyarray(py).into_any(),
+            meta.row.into_pyarray(py).into_any(),
+        ],
+    )
+}
+
+/// An opened activation store: memory-mapped, checked shards (checksums: `verify`).
+#[pyclass(module = "monofast._native", frozen)]
+struct Store {
+    inner: Arc<store::Store>,
+}
+
+#[pymethods]
+impl Store {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| store::Store::open(&path)).map_err(to_py_err)?;
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    #[getter]
+    fn rows(&self) -> u64 {
+        self.inner.rows()
+    }
+
+    #[getter]
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.inner.dtype.name()
+    }
+
+    #[getter]
+    fn rows_per_shard(&self) -> u64 {
+        self.inner.index.rows_per_shard
+    }
+
+    #[getter]
+    fn shards(&self) -> Vec<String> {
+        self.inner
+            .shards()
+            .iter()
+            .map(|s| s.path.display().to_string())
+            .collect()
+    }
+
+    /// The parsed `index.json`, re-serialised.
+    #[getter]
+    fn index_json(&self) -> String {
+        String::from_utf8(self.inner.index.to_json()).expect("serde_json writes UTF-8")
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.rows() as usize
+    }
+
+    /// Rows at global indices: (activations, token_id, source_id, context_id, position, row).
+    #[pyo3(signature = (indices, to_float32 = false))]
+    fn take<'py>(
+        &self,
+        py: Python<'py>,
+        indices: PyReadonlyArray1<'py, i64>,
+        to_float32: bool,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let rows = indices.as_array().to_vec();
+        let store = &self.inner;
+        let (buf, meta) = py
+            .detach(|| stream::Stream::take(store, &rows, to_float32))
+            .map_err(to_py_err)?;
+        let acts = activation_array(
+            py,
+            buf,
+            None,
+            rows.len(),
+            store.dim(),
+            store.dtype,
+            to_float32,
+        )?;
+        batch_tuple(py, acts, meta)
+    }
+}
+
+/// Batches of a store in a seeded order, prefetched on Rust threads.
+#[pyclass(module = "monofast._native", frozen)]
+struct Stream {
+    inner: Mutex<stream::Stream>,
+}
+
+impl Stream {
+    fn lock(&self) -> PyResult<MutexGuard<'_, stream::Stream>> {
+        self.inner
+            .try_lock()
+            .map_err(|_| PyRuntimeError::new_err("the stream is in use by another thread"))
+    }
+}
+
+#[pymethods]
+impl Stream {
+    #[new]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword signature
+    #[pyo3(signature = (
+        store, batch_size, shuffle = "exact", seed = 0, rank = 0, world_size = 1, drop_last = false,
+        epochs = Some(1), to_float32 = false, threads = 2, prefetch = 4, block_rows = 4096,
+        window_blocks = 64,
+    ))]
+    fn new(
+        store: &Store,
+        batch_size: u64,
+        shuffle: &str,
+        seed: u64,
+        rank: u64,
+        world_size: u64,
+        drop_last: bool,
+        epochs: Option<u64>,
+        to_float32: bool,
+        threads: usize,
+        prefetch: usize,
+        block_rows: u64,
+        window_blocks: u64,
+    ) -> PyResult<Self> {
+        let mode = Mode::parse(shuffle, block_rows, window_blocks).map_err(to_py_err)?;
+        let cfg = StreamConfig {
+            batch_size,
+            mode,
+            seed,
+            rank,
+            world_size,
+            drop_last,
+            epochs,
+            to_f32: to_float32,
+            threads,
+            prefetch,
+        };
+        let inner = stream::Stream::new(Arc::clone(&store.inner), cfg).map_err(to_py_err)?;
+        Ok(Stream {
+            inner: Mutex::new(inner),
+        })
+    }
+
+    /// Batches in one whole epoch for this rank.
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self.lock()?.batches_per_epoch() as usize)
+    }
+
+    /// Rows of one epoch for this rank.
+    #[getter]
+    fn rows_per_epoch(&self) -> PyResult<u64> {
+        Ok(self.lock()?.rows_per_epoch())
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let mut guard = self.lock()?;
+        let stream: &mut stream::Stream = &mut guard;
+        let Some(batch) = py.detach(|| stream.next_batch()).map_err(to_py_err)? else {
+            return Ok(None);
+        };
+        let (store, cfg) = (stream.store(), stream.config());
+        let acts = activation_array(
+            py,
+            batch.data,
+            Some(Arc::clone(stream.pool())),
+            batch.rows,
+            store.dim(),
+            store.dtype,
+            cfg.to_f32,
+        )?;
+        batch_tuple(py, acts, batch.meta).map(Some)
+    }
+
+    /// (epoch, rows of this rank's part of that epoch already consumed).
+    fn state(&self) -> PyResult<(u64, u64)> {
+        let pos = self.lock()?.state();
+        Ok((pos.epoch, pos.row))
+    }
+
+    /// Continue from a `state()`; the next batch starts at exactly that row.
+    fn restore(&self, py: Python<'_>, epoch: u64, row: u64) -> PyResult<()> {
+        let mut guard = self.lock()?;
+        let stream: &mut stream::Stream = &mut guard;
+        py.detach(|| stream.restore(Position { epoch, row }))
+            .map_err(to_py_err)
+    }
+
+    /// Stop the prefetch threads now (iteration restarts them).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let mut guard = self.lock()?;
+        let stream: &mut stream::Stream = &mut guard;
+        py.detach(|| stream.shutdown());
+        Ok(())
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CorruptFileError", m.py().get_type::<CorruptFileError>())?;
     m.add_function(wrap_pyfunction!(hash_file, m)?)?;
     m.add_function(wrap_pyfunction!(hash_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(verify, m)?)?;
+    m.add_class::<ShardWriter>()?;
+    m.add_class::<Store>()?;
+    m.add_class::<Stream>()?;
+    m.add_class::<_BatchBuffer>()?;
     Ok(())
 }

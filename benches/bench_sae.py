@@ -1,0 +1,251 @@
+"""One full SAE training step (forward, backward, Adam, decoder renormalisation) per provider,
+against the bare matrix products of the same shapes and precision, timed in the same run.
+
+    pytest benches/bench_sae.py                      each case once at a small shape (checks)
+    pytest benches/bench_sae.py --benchmark-enable   timed, still the small shape
+    python benches/bench_sae.py                      the real shapes, interleaved, as a table
+
+Providers:
+    matmul-bf16 / matmul-fp32   the step's five products alone (the floor)
+    monofast-bf16 / -fp32       SparseAutoencoder on the device's backend (torch on CPUs)
+    reference                   the eager oracle (kernels/reference.py) with the same optimizer
+    autograd-fp32 / -bf16       plain PyTorch autograd of the obvious formula (bf16: autocast)
+    saelens, sparsify           peer libraries, only where installed
+
+Ratios come from one process with the providers interleaved round by round: each ratio is
+the median over rounds of the two providers' timings in the same round, so load from other
+processes on a shared machine hits both sides of every ratio alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from typing import Callable
+
+import pytest
+import torch
+
+from monofast.kernels import reference
+from monofast.sae import SAEConfig, SparseAutoencoder
+
+SMALL = (256, 64, 128)
+"""(B, D, F) of the pytest cases: big enough to be real code paths, quick to run once."""
+REAL = ((2048, 768, 1536), (2048, 512, 4096))
+"""(B, D, F) of the table: the seed laptop SAE, and the paper's 512 neurons x 4,096 features."""
+L1_COEFF = 1e-3
+
+FLOORS = ("matmul-bf16", "matmul-fp32")
+OURS = ("monofast-bf16", "monofast-fp32", "reference", "autograd-fp32", "autograd-bf16")
+PEERS = ("saelens", "sparsify")
+
+
+def _batch(n_rows: int, d_in: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n_rows, d_in, generator=gen)
+
+
+def matmul_floor(n_rows: int, d_in: int, d_sae: int, dtype: torch.dtype) -> Callable[[], None]:
+    """The five products of one step, same shapes and layouts as the step's, nothing else."""
+    gen = torch.Generator().manual_seed(1)
+    x_c = torch.randn(n_rows, d_in, generator=gen).to(dtype)  # [B, D]
+    w_enc = torch.randn(d_in, d_sae, generator=gen).to(dtype)  # [D, F]
+    w_dec = torch.randn(d_sae, d_in, generator=gen).to(dtype)  # [F, D]
+    feats = torch.relu(torch.randn(n_rows, d_sae, generator=gen)).to(dtype)  # [B, F]
+    g = torch.randn(n_rows, d_in, generator=gen).to(dtype)  # [B, D]
+
+    def run() -> None:
+        torch.mm(x_c, w_enc)  # encoder
+        torch.mm(feats, w_dec)  # decoder
+        torch.mm(feats.T, g)  # d_w_dec
+        d_pre = torch.mm(g, w_dec.T)  # d_feats
+        torch.mm(x_c.T, d_pre)  # d_w_enc
+
+    return run
+
+
+def sae_training_step(n_rows: int, d_in: int, d_sae: int, compute_dtype: str) -> Callable[[], None]:
+    """monofast's own step: SparseAutoencoder.forward, backward, fused Adam, renormalisation."""
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, compute_dtype=compute_dtype)
+    sae = SparseAutoencoder(cfg, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+    x = _batch(n_rows, d_in)
+
+    def run() -> None:
+        out = sae(x)
+        (out.mse + L1_COEFF * out.l1).backward()
+        sae.optimizer_step(opt)
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+def eager_step(n_rows: int, d_in: int, d_sae: int, how: str) -> Callable[[], None]:
+    """The oracle, or plain autograd of the obvious formula, with the same optimizer and
+    decoder constraint as monofast's step."""
+    sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, compute_dtype="float32"),
+                            generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+    x = _batch(n_rows, d_in)
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+
+    def run() -> None:
+        if how == "reference":
+            out = reference.sae_step(x, *params)
+            mse, l1 = out.mse, out.l1
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autograd-bf16"):
+                _, _, mse, l1 = reference.naive_loss_terms(x, *params)
+        (mse + L1_COEFF * l1).backward()
+        sae.optimizer_step(opt)
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+def saelens_step(n_rows: int, d_in: int, d_sae: int) -> Callable[[], None]:
+    """SAELens' standard SAE trained the way its trainer does (forward pass, backward, Adam)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    cfg = sae_lens.StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=L1_COEFF)
+    sae = sae_lens.StandardTrainingSAE(cfg)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    x = _batch(n_rows, d_in)
+    from sae_lens.saes.sae import TrainStepInput
+
+    # Its fields changed across 6.x releases; fill the ones this version has.
+    offered = {"sae_in": x, "coefficients": {"l1": L1_COEFF}, "dead_neuron_mask": None, "n_training_steps": 0}
+    step_input = TrainStepInput(**{f.name: offered[f.name] for f in dataclasses.fields(TrainStepInput)
+                                   if f.name in offered})
+
+    def run() -> None:
+        sae.training_forward_pass(step_input).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+def sparsify_step(n_rows: int, d_in: int, d_sae: int) -> Callable[[], None]:
+    """sparsify's TopK SAE (k=32): forward, backward, Adam, decoder renormalisation."""
+    sparsify = pytest.importorskip("sparsify")
+    sae = sparsify.SparseCoder(d_in, sparsify.SparseCoderConfig(num_latents=d_sae, k=32))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    x = _batch(n_rows, d_in)
+
+    def run() -> None:
+        sae(x).fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+
+    return run
+
+
+def make(provider: str, n_rows: int, d_in: int, d_sae: int) -> Callable[[], None]:
+    if provider.startswith("matmul-"):
+        return matmul_floor(n_rows, d_in, d_sae, torch.bfloat16 if provider.endswith("bf16") else torch.float32)
+    if provider.startswith("monofast-"):
+        return sae_training_step(n_rows, d_in, d_sae, "bfloat16" if provider.endswith("bf16") else "float32")
+    if provider in ("reference", "autograd-fp32", "autograd-bf16"):
+        return eager_step(n_rows, d_in, d_sae, provider)
+    if provider == "saelens":
+        return saelens_step(n_rows, d_in, d_sae)
+    if provider == "sparsify":
+        return sparsify_step(n_rows, d_in, d_sae)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+# ------------------------------------------------------------------------- pytest cases
+
+def _assert_matches_reference() -> None:
+    """monofast's float32 step computes what the oracle computes (checked before timing)."""
+    n_rows, d_in, d_sae = SMALL
+    sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, compute_dtype="float32"),
+                            generator=torch.Generator().manual_seed(0))
+    x = _batch(n_rows, d_in)
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    out = sae(x)
+    ours = torch.autograd.grad(out.mse + L1_COEFF * out.l1, params)
+    ref = reference.sae_step(x, *params)
+    expected = torch.autograd.grad(ref.mse + L1_COEFF * ref.l1, params)
+    torch.testing.assert_close(out.mse, ref.mse)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("provider", FLOORS + OURS + PEERS)
+def test_sae_step(benchmark, provider):
+    benchmark.group = f"sae_step B{SMALL[0]}-D{SMALL[1]}-F{SMALL[2]}"
+    if provider.startswith("monofast"):
+        _assert_matches_reference()
+    step = make(provider, *SMALL)
+    step()  # warm-up: first-call allocations and lazy initialisation
+    benchmark(step)
+
+
+# ------------------------------------------------------------------------- the table
+
+def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each provider, one call of each per round (the order
+    reversed every other round, so no provider always follows the same one)."""
+    for step in steps.values():
+        step()
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of numerator / denominator measured in the same round: on a shared
+    machine the load changes from second to second, and a round's two timings share it."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15, help="timed calls per provider (default 15)")
+    parser.add_argument("--shape", action="append", default=None, metavar="B,D,F",
+                        help="batch, d_in, d_sae (repeatable; default: the two real shapes)")
+    parser.add_argument("--providers", default=",".join(FLOORS + OURS),
+                        help="comma-separated providers (saelens and sparsify where installed)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else list(REAL)
+    providers = [p for p in args.providers.split(",") if p]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds. ms per step: "
+          f"median and best round; ratios: median over rounds of the two timings of one round")
+    print(f"{'shape':<18} {'provider':<15} {'median':>8} {'best':>8} {'floor/step':>11} {'vs reference':>13}")
+    for n_rows, d_in, d_sae in shapes:
+        steps = {}
+        for provider in providers:
+            try:
+                steps[provider] = make(provider, n_rows, d_in, d_sae)
+            except pytest.skip.Exception:
+                print(f"  ({provider} is not installed; skipped)")
+        times = time_interleaved(steps, args.rounds)
+        shape = f"B{n_rows}-D{d_in}-F{d_sae}"
+        for name, values in times.items():
+            precision = "bf16" if name.endswith("bf16") else "fp32"
+            floor = times.get(f"matmul-{precision}")
+            ratio = f"{paired_ratio(floor, values):.0%}" if floor and not name.startswith("matmul") else ""
+            ref = times.get("reference")
+            speedup = f"{paired_ratio(ref, values):.2f}x" if ref else ""
+            print(f"{shape:<18} {name:<15} {statistics.median(values):>8.1f} {min(values):>8.1f} "
+                  f"{ratio:>11} {speedup:>13}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

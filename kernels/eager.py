@@ -1,0 +1,153 @@
+"""The SAE step in plain PyTorch, tuned for CPUs (the `torch` backend; runs on any device).
+
+Same contract and algebra as `reference.py`, written for speed instead of clarity. The
+products run in `compute_dtype` (bfloat16 on CPUs with AVX-512 BF16 or AMX) while the
+parameters and their gradients stay in their own dtype (float32 master weights), and
+every pass over a [B, F] tensor is either folded into a product or done by the fastest
+single ATen kernel for the job. Measured on a 2-core Zen 4, B 2,048 x D 768 x F 1,536 in
+bfloat16, one thread (a bfloat16 product of these shapes takes ~22 ms there):
+
+- bias + ReLU after the encoder product, the decoder bias, and the L1 term added to the
+  feature gradient all run inside oneDNN's product as its bias / post-op
+  (`mkldnn._linear_pointwise`): free, against 0.7 ms for `add_` + 0.6 ms for `relu_`
+  and ~1.5 ms for `addmm`'s bias (it copies the bias into the output first);
+- column sums as a vector-matrix product with ones: 0.13 ms, against 0.8 ms for
+  `sum(0, dtype=float32)` (which first casts the whole [B, F] tensor) and, at F 4,096,
+  3 ms for a plain `sum(0)`;
+- firing counts from the bool tensor's bytes summed in blocks of 128 rows as int16:
+  0.7 ms, against 1.4 ms for one int32 sum and 6.3 ms for `count_nonzero`;
+- the ReLU mask of the gradient with `threshold_backward` in place: 0.6 ms, against
+  ~7 ms for `d * (feats > 0)` (the comparison alone makes a bool tensor the slow way);
+- no operation mixes dtypes in one pass (casting inside an arithmetic kernel is ~1.4x
+  slower than a separate vectorised cast); the squared error is one dot product.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .reference import StepOut, l1_weights
+
+_relu_mask = torch.ops.aten.threshold_backward.grad_input
+
+_FIRED_BLOCK = 128
+"""Rows summed per int16 block when counting firings (<= 32767 keeps int16 exact)."""
+
+
+def _fused_linear_ok(a: torch.Tensor) -> bool:
+    """oneDNN's fused linear serves CPU bfloat16 (for float32, MKL's own GEMM is as fast)."""
+    return (a.device.type == "cpu" and a.dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def linear(a: torch.Tensor, w_t: torch.Tensor, bias: Optional[torch.Tensor], relu: bool = False) -> torch.Tensor:
+    """a @ w_t.T + bias, then ReLU when asked: one product with a fused epilogue on CPUs.
+
+    a [M, K], w_t [N, K] (any strides: a transposed view reads as fast), bias [N] or None.
+    """
+    if _fused_linear_ok(a):
+        return torch.ops.mkldnn._linear_pointwise(a, w_t, bias, "relu" if relu else "none", [], "")
+    out = torch.mm(a, w_t.T) if bias is None else torch.addmm(bias, a, w_t.T)
+    return out.relu_() if relu else out
+
+
+def column_sums(t: torch.Tensor) -> torch.Tensor:
+    """[N] float32 sums over the rows of t [M, N], as a vector-matrix product (see above)."""
+    ones = torch.ones(t.shape[0], dtype=t.dtype, device=t.device)
+    return torch.mv(t.T, ones).float()
+
+
+def fired_counts(feats: torch.Tensor) -> torch.Tensor:
+    """[F] int32: rows where feats > 0 (feats is non-negative), exact."""
+    flags = feats.bool().view(torch.uint8)  # [B, F]
+    n_rows, d_sae = flags.shape
+    main = n_rows - n_rows % _FIRED_BLOCK
+    counts = torch.zeros(d_sae, dtype=torch.int32, device=feats.device)
+    if main:
+        blocks = flags[:main].view(main // _FIRED_BLOCK, _FIRED_BLOCK, d_sae)
+        counts += blocks.sum(1, dtype=torch.int16).sum(0, dtype=torch.int32)
+    if main < n_rows:
+        counts += flags[main:].sum(0, dtype=torch.int32)
+    return counts
+
+
+class EagerStep(torch.autograd.Function):
+    """Forward and the hand-written five-product backward in ATen operations."""
+
+    @staticmethod
+    def forward(ctx, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype):
+        dt = compute_dtype or x.dtype
+        n_rows, d_in = x.shape
+        x_c = (x - b_dec).to(dt)  # [B, D]
+        w_enc_c = w_enc.to(dt)  # [D, F]
+        w_dec_c = w_dec.to(dt)  # [F, D]
+        if k is None:
+            feats = linear(x_c, w_enc_c.T, b_enc.to(dt), relu=True)  # [B, F]
+        else:
+            feats = linear(x_c, w_enc_c.T, b_enc.to(dt))  # [B, F] pre-activations
+            values, indices = torch.topk(feats, k, dim=1, sorted=False)
+            feats.zero_().scatter_(1, indices, values.relu_())
+        col_sum = column_sums(feats)  # [F]
+        fired = fired_counts(feats)  # [F]
+        x_hat = linear(feats, w_dec_c.T, b_dec.to(dt))  # [B, D]
+        err = x_hat - x if x_hat.dtype == x.dtype else x_hat.float().sub_(x)  # [B, D]
+        flat = err.view(-1)
+        mse = torch.dot(flat, flat) / n_rows
+        w = l1_weights(w_dec, dec_norm)  # [F] float32
+        l1 = col_sum @ w / n_rows
+        l0 = fired.sum().float() / n_rows
+        ctx.save_for_backward(x_c, w_enc, w_dec, w_dec_c, w_enc_c, feats, err, col_sum, w)
+        ctx.dtypes = (x.dtype, b_enc.dtype, b_dec.dtype)
+        ctx.dec_norm = dec_norm
+        ctx.mark_non_differentiable(l0, fired)
+        ctx.set_materialize_grads(False)
+        return x_hat, feats, mse, l1, l0, fired
+
+    @staticmethod
+    def backward(ctx, g_x_hat, g_feats, g_mse, g_l1, _g_l0, _g_fired):
+        x_c, w_enc, w_dec, w_dec_c, w_enc_c, feats, err, col_sum, w = ctx.saved_tensors
+        x_dtype, b_enc_dtype, b_dec_dtype = ctx.dtypes
+        dt = feats.dtype
+        n_rows = x_c.shape[0]
+        # g = d loss / d x_hat [B, D]; err * scale is also the mse's direct pull on x.
+        scale = 2.0 * g_mse / n_rows if g_mse is not None else torch.zeros((), device=err.device)
+        if g_x_hat is None:
+            g = (err * scale).to(dt)
+            g_sum = err.sum(0) * scale  # [D]
+        else:
+            g32 = err * scale + g_x_hat.float()
+            g, g_sum = g32.to(dt), g32.sum(0)
+
+        d_w_dec = torch.mm(feats.T, g).to(w_dec.dtype)  # [F, D], product 1
+        if ctx.dec_norm and g_l1 is not None:
+            row_scale = torch.where(w > 0, g_l1 * col_sum / n_rows / w.clamp_min(1e-30), 0.0)
+            d_w_dec.addcmul_(row_scale[:, None].to(w_dec.dtype), w_dec)
+
+        l1_grad = (g_l1 * w / n_rows).to(dt) if g_l1 is not None else None  # [F]
+        d_pre = linear(g, w_dec_c, l1_grad)  # [B, F], product 2, the L1 term as its bias
+        if g_feats is not None:
+            d_pre.add_(g_feats.to(dt))
+        _relu_mask(d_pre, feats, 0, grad_input=d_pre)  # zero where the feature did not fire
+
+        d_w_enc = torch.mm(x_c.T, d_pre).to(w_enc.dtype)  # [D, F], product 3
+        d_b_enc = column_sums(d_pre)  # [F]
+        d_b_dec = g_sum - torch.mv(w_enc.float(), d_b_enc)  # [D]: no [B, D] product needed
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            d_x = (torch.mm(d_pre, w_enc_c.T).float() - err * scale).to(x_dtype)
+        return (d_x, d_w_enc, d_b_enc.to(b_enc_dtype), d_w_dec, d_b_dec.to(b_dec_dtype),
+                None, None, None)
+
+
+def sae_step(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: torch.Tensor,
+             b_dec: torch.Tensor, k: Optional[int] = None, dec_norm: bool = False,
+             compute_dtype: Optional[torch.dtype] = None) -> StepOut:
+    """The SAE step (contract in `reference.py`); products in `compute_dtype` when given.
+
+    x_hat and feats come back in the compute dtype.
+    """
+    if k is not None and not 1 <= k <= w_enc.shape[1]:
+        raise ValueError(f"k must be between 1 and d_sae={w_enc.shape[1]}, got {k}")
+    return StepOut(*EagerStep.apply(x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype))

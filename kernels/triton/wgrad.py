@@ -1,0 +1,90 @@
+"""Weight gradients: out = (a - bias)^T @ b  [+ row_scale * rows], a reduction over the batch.
+
+Both weight gradients of the SAE step have this shape:
+
+    d_w_enc = (x - b_dec)^T @ d_pre                          a = x [B, D], b = d_pre [B, F]
+    d_w_dec = feats^T @ g  + s[:, None] * w_dec              a = feats [B, F], b = g [B, D]
+
+The centring `x - b_dec` happens as each block of x is loaded (no [B, D] temporary), and
+the decoder-norm term of the April-2024 L1 (each row's pull along its own direction)
+joins the accumulator in the epilogue instead of a second pass over [F, D].
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import autotune, gemm_configs, launch_meta
+
+
+@autotune(gemm_configs(), key=["n_rows", "m", "n"])
+@triton.jit
+def _weight_grad_kernel(
+    a_ptr,  # [n_rows, m]
+    a_bias_ptr,  # [m]; subtracted from every row of a when SUB_BIAS
+    b_ptr,  # [n_rows, n]
+    row_scale_ptr,  # [m]; when ADD_ROWS, out += row_scale[:, None] * rows
+    rows_ptr,  # [m, n]
+    out_ptr,  # [m, n] written
+    n_rows, m, n,
+    SUB_BIAS: tl.constexpr,
+    ADD_ROWS: tl.constexpr,
+    UPCAST: tl.constexpr,  # multiply in float32 (the interpreter's bf16 dot is wrong)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_n = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m = o_m < m
+    m_n = o_n < n
+    if SUB_BIAS:
+        b_bias = tl.load(a_bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for k0 in range(0, n_rows, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < n_rows
+        # a^T block [BLOCK_M, BLOCK_K], read down the columns of a.
+        p_a = a_ptr + o_k[None, :] * m + o_m[:, None]
+        b_a = tl.load(p_a, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        p_b = b_ptr + o_k[:, None] * n + o_n[None, :]
+        b_b = tl.load(p_b, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        if SUB_BIAS:
+            # Padded batch rows must stay zero after centring, or they would add -bias.
+            b_a = tl.where(m_k[None, :], b_a.to(tl.float32) - b_bias[:, None], 0.0).to(b_a.dtype)
+        if UPCAST:
+            b_a = b_a.to(tl.float32)
+            b_b = b_b.to(tl.float32)
+        acc = tl.dot(b_a, b_b, acc)
+    m_out = m_m[:, None] & m_n[None, :]
+    if ADD_ROWS:
+        b_scale = tl.load(row_scale_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_rows = tl.load(rows_ptr + o_m[:, None] * n + o_n[None, :], mask=m_out, other=0.0)
+        acc += b_scale[:, None] * b_rows.to(tl.float32)
+    tl.store(out_ptr + o_m[:, None] * n + o_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_out)
+
+
+def weight_grad(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype,
+                a_bias: Optional[torch.Tensor] = None,
+                row_scale: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None,
+                upcast: bool = False) -> torch.Tensor:
+    """(a - a_bias)^T @ b (+ row_scale[:, None] * rows) as a new [m, n] tensor of `out_dtype`."""
+    n_rows, m = a.shape
+    n = b.shape[1]
+    if b.shape[0] != n_rows:
+        raise ValueError(f"weight_grad: a has {n_rows} rows but b has {b.shape[0]}")
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    dummy = out  # never read when its flag is off
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    _weight_grad_kernel[grid](
+        a, a_bias if a_bias is not None else dummy, b,
+        row_scale if row_scale is not None else dummy, rows if rows is not None else dummy,
+        out, n_rows, m, n,
+        SUB_BIAS=a_bias is not None, ADD_ROWS=row_scale is not None, UPCAST=upcast,
+        **launch_meta(),
+    )
+    return out

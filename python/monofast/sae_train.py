@@ -1,0 +1,420 @@
+"""Stage 4: train sparse autoencoders on the harvested activations (`monofast sae train`).
+
+One pass over the activation store by default, as in the paper. Several SAEs (one per L1
+coefficient, or per k for TopK) train side by side on the same batches, so a sweep costs
+one read of the data. The last `held_out` rows of the store (whole contexts, never seen in
+training) are kept for the evaluation.
+
+Writes into `sae/`:
+    sae.safetensors, cfg.json     the selected SAE (nearest to --target-l0, else the first)
+    <name>/...                    every SAE of the sweep (l1_5, k32, ...), same layout
+    metrics.jsonl                 training curves, one JSON object per logged step
+    eval.json                     held-out MSE, FVU, L0, dead / dense fractions, density histogram
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from monofast import activations, files
+from monofast.errors import DataError, UserError
+from monofast.log import logger, progress
+from monofast.sae import VARIANTS, SAEConfig, SparseAutoencoder
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+
+
+@dataclass
+class SAETrainConfig:
+    variant: str = "anthropic2023"
+    """anthropic2023 (unit-norm decoder, L1, resampling), april2024 (L1 x decoder norm,
+    lambda warm-up, LR decay) or topk (k largest pre-activations, AuxK)."""
+    expansion: int = 8
+    """Features per activation dimension: d_sae = expansion x d_in (unless d_sae is set)."""
+    d_sae: int = 0
+    """Number of features; 0 means expansion x d_in."""
+    l1_coeff: tuple[float, ...] = (5.0,)
+    """L1 coefficient(s); several (1,3,10) train one SAE each on the same batches. Inputs are
+    scaled to E|x| = sqrt(d_in), so the April 2024 update's 5 is a sensible start."""
+    k: tuple[int, ...] = (32,)
+    """topk: features kept per row; several train one SAE each."""
+    aux_coeff: float = 1 / 32
+    """topk: weight of the AuxK loss."""
+    batch_size: int = 2048
+    """Rows per step (the seed recipe's 2,048)."""
+    epochs: int = 1
+    """Passes over the training rows (the paper makes one)."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    l1_warmup: float = -1.0
+    """Fraction of the steps over which lambda ramps up from 0; -1: 0.05 for april2024, else 0."""
+    lr_decay: float = -1.0
+    """Fraction of the steps at the end over which the LR decays linearly to 0; -1: 0.2 for
+    april2024, else 0."""
+    resample_every: int = 0
+    """anthropic2023: resample features dead for this many steps, at every multiple of it
+    before the last quarter; 0: a quarter of the run (runs of 100+ steps); -1: never."""
+    resample_rows: int = 16_384
+    """Rows scored for resampling (inputs are drawn with probability proportional to their
+    squared loss)."""
+    b_dec_init: str = "geometric_median"
+    """Initial decoder bias: geometric_median, mean or zeros (of a sample of the data)."""
+    held_out: int = 20_000
+    """Rows at the end of the store kept out of training for the evaluation (at most 10%)."""
+    target_l0: float = 0.0
+    """When > 0, the SAE of the sweep whose held-out L0 is nearest becomes `sae/sae.safetensors`."""
+    log_every: int = 25
+    """Steps between lines of metrics.jsonl."""
+    compute_dtype: str = "auto"
+    """Dtype of the matrix products: auto (bfloat16 on CUDA and bf16-capable CPUs), float32,
+    bfloat16, float16."""
+    device: str = "auto"
+    """Where to train: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."""
+    seed: int = 0
+    """Seed of the initialisation, the data order and the resampling."""
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant {self.variant!r} is unknown; choose one of {', '.join(VARIANTS)}")
+        if self.expansion < 1 or self.d_sae < 0:
+            raise ValueError(f"expansion must be >= 1 and d_sae >= 0 (0: expansion x d_in), got "
+                             f"expansion={self.expansion}, d_sae={self.d_sae}")
+        if not self.l1_coeff or any(not (c >= 0 and math.isfinite(c)) for c in self.l1_coeff):
+            raise ValueError(f"l1_coeff must be one or more finite values >= 0, got {self.l1_coeff}; "
+                             f"e.g. --l1-coeff 1,3,10")
+        if not self.k or any(k < 1 for k in self.k):
+            raise ValueError(f"k must be one or more positive integers, got {self.k}; e.g. --k 16,32")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("l1_warmup", "lr_decay"):
+            value = getattr(self, name)
+            if value != -1.0 and not 0 <= value <= 1:
+                raise ValueError(f"{name} is a fraction of the run between 0 and 1 (or -1 for the "
+                                 f"variant's default), got {value}")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise ValueError(f"b_dec_init {self.b_dec_init!r}: choose geometric_median, mean or zeros")
+        if self.held_out < 0 or self.log_every < 1 or self.resample_rows < 1:
+            raise ValueError("held_out must be >= 0, log_every and resample_rows >= 1")
+
+    def sweep(self) -> list[tuple[str, float, Optional[int]]]:
+        """(name, l1 coefficient, k) of every SAE to train."""
+        if self.variant == "topk":
+            return [(f"k{k}", 0.0, k) for k in self.k]
+        return [(f"l1_{c:g}", c, None) for c in self.l1_coeff]
+
+    def warmup_fraction(self) -> float:
+        return self.l1_warmup if self.l1_warmup != -1.0 else (0.05 if self.variant == "april2024" else 0.0)
+
+    def decay_fraction(self) -> float:
+        return self.lr_decay if self.lr_decay != -1.0 else (0.2 if self.variant == "april2024" else 0.0)
+
+
+class Member(NamedTuple):
+    """One SAE of the sweep with its optimizer and L1 coefficient."""
+
+    name: str
+    sae: SparseAutoencoder
+    optimizer: torch.optim.Optimizer
+    l1_coeff: float
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def split_rows(store: activations.ActivationStore, held_out: int) -> int:
+    """The first row of the held-out tail (rows before it train); at most 10% is held out."""
+    if store.rows == 0:
+        raise DataError(f"the activation store {store.folder} is empty; re-run the harvest")
+    return store.rows - min(held_out, store.rows // 10)
+
+
+def training_batches(store: activations.ActivationStore, cfg: SAETrainConfig, cutoff: int,
+                     device: torch.device) -> Iterator[torch.Tensor]:
+    """Float32 batches of exactly `batch_size` training rows (held-out rows filtered out, the
+    remainder carried into the next batch; the last partial batch of the run is dropped)."""
+    stream = store.stream(cfg.batch_size, shuffle="exact", seed=cfg.seed, epochs=cfg.epochs, to_float32=True)
+    pending: list[torch.Tensor] = []
+    count = 0
+    try:
+        for batch in stream:
+            rows = batch.tensor()
+            keep = batch.row < cutoff
+            if not keep.all():
+                rows = rows[torch.from_numpy(keep)]
+            pending.append(rows)
+            count += rows.shape[0]
+            while count >= cfg.batch_size:
+                joined = torch.cat(pending) if len(pending) > 1 else pending[0]
+                yield joined[:cfg.batch_size].to(device, non_blocking=True)
+                rest = joined[cfg.batch_size:]
+                pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
+    finally:
+        stream.close()
+
+
+def sample_rows(store: activations.ActivationStore, count: int, below: int,
+                rng: np.random.Generator) -> torch.Tensor:
+    """`count` random rows from [0, below) as float32 (sorted reads: the store is memory-mapped)."""
+    count = min(count, below)
+    indices = np.sort(rng.choice(below, size=count, replace=False))
+    return store.take(indices, to_float32=True).tensor().clone()
+
+
+def check_finite(x: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x)).any(1).nonzero().flatten()[:5].tolist()
+        raise DataError(f"{where} contains NaN or Inf (rows {bad} of the batch); the harvested activations are "
+                        f"corrupt: check them with `monofast activations verify` and re-run the harvest")
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def build_sweep(cfg: SAETrainConfig, d_in: int, sample: torch.Tensor, steps: int,
+                device: torch.device) -> list[Member]:
+    d_sae = cfg.d_sae or cfg.expansion * d_in
+    dead_tokens = max(cfg.batch_size, min(10_000_000, steps * cfg.batch_size // 4))
+    members = []
+    for i, (name, l1_coeff, k) in enumerate(cfg.sweep()):
+        try:
+            sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, variant=cfg.variant, k=k or 32,
+                                dead_tokens=dead_tokens, compute_dtype=cfg.compute_dtype)
+        except ValueError as err:
+            raise UserError(f"SAE {name}: {err}") from None
+        sae = SparseAutoencoder(sae_cfg, device=device, generator=torch.Generator().manual_seed(cfg.seed + i))
+        sae.set_input_scale(sample)
+        sae.init_b_dec(sample.to(device), cfg.b_dec_init)
+        fused = device.type in ("cuda", "cpu")
+        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
+        members.append(Member(name, sae, optimizer, l1_coeff))
+    return members
+
+
+def schedules(cfg: SAETrainConfig, step: int, steps: int) -> tuple[float, float]:
+    """(lambda multiplier, learning rate) at `step` of `steps`."""
+    warm = cfg.warmup_fraction() * steps
+    lam = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+    decay_start = steps * (1 - cfg.decay_fraction())
+    lr = cfg.lr if step < decay_start else cfg.lr * max(0.0, (steps - step) / max(1.0, steps - decay_start))
+    return lam, lr
+
+
+MIN_AUTO_RESAMPLE_STEPS = 100
+"""Runs shorter than this do not resample unless --resample-every asks: a window of a few
+batches cannot tell a dead feature from a rare one."""
+
+
+def resample_steps(cfg: SAETrainConfig, steps: int) -> list[int]:
+    """Steps after which anthropic2023 resamples dead features (none in the last quarter)."""
+    if cfg.variant != "anthropic2023" or cfg.resample_every < 0:
+        return []
+    if cfg.resample_every == 0 and steps < MIN_AUTO_RESAMPLE_STEPS:
+        return []
+    every = cfg.resample_every or steps // 4
+    return [s for s in range(every, int(steps * 0.75) + 1, every)]
+
+
+@torch.no_grad()
+def resample(member: Member, store: activations.ActivationStore, cutoff: int, window_tokens: int,
+             cfg: SAETrainConfig, rng: np.random.Generator, device: torch.device) -> int:
+    """Anthropic's resampling of the features that did not fire in the last window."""
+    sae = member.sae
+    dead = (sae.tokens_since_fired >= window_tokens).nonzero().flatten()
+    if dead.numel() == 0:
+        return 0
+    rows = sample_rows(store, max(cfg.resample_rows, dead.numel()), cutoff, rng).to(device)
+    sae.eval()
+    losses = torch.cat([(sae(chunk).x_hat.float() - chunk).square().sum(1)
+                        for chunk in rows.split(cfg.batch_size)])
+    sae.train()
+    weights = losses.square().double()
+    if not bool(weights.sum() > 0):
+        weights = torch.ones_like(weights)
+    gen = torch.Generator(device=weights.device).manual_seed(int(rng.integers(2**31)))
+    picks = torch.multinomial(weights, dead.numel(), replacement=dead.numel() > rows.shape[0], generator=gen)
+    sae.resample(dead, rows[picks], member.optimizer)
+    return dead.numel()
+
+
+def train_step(member: Member, x: torch.Tensor, lam: float, lr: float, aux_coeff: float) -> dict[str, float]:
+    for group in member.optimizer.param_groups:
+        group["lr"] = lr
+    out = member.sae(x)
+    loss = out.mse + (member.l1_coeff * lam) * out.l1 + aux_coeff * out.aux
+    loss.backward()
+    member.sae.optimizer_step(member.optimizer)
+    member.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.detach(), "mse": out.mse.detach(), "l1": out.l1.detach(), "l0": out.l0,
+            "aux": out.aux.detach()}
+
+
+def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
+          metadata: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Train the sweep on the store in `store_dir`, evaluate it, write everything into `out`."""
+    from monofast.gpt import pick_device
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = activations.open_store(store_dir)
+    device = pick_device(cfg.device)
+    cutoff = split_rows(store, cfg.held_out)
+    steps = cutoff * cfg.epochs // cfg.batch_size
+    if steps < 1:
+        raise DataError(f"the store has {cutoff} training rows, fewer than one batch of {cfg.batch_size}; "
+                        f"lower --batch-size or harvest more")
+    rng = np.random.default_rng(cfg.seed)
+    sample = sample_rows(store, min(cutoff, 8 * cfg.batch_size), cutoff, rng)
+    check_finite(sample, "the activation sample")
+    torch.manual_seed(cfg.seed)
+    members = build_sweep(cfg, store.dim, sample, steps, device)
+    resample_at = set(resample_steps(cfg, steps))
+    window = (cfg.resample_every or max(1, steps // 4)) * cfg.batch_size  # tokens without firing = dead
+    logger.info("sae: %d SAE(s) of %d features on %d rows of %d (%d held out), %d steps of %d, on %s",
+                len(members), members[0].sae.cfg.d_sae, cutoff, store.dim, store.rows - cutoff, steps,
+                cfg.batch_size, device)
+
+    metrics_path = out / METRICS_FILE
+    metrics_path.unlink(missing_ok=True)
+    started = time.perf_counter()
+    bar: Any = progress(total=steps, desc="sae", unit="step")
+    with open(metrics_path, "w", encoding="utf-8") as log_file:
+        for step, x in enumerate(training_batches(store, cfg, cutoff, device)):
+            if step >= steps:
+                break
+            lam, lr = schedules(cfg, step, steps)
+            stats = [train_step(m, x, lam, lr, cfg.aux_coeff) for m in members]
+            if not all(math.isfinite(float(s["loss"])) for s in stats):
+                check_finite(x, f"the batch of step {step}")
+                raise UserError(f"the loss became NaN/Inf at step {step} with finite inputs; lower --lr "
+                                f"(now {cfg.lr:g}) or use --compute-dtype float32. Nothing was saved.")
+            if step + 1 in resample_at:
+                for m in members:
+                    n = resample(m, store, cutoff, window, cfg, rng, device)
+                    logger.info("sae %s: resampled %d dead features after step %d", m.name, n, step + 1)
+            bar.update(1)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                record = log_record(members, stats, step + 1, cfg, lam, lr, started)
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                first = record["saes"][members[0].name]
+                bar.set_postfix(mse=f"{first['mse']:.3g}", l0=f"{first['l0']:.1f}",
+                                dead=first["dead"], rows_s=f"{record['rows_per_s']:.0f}")
+    bar.close()
+
+    evaluation = evaluate(members, store, cutoff, cfg.batch_size, device)
+    files.write_json(out / EVAL_FILE, evaluation)
+    save_all(members, out, evaluation, cfg.target_l0, metadata or {})
+    return evaluation
+
+
+def log_record(members: list[Member], stats: list[dict[str, Any]], step: int, cfg: SAETrainConfig,
+               lam: float, lr: float, started: float) -> dict[str, Any]:
+    seconds = time.perf_counter() - started
+    saes = {}
+    for m, s in zip(members, stats):
+        saes[m.name] = {key: round(float(value), 6) for key, value in s.items()}
+        saes[m.name]["dead"] = int(m.sae.dead_mask().sum())
+    return {"step": step, "rows": step * cfg.batch_size, "seconds": round(seconds, 3),
+            "rows_per_s": round(step * cfg.batch_size / max(seconds, 1e-9), 1),
+            "lr": lr, "l1_scale": lam, "saes": saes}
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation and files
+
+
+@torch.no_grad()
+def evaluate(members: list[Member], store: activations.ActivationStore, cutoff: int, batch_size: int,
+             device: torch.device) -> dict[str, Any]:
+    """Held-out MSE, fraction of variance unexplained, L0, dead / dense fractions and the
+    log10 feature-density histogram of every SAE (errors in the store's own units)."""
+    rows = store.rows - cutoff
+    if rows == 0:
+        return {"rows": 0, "saes": {}}
+    totals: dict[str, dict[str, Any]] = {m.name: {"sq_err": 0.0, "l0": 0.0, "fired": 0} for m in members}
+    sum_x = torch.zeros(store.dim, dtype=torch.float64)
+    sum_sq = 0.0
+    for m in members:
+        m.sae.eval()
+    for begin in range(cutoff, store.rows, batch_size):
+        x = store.take(np.arange(begin, min(begin + batch_size, store.rows)), to_float32=True).tensor().to(device)
+        check_finite(x, "a held-out batch")
+        sum_x += x.double().sum(0).cpu()
+        sum_sq += float(x.double().square().sum())
+        for m in members:
+            feats = m.sae.encode(x)
+            x_hat = m.sae.decode(feats)
+            t = totals[m.name]
+            t["sq_err"] += float((x_hat.double() - x.double()).square().sum())
+            firing = feats > 0
+            t["l0"] += float(firing.sum())
+            t["fired"] = t["fired"] + firing.sum(0).cpu().long()
+    for m in members:
+        m.sae.train()
+    variance = sum_sq - float(sum_x.square().sum()) / rows  # sum over rows of |x - mean|^2
+    result: dict[str, Any] = {"rows": rows, "saes": {}}
+    for m in members:
+        t = totals[m.name]
+        density = t["fired"].double() / rows
+        log_density = torch.log10(density.clamp_min(1e-10))
+        edges = [-10.0] + [x / 2 for x in range(-16, 1)]  # -10 catches the dead, then half-decades
+        counts = torch.histogram(log_density.float(), bins=torch.tensor(edges))[0]
+        result["saes"][m.name] = {
+            "l1_coeff": m.l1_coeff,
+            "k": m.sae.cfg.top_k,
+            "mse": t["sq_err"] / rows,
+            "fvu": t["sq_err"] / variance if variance > 0 else float("nan"),
+            "l0": t["l0"] / rows,
+            "dead_fraction": float((density == 0).double().mean()),
+            "dense_fraction": float((density > 0.1).double().mean()),
+            "log10_density_histogram": {"edges": edges, "counts": [int(c) for c in counts]},
+        }
+    return result
+
+
+def choose(evaluation: dict[str, Any], names: list[str], target_l0: float) -> str:
+    """The SAE to publish: held-out L0 nearest the target, else the first of the sweep."""
+    if target_l0 > 0 and evaluation["saes"]:
+        return min(names, key=lambda n: abs(evaluation["saes"][n]["l0"] - target_l0))
+    return names[0]
+
+
+def save_all(members: list[Member], out: Path, evaluation: dict[str, Any], target_l0: float,
+             metadata: dict[str, Any]) -> None:
+    chosen = choose(evaluation, [m.name for m in members], target_l0)
+    for m in members:
+        m.sae.save(out / m.name, **metadata, sweep_member=m.name)
+        if m.name == chosen:
+            m.sae.save(out, **metadata, sweep_member=m.name)
+    logger.info("sae: published %s (%s)", chosen,
+                ", ".join(f"{k}={v:.4g}" for k, v in evaluation["saes"].get(chosen, {}).items()
+                          if isinstance(v, float)))
+
+
+def run_stage(cfg: SAETrainConfig, run: Any) -> None:
+    """Pipeline entry point: fill `sae/` from `activations/` (and the GPT's identity)."""
+    store_dir = run.require("activations")
+    run.require("gpt")
+    extra = activations.read_index(store_dir).extra
+    gpt_info = extra.get("gpt", {})
+    layer = gpt_info.get("layer")
+    metadata = {
+        "model_name": "monofast-gpt",
+        "hook_name": f"blocks.{layer}.mlp.hook_post" if layer is not None else None,
+        "hook_layer": layer,
+        "context_size": extra.get("context_length"),
+    }
+    train(cfg, store_dir, run.stage("sae"), metadata)

@@ -1,0 +1,294 @@
+"""The GPT stage: training, per-source evaluation, checkpoints and resume, loading,
+sampling, config errors and the `monofast gpt` commands, on a tiny offline corpus."""
+
+import dataclasses
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from monofast import cli, config, data, gpt
+from monofast.errors import DataError, UserError
+from monofast.model import GPT
+from monofast.pipeline import RunDir
+
+WORDS = ("thou art my lord and love the king doth speak of night sweet heaven o fair "
+         "death hath made me sorrow gentle heart what say you noble friend").split()
+NAMES = ("ROMEO", "JULIET", "KING HENRY", "HAMLET", "OPHELIA")
+
+
+def verse(chars: int, seed: int = 0) -> str:
+    """Deterministic Shakespeare-shaped text: speaker lines followed by verse lines."""
+    rnd = random.Random(seed)
+    lines: list[str] = []
+    while sum(len(line) + 1 for line in lines) < chars:
+        lines.append(f"{rnd.choice(NAMES)}:")
+        for _ in range(rnd.randint(1, 4)):
+            lines.append(" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(5, 9))).capitalize() + ",")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def source_specs(folder: Path) -> tuple[str, str]:
+    text = folder / "verse.txt"
+    text.write_text(verse(40_000), encoding="utf-8")
+    python_glob = str(Path(sysconfig.get_paths()["stdlib"]) / "json" / "*.py")
+    return (f"shakespeare={text}", f"python={python_glob}")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    cfg = data.DataConfig(sources=source_specs(folder), chars_per_source=40_000, vocab_size=320)
+    data.build(cfg, folder / "data")
+    return folder / "data"
+
+
+def tiny_cfg(**overrides) -> gpt.GPTTrainConfig:
+    values = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.1, batch_size=8,
+                  max_iters=20, warmup_iters=3, learning_rate=3e-3, eval_interval=5,
+                  eval_batches=2, device="cpu", sample_tokens=12, num_samples=1)
+    values.update(overrides)
+    return gpt.GPTTrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "gpt"
+    return out, gpt.train(tiny_cfg(), data_dir, out)
+
+
+def without_timing(metrics):
+    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics]
+
+
+# ---------------------------------------------------------------------------------------
+# Training and its outputs
+
+def test_train_writes_model_metrics_and_checkpoint(trained):
+    out, result = trained
+    for name in ("model.safetensors", "config.json", "metrics.jsonl", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [5, 10, 15, 20]
+    assert without_timing(lines) == without_timing(result.metrics)
+    assert set(lines[-1]["val_loss_by_source"]) == {"shakespeare", "python"}
+    assert lines[-1]["val_loss"] < lines[0]["val_loss"]
+    assert not result.model.training
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = tiny_cfg(max_iters=100, warmup_iters=10, learning_rate=1e-3, min_lr=1e-4)
+    lrs = [gpt.lr_at(step, cfg) for step in range(100)]
+    assert lrs[0] < lrs[5] < lrs[9] < lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert gpt.lr_at(100, cfg) == pytest.approx(1e-4)
+
+
+def test_batches_are_keyed_on_the_step(data_dir):
+    split = data.load_split(data_dir, "train")
+    cfg = tiny_cfg()
+    x, y = gpt.get_batch(split, 3, cfg, torch.device("cpu"))
+    assert x.shape == y.shape == (cfg.batch_size, cfg.block_size) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(x, gpt.get_batch(split, 3, cfg, torch.device("cpu"))[0])
+    assert not torch.equal(x, gpt.get_batch(split, 4, cfg, torch.device("cpu"))[0])
+
+
+def test_per_source_eval_matches_a_direct_computation(data_dir, trained):
+    _, result = trained
+    model, cfg = result.model, tiny_cfg()
+    split = data.load_split(data_dir, "val")
+    got = gpt.evaluate(model, split, ["shakespeare", "python"], cfg, torch.device("cpu"), torch.float32)
+    losses: dict[int, list[float]] = {0: [], 1: []}
+    with torch.no_grad():
+        for start in gpt.eval_starts(len(split.tokens), cfg):
+            window = torch.from_numpy(split.tokens[start:start + cfg.block_size + 1].astype(np.int64))
+            logits = model(window[None, :-1]).logits[0]
+            per_token = torch.nn.functional.cross_entropy(logits, window[1:], reduction="none")
+            for loss, src in zip(per_token.tolist(), split.sources[start + 1:start + cfg.block_size + 1]):
+                losses[int(src)].append(loss)
+    assert got.by_source["shakespeare"] == pytest.approx(np.mean(losses[0]), rel=1e-5)
+    assert got.by_source["python"] == pytest.approx(np.mean(losses[1]), rel=1e-5)
+    assert got.tokens == {"shakespeare": len(losses[0]), "python": len(losses[1])}
+    assert got.loss == pytest.approx(np.mean(losses[0] + losses[1]), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(data_dir, trained, tmp_path, monkeypatch):
+    full_out, full = trained
+    out = tmp_path / "gpt"
+    real_step = gpt.Trainer.step
+
+    def killed_at_step_12(self, step, x, y):
+        if step == 12:
+            raise KeyboardInterrupt
+        return real_step(self, step, x, y)
+
+    monkeypatch.setattr(gpt.Trainer, "step", killed_at_step_12)
+    with pytest.raises(KeyboardInterrupt):
+        gpt.train(tiny_cfg(), data_dir, out)
+    monkeypatch.setattr(gpt.Trainer, "step", real_step)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [5, 10]  # the evaluations before the kill
+
+    resumed = gpt.train(tiny_cfg(resume=True), data_dir, out)
+    assert without_timing(resumed.metrics) == without_timing(full.metrics)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_a_different_schedule(data_dir, trained, tmp_path):
+    out, _ = trained
+    target = tmp_path / "gpt"
+    target.mkdir()
+    (target / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
+    with pytest.raises(UserError, match=r"max_iters=20 \(now 40\)"):
+        gpt.train(tiny_cfg(resume=True, max_iters=40), data_dir, target)
+
+
+def test_resume_of_a_finished_run_only_reexports(data_dir, trained, tmp_path):
+    out, full = trained
+    target = tmp_path / "gpt"
+    target.mkdir()
+    (target / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
+    again = gpt.train(tiny_cfg(resume=True, device="cpu", eval_batches=3), data_dir, target)
+    assert without_timing(again.metrics) == without_timing(full.metrics)
+
+
+def test_corrupt_checkpoint_is_a_data_error(data_dir, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="drop --resume"):
+        gpt.train(tiny_cfg(resume=True), data_dir, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading the model
+
+def test_load_model_round_trips(trained):
+    out, result = trained
+    idx = torch.randint(0, result.model.config.vocab_size, (2, 10))
+    for folder in (out, out.parent):  # the stage folder or the run directory
+        model = gpt.load_model(folder)
+        assert isinstance(model, GPT) and not model.training
+        assert model.config == result.model.config
+        assert model.lm_head.weight is model.wte.weight
+        assert torch.equal(model(idx).logits, result.model(idx).logits)
+
+
+def test_load_model_errors_name_the_file(trained, tmp_path):
+    with pytest.raises(UserError, match="gpt train"):
+        gpt.load_model(tmp_path)
+    out, _ = trained
+    broken = tmp_path / "gpt"
+    broken.mkdir()
+    (broken / "config.json").write_text((out / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(DataError, match="model.safetensors is unreadable"):
+        gpt.load_model(broken)
+    (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    cfg = json.loads((out / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**cfg, "n_embd": cfg["n_embd"] * 2}))
+    with pytest.raises(DataError, match="does not match"):
+        gpt.load_model(broken)
+    (broken / "config.json").write_text("{")
+    with pytest.raises(UserError, match="corrupt"):
+        gpt.load_model(broken)
+
+
+# ---------------------------------------------------------------------------------------
+# Config and input errors
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"n_embd": 30, "n_head": 4}, "not divisible by n_head"),
+    ({"warmup_iters": 20}, "warmup_iters=20"),
+    ({"min_lr": 1.0}, "min_lr"),
+    ({"dtype": "float8"}, "dtype='float8'"),
+    ({"device": "tpu"}, "device='tpu'"),
+    ({"batch_size": 0}, "batch_size=0"),
+], ids=["indivisible-heads", "warmup-too-long", "min-lr-above-lr", "bad-dtype", "bad-device", "no-batch"])
+def test_config_errors_name_the_fix(overrides, match):
+    with pytest.raises(UserError, match=match):
+        config.build(gpt.GPTTrainConfig, dataclasses.asdict(tiny_cfg()), overrides)
+
+
+def test_block_size_larger_than_the_data(data_dir, tmp_path):
+    with pytest.raises(DataError, match="lower --block-size"):
+        gpt.train(tiny_cfg(block_size=10**6), data_dir, tmp_path)
+
+
+def test_missing_data_stage(tmp_path):
+    with pytest.raises(UserError, match="monofast data"):
+        gpt.run_stage(tiny_cfg(), RunDir(tmp_path))
+
+
+def test_device_and_dtype_selection(monkeypatch):
+    cpu = torch.device("cpu")
+    assert gpt.pick_dtype("float32", cpu) is torch.float32
+    with pytest.raises(UserError, match="bfloat16 or float32"):
+        gpt.pick_dtype("float16", cpu)
+    monkeypatch.setattr(gpt, "_cpu_has_bf16", lambda: False)
+    assert gpt.pick_dtype("auto", cpu) is torch.float32
+    monkeypatch.setattr(gpt, "_cpu_has_bf16", lambda: True)
+    assert gpt.pick_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert gpt.pick_device("auto") == cpu
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        gpt.pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpt.pick_device("auto") == torch.device("cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+
+def test_sampling_is_deterministic_for_a_seed(data_dir, trained):
+    from monofast import tokenizer
+
+    _, result = trained
+    tok = tokenizer.load(data_dir)
+    a = gpt.sample(result.model, tok, "def run", 40, seed=3)
+    assert a.startswith("def run")
+    assert a == gpt.sample(result.model, tok, "def run", 40, seed=3)
+    assert a != gpt.sample(result.model, tok, "def run", 40, seed=4)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+def test_cli_train_sample_and_errors(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    sources = [arg for spec in source_specs(tmp_path) for arg in ("--source", spec)]
+    assert cli.main(["data", "--preset", "smoke", "--run", run, *sources]) == 0
+    assert cli.main(["gpt", "train", "--preset", "smoke", "--run", run, "--device", "cpu"]) == 0
+    folder = Path(run) / "gpt"
+    samples = (folder / "samples.txt").read_text()
+    assert "'def run'" in samples and "'ROMEO:'" in samples
+    assert json.loads((folder / "manifest.json").read_text())["config"]["n_embd"] == 32
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert cli.main(["gpt", "train", "--preset", "smoke", "--run", run, "--device", "cpu"]) == 0
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # up to date: skipped
+
+    capsys.readouterr()
+    args = ["gpt", "sample", "--run", run, "--prompt", "def run", "--tokens", "20", "--seed", "5",
+            "--temperature", "0.8", "--top-k", "50"]
+    assert cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("def run")
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == first
+
+    assert cli.main(["gpt", "train", "--preset", "smoke", "--run", run, "--n-embd", "30",
+                     "--n-head", "4"]) == 2
+    assert "not divisible by n_head" in capsys.readouterr().err
+    assert cli.main(["gpt", "train", "--preset", "smoke", "--run", str(tmp_path / "empty")]) == 2
+    assert "monofast data" in capsys.readouterr().err
+    assert cli.main(["gpt", "sample", "--run", str(tmp_path / "empty")]) == 2
+    assert "gpt train" in capsys.readouterr().err
