@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from typing import Callable, NamedTuple
 
@@ -123,7 +124,8 @@ def test_matmul(benchmark, provider):
     finally:
         torch.set_float32_matmul_precision(before)
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(c[:4, :4].double(), reference, rtol=tolerance, atol=tolerance * MATMUL_N ** 0.5)
+    torch.testing.assert_close(c[:4, :4].double(), reference, rtol=tolerance,
+                               atol=tolerance * MATMUL_N ** 0.5)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -185,7 +187,8 @@ def print_table(rows: list[Row], rates: dict[str, float]) -> None:
     print(f"\nmatrix products ({MATMUL_N}^3, best of every round): fp32 {rates['fp32']:.0f} GFLOP/s, "
           f"fp32 at precision 'medium' {rates['fp32-medium']:.0f}, bf16 {rates['bf16']:.0f} "
           f"({rates['bf16'] / rates['fp32']:.2f}x fp32)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}\n")
     header = (f"{'shape':7s} {'provider':14s} {'ms/step':>8s} {'tokens/s':>9s} {'GFLOP/s':>8s} "
               f"{'MFU/bf16':>9s} {'MFU/own':>8s} {'vs fp32-eager':>14s}")
     print(header)
@@ -202,7 +205,8 @@ def print_table(rows: list[Row], rates: dict[str, float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round (default: 5)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the best counts (default: 5)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds; the best counts (default: 5)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled providers")
     parser.add_argument("--shape", action="append", choices=SHAPES, help="preset shapes (default: both)")
     args = parser.parse_args()

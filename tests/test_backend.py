@@ -194,3 +194,15 @@ def test_dispatch_casts_for_single_dtype_backends(monkeypatch):
     out.mse.backward()
     assert seen["dtypes"] == {torch.float16}
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in leaves)
+
+
+def test_plain_products_give_the_same_step(monkeypatch):
+    """Where oneDNN's fused linear is missing or refuses, the plain products compute the same."""
+    x, params = make_inputs(37, 24, 50)
+    upstream = make_upstream(37, 24, 50)
+    fused, fused_grads = gradients(eager.sae_step, x, params, upstream, None, True)
+    monkeypatch.setattr(eager, "_fused_linear_failed", True)
+    plain, plain_grads = gradients(eager.sae_step, x, params, upstream, None, True)
+    torch.testing.assert_close(plain.x_hat, fused.x_hat)
+    for got, want in zip(plain_grads, fused_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

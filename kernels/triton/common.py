@@ -1,4 +1,4 @@
-"""What the kernels share: autotuning that steps aside under the interpreter, and sums.
+"""What the kernels share: autotuning that steps aside under the interpreter, tile order, sums.
 
 `@triton.autotune` times every config on a device, and the interpreter (TRITON_INTERPRET=1,
 how the tests run these kernels on a CPU) has none. Whether a kernel is interpreted is
@@ -75,3 +75,29 @@ def _add(a, b):
 def block_sum(b_x, AXIS: tl.constexpr):
     """`tl.sum` of a block along AXIS, through the builtin `tl.reduce` (see the module docstring)."""
     return tl.reduce(b_x, AXIS, _add)
+
+
+GROUP_M = 8
+"""Row tiles per group in the launch order: programs running together share GROUP_M row
+tiles and their column tiles, so the operands they read stay in L2 (Triton's matmul
+tutorial order; ~10% on large products)."""
+
+
+@triton.jit
+def tile_ids(n_m, n_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """(row tile, column tile) of this program in a 1-D grid of cdiv(n_m) x cdiv(n_n) tiles,
+    grouped GROUP row tiles at a time."""
+    i_pid = tl.program_id(0)
+    tiles_m = (n_m + BLOCK_M - 1) // BLOCK_M
+    tiles_n = (n_n + BLOCK_N - 1) // BLOCK_N
+    per_group = GROUP * tiles_n
+    first_m = (i_pid // per_group) * GROUP
+    size_m = tl.minimum(tiles_m - first_m, GROUP)
+    i_m = first_m + (i_pid % per_group) % size_m
+    i_n = (i_pid % per_group) // size_m
+    return i_m, i_n
+
+
+def grid_1d(n_m: int, n_n: int) -> Callable[[dict[str, Any]], tuple[int]]:
+    """Launch grid for `tile_ids`: one program per output tile."""
+    return lambda meta: (triton.cdiv(n_m, meta["BLOCK_M"]) * triton.cdiv(n_n, meta["BLOCK_N"]),)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune, block_sum, gemm_configs, launch_meta
+from .common import GROUP_M, autotune, block_sum, gemm_configs, grid_1d, launch_meta, tile_ids
 from .wgrad import weight_grad
 
 
@@ -31,10 +31,10 @@ def _decode_kernel(
     sq_err_ptr,  # [1] float32, added to: sum of (x_hat - x)^2
     n_rows, d_sae, d_in,
     UPCAST: tl.constexpr,  # multiply in float32 (the interpreter's bf16 dot is wrong)
+    GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_m, i_n = tile_ids(n_rows, d_in, BLOCK_M, BLOCK_N, GROUP)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = o_m < n_rows
@@ -73,9 +73,10 @@ def decode_forward(feats: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor
     d_in = w_dec.shape[1]
     x_hat = torch.empty((n_rows, d_in), dtype=x.dtype, device=x.device)
     sq_err = torch.zeros(1, dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(d_in, meta["BLOCK_N"]))  # noqa: E731
+    grid = grid_1d(n_rows, d_in)
     _decode_kernel[grid](
-        feats, w_dec, b_dec, x, x_hat, sq_err, n_rows, d_sae, d_in, UPCAST=upcast, **launch_meta(),
+        feats, w_dec, b_dec, x, x_hat, sq_err, n_rows, d_sae, d_in,
+        UPCAST=upcast, GROUP=GROUP_M, **launch_meta(),
     )
     return DecodeOut(x_hat, sq_err[0])
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune, block_sum, gemm_configs, launch_meta
+from .common import GROUP_M, autotune, block_sum, gemm_configs, grid_1d, launch_meta, tile_ids
 from .wgrad import weight_grad
 
 
@@ -39,10 +39,10 @@ def _encode_kernel(
     n_rows, d_in, d_sae,
     RELU: tl.constexpr,
     UPCAST: tl.constexpr,  # multiply in float32 (the interpreter's bf16 dot is wrong)
+    GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_m, i_n = tile_ids(n_rows, d_sae, BLOCK_M, BLOCK_N, GROUP)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = o_m < n_rows
@@ -87,10 +87,10 @@ def _encode_grad_kernel(
     n_rows, d_in, d_sae,
     HAS_G_FEATS: tl.constexpr,
     UPCAST: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_m, i_n = tile_ids(n_rows, d_sae, BLOCK_M, BLOCK_N, GROUP)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = o_m < n_rows
@@ -135,10 +135,10 @@ def encode_forward(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, b_
     feats = torch.empty((n_rows, d_sae), dtype=x.dtype, device=x.device)
     col_sum = torch.zeros(d_sae, dtype=torch.float32, device=x.device)
     fired = torch.zeros(d_sae, dtype=torch.int32, device=x.device)
-    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(d_sae, meta["BLOCK_N"]))  # noqa: E731
+    grid = grid_1d(n_rows, d_sae)
     _encode_kernel[grid](
         x, b_dec, w_enc, b_enc, feats, col_sum, fired, n_rows, d_in, d_sae,
-        RELU=k is None, UPCAST=upcast, **launch_meta(),
+        RELU=k is None, UPCAST=upcast, GROUP=GROUP_M, **launch_meta(),
     )
     if k is not None:
         # The k-th largest value of a row is unknown to any one tile, so select here and
@@ -173,11 +173,11 @@ def encode_backward(x: torch.Tensor, w_enc: torch.Tensor, w_dec: torch.Tensor, b
     d_sae = w_enc.shape[1]
     d_pre = torch.empty_like(feats)
     d_b_enc = torch.zeros(d_sae, dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(d_sae, meta["BLOCK_N"]))  # noqa: E731
+    grid = grid_1d(n_rows, d_sae)
     _encode_grad_kernel[grid](
         g, w_dec, feats, l1_w, g_feats if g_feats is not None else feats, d_pre, d_b_enc,
         n_rows, d_in, d_sae,
-        HAS_G_FEATS=g_feats is not None, UPCAST=upcast, **launch_meta(),
+        HAS_G_FEATS=g_feats is not None, UPCAST=upcast, GROUP=GROUP_M, **launch_meta(),
     )
     d_w_enc = weight_grad(x, d_pre, w_enc.dtype, a_bias=b_dec, upcast=upcast)
     # The column sums of d_pre @ w_enc^T without the [B, D] product (the sixth one).

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune, gemm_configs, launch_meta
+from .common import GROUP_M, autotune, gemm_configs, grid_1d, launch_meta, tile_ids
 
 
 @autotune(gemm_configs(), key=["n_rows", "m", "n"])
@@ -34,10 +34,10 @@ def _weight_grad_kernel(
     SUB_BIAS: tl.constexpr,
     ADD_ROWS: tl.constexpr,
     UPCAST: tl.constexpr,  # multiply in float32 (the interpreter's bf16 dot is wrong)
+    GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_m, i_n = tile_ids(m, n, BLOCK_M, BLOCK_N, GROUP)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = o_m < m
@@ -79,12 +79,12 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype,
         raise ValueError(f"weight_grad: a has {n_rows} rows but b has {b.shape[0]}")
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     dummy = out  # never read when its flag is off
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    grid = grid_1d(m, n)
     _weight_grad_kernel[grid](
         a, a_bias if a_bias is not None else dummy, b,
         row_scale if row_scale is not None else dummy, rows if rows is not None else dummy,
         out, n_rows, m, n,
         SUB_BIAS=a_bias is not None, ADD_ROWS=row_scale is not None, UPCAST=upcast,
-        **launch_meta(),
+        GROUP=GROUP_M, **launch_meta(),
     )
     return out

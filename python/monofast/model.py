@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, cast
 
 import torch
 import torch.nn as nn
@@ -230,29 +230,29 @@ class GPT(nn.Module):
                                    ignore_index=-1)
         return GPTOutput(logits, loss)
 
-    def _check_layer(self, layer: int) -> None:
+    def block(self, layer: int) -> Block:
+        """Block `layer`, or a ValueError naming the layers that exist."""
         if not 0 <= layer < self.config.n_layer:
             raise ValueError(f"layer={layer} does not exist; this model has layers "
                              f"0..{self.config.n_layer - 1}")
+        return cast(Block, self.h[layer])
 
     def mlp_activations(self, idx: torch.Tensor, layer: int) -> torch.Tensor:
         """(B, T, d_mlp) post-GELU MLP activation of `layer` for idx (B, T); the blocks after
         it and the unembedding never run. Active hooks apply, as in a full forward."""
-        self._check_layer(layer)
+        target = self.block(layer)
         x = self._embed(idx)  # (B, T, C)
         for block in self.h[:layer]:
             x = block(x)
-        block = self.h[layer]
-        x = x + block.attn(block.ln_1(x))  # (B, T, C)
-        return block.mlp.activation(block.ln_2(x))  # (B, T, d_mlp)
+        x = x + target.attn(target.ln_1(x))  # (B, T, C)
+        return target.mlp.activation(target.ln_2(x))  # (B, T, d_mlp)
 
     @contextlib.contextmanager
     def hook_mlp(self, layer: int, fn: MLPHook) -> Iterator[None]:
         """Within the block, call `fn(act)` on `layer`'s post-GELU MLP activation (B, T, d_mlp)
         in every forward pass; a tensor it returns replaces the activation. Hooks nest and
         run in the order they were entered."""
-        self._check_layer(layer)
-        mlp = self.h[layer].mlp
+        mlp = self.block(layer).mlp
         mlp.hooks = mlp.hooks + (fn,)
         try:
             yield

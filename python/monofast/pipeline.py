@@ -154,7 +154,7 @@ def up_to_date(stage: Stage, cfg: Any, run: RunDir) -> bool:
     manifest = _read_manifest(folder)
     if manifest is None or manifest.get("format") != MANIFEST_FORMAT:
         return False
-    if manifest.get("config") != config.to_dict(cfg):
+    if manifest.get("identity") != config.identity(cfg):
         return False
     if manifest.get("inputs") != _input_digests(stage, run):
         return False
@@ -181,6 +181,7 @@ def run_stage(stage: Stage, cfg: Any, run: RunDir, force: bool = False) -> bool:
         "format": MANIFEST_FORMAT,
         "stage": stage.name,
         "config": config.to_dict(cfg),
+        "identity": config.identity(cfg),
         "inputs": inputs,
         "outputs": outputs,
         "versions": _versions(),

@@ -24,15 +24,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "about": "the whole pipeline on a 2-core CPU in a few minutes",
         "data": {"chars_per_source": 1_000_000, "vocab_size": 1024},
+        # ~6M tokens (8 epochs of the 0.77M training tokens) in 2-3 minutes on 2 cores; val loss
+        # still falls at the end. lr 3e-3 ended 0.025 lower than 2e-3.
         "gpt": {"n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128, "dropout": 0.0,
-                "batch_size": 32, "max_iters": 1500, "learning_rate": 2e-3, "min_lr": 2e-4,
+                "batch_size": 32, "max_iters": 1500, "learning_rate": 3e-3, "min_lr": 3e-4,
                 "warmup_iters": 100, "eval_interval": 250, "eval_batches": 10},
         # About a minute on 2 CPU cores; every feature still gets 20 top windows and 12 x 5 samples.
         "analysis": {"tokens": 262_144, "batch_contexts": 128},
         # 300,000 rows of 512 (600 MB): enough for a 2x SAE to separate the two sources.
         "activations": {"contexts": 2_500, "positions_per_context": 120, "batch_size": 64},
         # 4 x 512 features; 4 passes of 1,024-row batches (~1,100 steps) since one pass is short.
-        "sae": {"expansion": 4, "batch_size": 1024, "epochs": 4},
+        # Held-out L0 / FVU measured on this preset's store: lambda 2 -> 73 / 0.25, 5 -> 18 / 0.47.
+        "sae": {"expansion": 4, "batch_size": 1024, "epochs": 4, "l1_coeff": [3.0]},
     },
     "laptop": {
         "about": "the seed laptop recipe, with its bugs fixed",

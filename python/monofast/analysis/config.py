@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 SPLIT_NAMES = ("train", "val")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -11,6 +12,9 @@ DTYPES = ("auto", "float32", "bfloat16")
 @dataclass
 class AnalysisConfig:
     """What the analysis pass reads and how much it keeps. Saved in analysis/summary.json."""
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device"})
+    """Fields that do not change the results (the manifest ignores them)."""
 
     tokens: int = 1_000_000
     """Token budget of the pass, shared equally between the sources (capped by the data)."""
