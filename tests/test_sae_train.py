@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from monofast import activations, sae_train
+from conftest import write_code_source, write_text_source
+from monofast import activations, config, data, sae_train
+from monofast.data import DataConfig
 from monofast.errors import DataError, UserError
+from monofast.gpt import save_model
+from monofast.harvest import HarvestConfig, harvest
+from monofast.model import GPT, GPTConfig
 from monofast.sae import SparseAutoencoder
 from monofast.sae_train import SAETrainConfig
 
@@ -136,3 +142,128 @@ def test_config_errors_name_the_fix(fields, message):
 def test_k_larger_than_the_dictionary_is_a_user_error(store_dir, tmp_path):
     with pytest.raises(UserError, match="k=100 must be between 1 and d_sae=48"):
         sae_train.train(small(variant="topk", k=(100,)), store_dir, tmp_path / "sae")
+
+
+# ---------------------------------------------------------------------------------------
+# CE-loss recovered in eval.json
+
+
+@pytest.fixture(scope="module")
+def harvested(tmp_path_factory):
+    """data/, a random GPT and a smoke-sized store harvested from it."""
+    root = tmp_path_factory.mktemp("run")
+    text = write_text_source(root, "verse", 16_000)
+    code = write_code_source(root, files=4, lines=40)
+    data.build(DataConfig(sources=(f"verse={text}", f"code={code}"), chars_per_source=12_000, vocab_size=300),
+               root / "data")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=data.load_meta(root / "data")["vocab_size"], block_size=16, n_layer=1,
+                          n_head=2, n_embd=16))
+    (root / "gpt").mkdir()
+    save_model(root / "gpt", model)
+    harvest(HarvestConfig(contexts=64, positions_per_context=15, shard_mb=1, device="cpu"), root / "data",
+            root / "gpt", root / "activations")
+    return root
+
+
+def test_eval_json_carries_ce_loss_recovered_overall_and_per_source(harvested, tmp_path):
+    cfg = small(held_out=96, batch_size=64, epochs=1, ce_eval_tokens=256, checkpoint_every=3)
+    out = tmp_path / "sae"
+    evaluation = sae_train.train(cfg, harvested / "activations", out, gpt_dir=harvested / "gpt",
+                                 data_dir=harvested / "data")
+    written = json.loads((out / "eval.json").read_text())
+    assert written == json.loads(json.dumps(evaluation))
+    assert written["ce_eval_tokens"] == 256
+    for key in ("ce_loss_clean", "ce_loss_zero_ablated"):
+        assert math.isfinite(written[key]) and set(written[f"{key}_by_source"]) == {"verse", "code"}
+    for name in ("l1_0.3", "l1_3"):
+        entry = written["saes"][name]
+        assert math.isfinite(entry["ce_loss_spliced"]) and math.isfinite(entry["ce_loss_recovered"])
+        assert set(entry["ce_loss_recovered_by_source"]) == {"verse", "code"}
+        expected = ((written["ce_loss_zero_ablated"] - entry["ce_loss_spliced"])
+                    / (written["ce_loss_zero_ablated"] - written["ce_loss_clean"]))
+        assert entry["ce_loss_recovered"] == pytest.approx(expected)
+    assert not (out / sae_train.CHECKPOINT_FILE).exists()  # only the finished files remain
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints and --resume
+
+
+class Interrupted(Exception):
+    """Stands in for a kill right after a checkpoint was written."""
+
+
+def interrupt_after_checkpoint(monkeypatch, which: int) -> None:
+    real = sae_train.save_checkpoint
+    calls = []
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(args[-1].step)
+        if len(calls) == which:
+            raise Interrupted(f"after the checkpoint of step {calls[-1]}")
+
+    monkeypatch.setattr(sae_train, "save_checkpoint", save_then_stop)
+
+
+def without_timing(metrics_text: str) -> list[dict]:
+    lines = [json.loads(line) for line in metrics_text.splitlines()]
+    for line in lines:
+        del line["seconds"], line["rows_per_s"]
+    return lines
+
+
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(store_dir, tmp_path, monkeypatch):
+    # 42 steps over two epochs, resampling after 10, 20 and 30; killed after the checkpoint of
+    # step 14, mid-epoch with rows carried over, before the epoch boundary and two resamplings.
+    cfg = small(checkpoint_every=7, resample_every=10)
+    whole = sae_train.train(cfg, store_dir, tmp_path / "whole")
+
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, which=2)
+        with pytest.raises(Interrupted, match="step 14"):
+            sae_train.train(cfg, store_dir, out)
+    assert (out / sae_train.CHECKPOINT_FILE).is_file()
+    assert not (out / "sae.safetensors").exists() and not (out / "eval.json").exists()
+    resumed = sae_train.train(small(checkpoint_every=7, resample_every=10, resume=True), store_dir, out)
+
+    assert resumed == whole
+    for name in ("l1_0.3", "l1_3"):
+        a, b = SparseAutoencoder.load(tmp_path / "whole" / name), SparseAutoencoder.load(out / name)
+        for key, value in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+    assert without_timing((out / "metrics.jsonl").read_text()) == \
+        without_timing((tmp_path / "whole" / "metrics.jsonl").read_text())
+    assert not (out / sae_train.CHECKPOINT_FILE).exists()
+
+
+def test_a_checkpoint_from_other_options_is_refused(store_dir, tmp_path, monkeypatch):
+    out = tmp_path / "sae"
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, which=1)
+        with pytest.raises(Interrupted):
+            sae_train.train(small(checkpoint_every=5, epochs=1), store_dir, out)
+    with pytest.raises(UserError, match=r"lr=0.01 \(now 0.02\).*drop --resume to start over"):
+        sae_train.train(small(checkpoint_every=5, epochs=1, lr=2e-2, resume=True), store_dir, out)
+    other_store = write_store(tmp_path / "other", seed=1)
+    with pytest.raises(UserError, match="activation_store="):
+        sae_train.train(small(checkpoint_every=5, epochs=1, resume=True), other_store, out)
+    # Without --resume the stale checkpoint is dropped and the run starts over.
+    sae_train.train(small(checkpoint_every=5, epochs=1, lr=2e-2), store_dir, out)
+    assert not (out / sae_train.CHECKPOINT_FILE).exists()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 5
+
+
+def test_runtime_fields_do_not_change_the_identity():
+    assert SAETrainConfig.RUNTIME == frozenset({"device", "resume"})
+    same = [config.identity(SAETrainConfig(device=d, resume=r)) for d, r in (("cpu", False), ("auto", True))]
+    assert same[0] == same[1] and "device" not in same[0] and "resume" not in same[0]
+    assert config.identity(SAETrainConfig(checkpoint_every=7)) != config.identity(SAETrainConfig())
+
+
+@pytest.mark.parametrize("fields", [{"ce_eval_tokens": -1}, {"checkpoint_every": -1}], ids=["ce", "checkpoint"])
+def test_negative_budgets_are_refused(fields):
+    with pytest.raises(ValueError, match="0 turns them off"):
+        SAETrainConfig(**fields)

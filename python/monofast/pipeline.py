@@ -67,7 +67,7 @@ STAGES: tuple[Stage, ...] = (
           "train the tiny GPT whose MLP activations the SAEs decompose", command="gpt train"),
     Stage("activations", "monofast.harvest:HarvestConfig", "monofast.harvest:run_stage", ("data", "gpt"),
           "harvest the GPT's MLP activations into memory-mapped shards", command="harvest"),
-    Stage("sae", "monofast.sae_train:SAETrainConfig", "monofast.sae_train:run_stage", ("activations", "gpt"),
+    Stage("sae", "monofast.sae_train:SAETrainConfig", "monofast.sae_train:run_stage", ("data", "activations", "gpt"),
           "train sparse autoencoders on the activations", command="sae train"),
     Stage("analysis", "monofast.analysis.config:AnalysisConfig", "monofast.analysis.run:run_stage",
           ("data", "gpt", "sae"), "feature statistics, top-k and quantile examples, ablation effects",

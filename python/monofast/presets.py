@@ -19,7 +19,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "quantile_bins": 4, "quantile_samples": 3},
         "activations": {"contexts": 64, "positions_per_context": 16, "batch_size": 16, "shard_mb": 1},
         "sae": {"expansion": 2, "batch_size": 128, "held_out": 100, "log_every": 2, "resample_rows": 512,
-                "b_dec_init": "mean"},
+                "b_dec_init": "mean", "ce_eval_tokens": 2048, "checkpoint_every": 4},
     },
     "quick": {
         "about": "the whole pipeline on a 2-core CPU in a few minutes",

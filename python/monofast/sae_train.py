@@ -9,7 +9,10 @@ Writes into `sae/`:
     sae.safetensors, cfg.json     the selected SAE (nearest to --target-l0, else the first)
     <name>/...                    every SAE of the sweep (l1_5, k32, ...), same layout
     metrics.jsonl                 training curves, one JSON object per logged step
-    eval.json                     held-out MSE, FVU, L0, dead / dense fractions, density histogram
+    eval.json                     held-out MSE, FVU, L0, dead / dense fractions, density histogram,
+                                  and CE-loss recovered on held-out tokens (`monofast.sae_eval`)
+    checkpoint.pt                 while training only: weights, optimizer and stream state for
+                                  --resume; removed once the files above are written
 """
 
 from __future__ import annotations
@@ -19,22 +22,27 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, ClassVar, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from monofast import activations, files
+from monofast import activations, config, files, sae_eval
 from monofast.errors import DataError, UserError
 from monofast.log import logger, progress
 from monofast.sae import VARIANTS, SAEConfig, SparseAutoencoder
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass
 class SAETrainConfig:
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device", "resume"})
+    """Fields that change how a run executes, not what it computes: the manifest ignores them."""
+
     variant: str = "anthropic2023"
     """anthropic2023 (unit-norm decoder, L1, resampling), april2024 (L1 x decoder norm,
     lambda warm-up, LR decay) or topk (k largest pre-activations, AuxK)."""
@@ -74,6 +82,13 @@ class SAETrainConfig:
     """When > 0, the SAE of the sweep whose held-out L0 is nearest becomes `sae/sae.safetensors`."""
     log_every: int = 25
     """Steps between lines of metrics.jsonl."""
+    ce_eval_tokens: int = 65_536
+    """Held-out tokens (windows of data/'s validation split) on which CE-loss recovered is
+    measured after training; 0 skips it."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (sae/checkpoint.pt, for --resume); 0: none."""
+    resume: bool = False
+    """Continue from sae/checkpoint.pt (a killed run) exactly where it stopped, instead of starting over."""
     compute_dtype: str = "auto"
     """Dtype of the matrix products: auto (bfloat16 on CUDA and bf16-capable CPUs), float32,
     bfloat16, float16."""
@@ -106,6 +121,9 @@ class SAETrainConfig:
             raise ValueError(f"b_dec_init {self.b_dec_init!r}: choose geometric_median, mean or zeros")
         if self.held_out < 0 or self.log_every < 1 or self.resample_rows < 1:
             raise ValueError("held_out must be >= 0, log_every and resample_rows >= 1")
+        if self.ce_eval_tokens < 0 or self.checkpoint_every < 0:
+            raise ValueError(f"ce_eval_tokens and checkpoint_every must be >= 0 (0 turns them off), got "
+                             f"{self.ce_eval_tokens}, {self.checkpoint_every}")
 
     def sweep(self) -> list[tuple[str, float, Optional[int]]]:
         """(name, l1 coefficient, k) of every SAE to train."""
@@ -140,28 +158,39 @@ def split_rows(store: activations.ActivationStore, held_out: int) -> int:
     return store.rows - min(held_out, store.rows // 10)
 
 
-def training_batches(store: activations.ActivationStore, cfg: SAETrainConfig, cutoff: int,
-                     device: torch.device) -> Iterator[torch.Tensor]:
+class TrainingBatches:
     """Float32 batches of exactly `batch_size` training rows (held-out rows filtered out, the
-    remainder carried into the next batch; the last partial batch of the run is dropped)."""
-    stream = store.stream(cfg.batch_size, shuffle="exact", seed=cfg.seed, epochs=cfg.epochs, to_float32=True)
-    pending: list[torch.Tensor] = []
-    count = 0
-    try:
-        for batch in stream:
-            rows = batch.tensor()
-            keep = batch.row < cutoff
+    remainder carried into the next batch; the last partial batch of the run is dropped).
+    `state()` and `restore()` resume at the exact row, carried remainder included."""
+
+    def __init__(self, store: activations.ActivationStore, cfg: SAETrainConfig, cutoff: int,
+                 device: torch.device):
+        self.stream = store.stream(cfg.batch_size, shuffle="exact", seed=cfg.seed, epochs=cfg.epochs,
+                                   to_float32=True)
+        self.batch_size, self.cutoff, self.device = cfg.batch_size, cutoff, device
+        self.pending = torch.zeros(0, store.dim)  # (R, d_in) rows read but not yet yielded
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for batch in self.stream:
+            rows = batch.tensor()  # (b, d_in)
+            keep = batch.row < self.cutoff
             if not keep.all():
                 rows = rows[torch.from_numpy(keep)]
-            pending.append(rows)
-            count += rows.shape[0]
-            while count >= cfg.batch_size:
-                joined = torch.cat(pending) if len(pending) > 1 else pending[0]
-                yield joined[:cfg.batch_size].to(device, non_blocking=True)
-                rest = joined[cfg.batch_size:]
-                pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
-    finally:
-        stream.close()
+            self.pending = torch.cat([self.pending, rows])  # (R + b', d_in)
+            while self.pending.shape[0] >= self.batch_size:
+                x, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
+                yield x.to(self.device, non_blocking=True)  # (batch_size, d_in)
+
+    def state(self) -> dict[str, Any]:
+        """The stream's position and the rows read past it but not yet yielded."""
+        return {"stream": self.stream.state(), "pending": self.pending.clone()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.stream.restore(state["stream"])
+        self.pending = state["pending"]
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 def sample_rows(store: activations.ActivationStore, count: int, below: int,
@@ -261,9 +290,25 @@ def train_step(member: Member, x: torch.Tensor, lam: float, lr: float, aux_coeff
             "aux": out.aux.detach()}
 
 
+class TrainState(NamedTuple):
+    """Where a run stands: a fresh one at step 0, a resumed one where its checkpoint was made."""
+
+    step: int
+    """Training steps done."""
+    records: list[dict[str, Any]]
+    """Lines of metrics.jsonl written so far."""
+    seconds: float
+    """Training time so far (for the rows/s of the metrics)."""
+
+
 def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
-          metadata: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Train the sweep on the store in `store_dir`, evaluate it, write everything into `out`."""
+          metadata: Optional[dict[str, Any]] = None, gpt_dir: str | Path | None = None,
+          data_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train the sweep on the store in `store_dir`, evaluate it, write everything into `out`.
+
+    With `gpt_dir` and `data_dir` (and ce_eval_tokens > 0) the evaluation includes CE-loss
+    recovered on held-out tokens of the data's validation split.
+    """
     from monofast.gpt import pick_device
 
     out = Path(out)
@@ -275,23 +320,42 @@ def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
     if steps < 1:
         raise DataError(f"the store has {cutoff} training rows, fewer than one batch of {cfg.batch_size}; "
                         f"lower --batch-size or harvest more")
+    ce = prepare_ce(cfg, store, gpt_dir, data_dir, device)  # before training: its errors come early
     rng = np.random.default_rng(cfg.seed)
     sample = sample_rows(store, min(cutoff, 8 * cfg.batch_size), cutoff, rng)
     check_finite(sample, "the activation sample")
     torch.manual_seed(cfg.seed)
     members = build_sweep(cfg, store.dim, sample, steps, device)
-    resample_at = set(resample_steps(cfg, steps))
-    window = (cfg.resample_every or max(1, steps // 4)) * cfg.batch_size  # tokens without firing = dead
     logger.info("sae: %d SAE(s) of %d features on %d rows of %d (%d held out), %d steps of %d, on %s",
                 len(members), members[0].sae.cfg.d_sae, cutoff, store.dim, store.rows - cutoff, steps,
                 cfg.batch_size, device)
+    batches = TrainingBatches(store, cfg, cutoff, device)
+    try:
+        state = start_state(cfg, out, store, members, batches, rng)
+        run_steps(cfg, members, batches, store, cutoff, steps, state, rng, out)
+    finally:
+        batches.close()
 
-    metrics_path = out / METRICS_FILE
-    metrics_path.unlink(missing_ok=True)
-    started = time.perf_counter()
-    bar: Any = progress(total=steps, desc="sae", unit="step")
-    with open(metrics_path, "w", encoding="utf-8") as log_file:
-        for step, x in enumerate(training_batches(store, cfg, cutoff, device)):
+    evaluation = evaluate(members, store, cutoff, cfg.batch_size, device)
+    if ce is not None:
+        add_ce(evaluation, ce.run({m.name: m.sae for m in members}))
+    files.write_json(out / EVAL_FILE, evaluation)
+    save_all(members, out, evaluation, cfg.target_l0, metadata or {})
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # the finished files replace it
+    return evaluation
+
+
+def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatches,
+              store: activations.ActivationStore, cutoff: int, steps: int, state: TrainState,
+              rng: np.random.Generator, out: Path) -> None:
+    """Train from `state.step` to `steps`, logging metrics and writing checkpoints."""
+    resample_at = set(resample_steps(cfg, steps))
+    window = (cfg.resample_every or max(1, steps // 4)) * cfg.batch_size  # tokens without firing = dead
+    records = list(state.records)
+    started = time.perf_counter() - state.seconds
+    bar: Any = progress(total=steps, initial=state.step, desc="sae", unit="step")
+    with open(out / METRICS_FILE, "a", encoding="utf-8") as log_file:
+        for step, x in enumerate(batches, start=state.step):
             if step >= steps:
                 break
             lam, lr = schedules(cfg, step, steps)
@@ -302,22 +366,119 @@ def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
                                 f"(now {cfg.lr:g}) or use --compute-dtype float32. Nothing was saved.")
             if step + 1 in resample_at:
                 for m in members:
-                    n = resample(m, store, cutoff, window, cfg, rng, device)
+                    n = resample(m, store, cutoff, window, cfg, rng, x.device)
                     logger.info("sae %s: resampled %d dead features after step %d", m.name, n, step + 1)
             bar.update(1)
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 record = log_record(members, stats, step + 1, cfg, lam, lr, started)
+                records.append(record)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 first = record["saes"][members[0].name]
                 bar.set_postfix(mse=f"{first['mse']:.3g}", l0=f"{first['l0']:.1f}",
                                 dead=first["dead"], rows_s=f"{record['rows_per_s']:.0f}")
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                done = TrainState(step + 1, records, time.perf_counter() - started)
+                save_checkpoint(out, cfg, store, members, batches, rng, done)
     bar.close()
 
-    evaluation = evaluate(members, store, cutoff, cfg.batch_size, device)
-    files.write_json(out / EVAL_FILE, evaluation)
-    save_all(members, out, evaluation, cfg.target_l0, metadata or {})
-    return evaluation
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_identity(cfg: SAETrainConfig, store: activations.ActivationStore) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed: every option but the runtime ones, and
+    the store it read (its fingerprint and shard checksums: a store written without a
+    fingerprint is still told apart)."""
+    shards = [shard.get("checksum") for shard in store.index.shards]
+    digest = files.hash_bytes(json.dumps([store.index.fingerprint, store.rows, shards]).encode())
+    return {**config.identity(cfg), "activation_store": digest}
+
+
+def save_checkpoint(out: Path, cfg: SAETrainConfig, store: activations.ActivationStore, members: list[Member],
+                    batches: TrainingBatches, rng: np.random.Generator, state: TrainState) -> None:
+    """Every SAE's weights and optimizer state, the step, the stream's position and the
+    random state, in one atomically written file."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "identity": checkpoint_identity(cfg, store),
+        "step": state.step,
+        "records": state.records,
+        "seconds": state.seconds,
+        "members": {m.name: {"sae": {k: v.detach().cpu() for k, v in m.sae.state_dict().items()},
+                             "optimizer": m.optimizer.state_dict()} for m in members},
+        "batches": batches.state(),
+        "rng": json.dumps(rng.bit_generator.state),  # JSON: PCG64's state holds 128-bit integers
+    }
+    with files.atomic_open(out / CHECKPOINT_FILE, "wb") as fh:
+        torch.save(payload, fh)
+
+
+def load_checkpoint(out: Path, cfg: SAETrainConfig, store: activations.ActivationStore, members: list[Member],
+                    batches: TrainingBatches, rng: np.random.Generator) -> TrainState:
+    """Restore a checkpoint made with the same options on the same store; refuse any other."""
+    path = out / CHECKPOINT_FILE
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many classes for a damaged file
+        raise DataError(f"{path} is unreadable ({err}); drop --resume to start over") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path} is not a monofast SAE checkpoint of format {CHECKPOINT_FORMAT}; "
+                        f"drop --resume to start over")
+    saved, now = payload["identity"], checkpoint_identity(cfg, store)
+    changed = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k)]
+    if changed:
+        raise UserError(f"{path} was made with other options or data: {', '.join(changed)}; resume with the "
+                        f"same options, or drop --resume to start over")
+    for m in members:
+        m.sae.load_state_dict(payload["members"][m.name]["sae"])
+        m.optimizer.load_state_dict(payload["members"][m.name]["optimizer"])
+    batches.restore(payload["batches"])
+    rng.bit_generator.state = json.loads(payload["rng"])
+    return TrainState(int(payload["step"]), list(payload["records"]), float(payload["seconds"]))
+
+
+def start_state(cfg: SAETrainConfig, out: Path, store: activations.ActivationStore, members: list[Member],
+                batches: TrainingBatches, rng: np.random.Generator) -> TrainState:
+    """The checkpoint's state under --resume, else step 0 with any stale checkpoint removed;
+    metrics.jsonl is rewritten to hold exactly the lines up to that step."""
+    path = out / CHECKPOINT_FILE
+    if cfg.resume and path.is_file():
+        state = load_checkpoint(out, cfg, store, members, batches, rng)
+        logger.info("sae: resuming from %s at step %d", path, state.step)
+    else:
+        if cfg.resume:
+            logger.warning("sae: --resume given but %s does not exist; starting from step 0", path)
+        path.unlink(missing_ok=True)
+        state = TrainState(0, [], 0.0)
+    files.write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in state.records))
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# CE-loss recovered
+
+
+def prepare_ce(cfg: SAETrainConfig, store: activations.ActivationStore, gpt_dir: str | Path | None,
+               data_dir: str | Path | None, device: torch.device) -> Optional[sae_eval.CEEvaluation]:
+    """The GPT and held-out tokens for CE-loss recovered, or None when it is not measured."""
+    if cfg.ce_eval_tokens == 0 or gpt_dir is None or data_dir is None:
+        return None
+    layer = store.index.extra.get("gpt", {}).get("layer")
+    if layer is None:
+        raise DataError(f"the activation store {store.folder} does not record the GPT layer it was harvested "
+                        f"from; re-run the harvest, or set --ce-eval-tokens 0")
+    length = store.index.extra.get("contexts", {}).get("length")  # the contexts the SAE's rows came from
+    return sae_eval.prepare(gpt_dir, data_dir, int(layer), store.dim, cfg.ce_eval_tokens, device, length)
+
+
+def add_ce(evaluation: dict[str, Any], result: sae_eval.CEResult) -> None:
+    """Put CE-loss recovered into eval.json: the shared losses at the top, each SAE's in its entry."""
+    evaluation.update(sae_eval.summary(result))
+    for name in result.spliced:
+        evaluation["saes"].setdefault(name, {}).update(sae_eval.per_sae(result, name))
 
 
 def log_record(members: list[Member], stats: list[dict[str, Any]], step: int, cfg: SAETrainConfig,
@@ -405,9 +566,10 @@ def save_all(members: list[Member], out: Path, evaluation: dict[str, Any], targe
 
 
 def run_stage(cfg: SAETrainConfig, run: Any) -> None:
-    """Pipeline entry point: fill `sae/` from `activations/` (and the GPT's identity)."""
+    """Pipeline entry point: fill `sae/` from `activations/`, measuring CE-loss recovered with
+    the GPT of `gpt/` on the validation split of `data/`."""
     store_dir = run.require("activations")
-    run.require("gpt")
+    gpt_dir = run.require("gpt")
     extra = activations.read_index(store_dir).extra
     gpt_info = extra.get("gpt", {})
     layer = gpt_info.get("layer")
@@ -417,4 +579,5 @@ def run_stage(cfg: SAETrainConfig, run: Any) -> None:
         "hook_layer": layer,
         "context_size": extra.get("context_length"),
     }
-    train(cfg, store_dir, run.stage("sae"), metadata)
+    data_dir = run.require("data") if cfg.ce_eval_tokens else None
+    train(cfg, store_dir, run.stage("sae"), metadata, gpt_dir=gpt_dir, data_dir=data_dir)

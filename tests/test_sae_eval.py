@@ -1,0 +1,150 @@
+"""CE-loss recovered (monofast.sae_eval) against explicit computations on a tiny random GPT."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import write_code_source, write_text_source
+from monofast import data, sae_eval
+from monofast.data import DataConfig
+from monofast.errors import DataError
+from monofast.gpt import save_model
+from monofast.model import GPT, GPTConfig
+from monofast.sae import SAEConfig, SparseAutoencoder
+
+LAYER = 1
+LENGTH = 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """data/ from two local sources and a random 2-layer GPT whose MLPs matter (c_proj scaled up)."""
+    root = tmp_path_factory.mktemp("ce")
+    text = write_text_source(root, "verse", 16_000)
+    code = write_code_source(root, files=4, lines=40)
+    data.build(DataConfig(sources=(f"verse={text}", f"code={code}"), chars_per_source=12_000, vocab_size=300),
+               root / "data")
+    torch.manual_seed(0)
+    meta = data.load_meta(root / "data")
+    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=LENGTH, n_layer=2, n_head=2, n_embd=16))
+    with torch.no_grad():
+        for block in model.h:
+            block.mlp.c_proj.weight.mul_(40)
+    model.eval()
+    return root, model
+
+
+def explicit_losses(model, tokens, hook=None):
+    """(N * T,) per-token losses, the obvious way: one forward over every window."""
+    with torch.no_grad():
+        if hook is None:
+            logits = model(tokens.idx).logits
+        else:
+            with model.hook_mlp(LAYER, hook):
+                logits = model(tokens.idx).logits  # (N, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), tokens.targets.flatten(), reduction="none").double()
+
+
+def test_held_out_windows_are_shifted_spread_and_labelled(tiny):
+    root, _ = tiny
+    split = data.load_split(root / "data", "val")
+    tokens = sae_eval.held_out_tokens(root / "data", LENGTH, 500)
+    n = tokens.idx.shape[0]
+    assert tokens.idx.shape == tokens.targets.shape == tokens.sources.shape == (math.ceil(500 / LENGTH), LENGTH)
+    assert torch.equal(tokens.idx[:, 1:], tokens.targets[:, :-1])
+    starts = [int(np.flatnonzero(np.lib.stride_tricks.sliding_window_view(split.tokens, LENGTH)
+                                 .__eq__(tokens.idx[i].numpy()).all(1))[0]) for i in (0, n - 1)]
+    assert starts[0] == 0 and starts[1] > len(split.tokens) // 2  # spread over the whole split
+    assert set(tokens.sources.unique().tolist()) == {0, 1}  # both sources are in
+    assert tokens.source_names == ("verse", "code")
+    whole = sae_eval.held_out_tokens(root / "data", LENGTH, 10**9)  # a budget past the split: all of it
+    assert whole.idx.shape[0] == (len(split.tokens) - 1) // LENGTH
+
+
+def test_identity_recovers_one_and_zero_recovers_nothing(tiny):
+    root, model = tiny
+    tokens = sae_eval.held_out_tokens(root / "data", LENGTH, 600)
+    result = sae_eval.evaluate_hooks(model, LAYER, {"identity": lambda act: act, "zero": sae_eval.zero_hook,
+                                                    "half": lambda act: act * 0.5}, tokens)
+    clean, zero = explicit_losses(model, tokens), explicit_losses(model, tokens, torch.zeros_like)
+    half = explicit_losses(model, tokens, lambda act: act * 0.5)
+    assert result.tokens == tokens.targets.numel()
+    assert result.clean.overall == pytest.approx(float(clean.mean()), rel=1e-6)
+    assert result.zero.overall == pytest.approx(float(zero.mean()), rel=1e-6)
+    assert result.zero.overall > result.clean.overall + 1e-3  # the ablation matters in this model
+    sources = tokens.sources.flatten()
+    for i, name in enumerate(tokens.source_names):
+        mask = sources == i
+        assert result.clean.by_source[name] == pytest.approx(float(clean[mask].mean()), rel=1e-6)
+        assert result.zero.by_source[name] == pytest.approx(float(zero[mask].mean()), rel=1e-6)
+        expected = float((zero[mask].mean() - half[mask].mean()) / (zero[mask].mean() - clean[mask].mean()))
+        assert result.recovered["half"].by_source[name] == pytest.approx(expected, rel=1e-5)
+        assert result.recovered["identity"].by_source[name] == pytest.approx(1.0)
+        assert result.recovered["zero"].by_source[name] == pytest.approx(0.0, abs=1e-12)
+    assert result.recovered["identity"].overall == pytest.approx(1.0)
+    assert result.recovered["zero"].overall == pytest.approx(0.0, abs=1e-12)
+    expected = float((zero.mean() - half.mean()) / (zero.mean() - clean.mean()))
+    assert result.recovered["half"].overall == pytest.approx(expected, rel=1e-5)
+
+
+def test_spliced_sae_matches_an_explicit_reconstruction_before_and_after_saving(tiny, tmp_path):
+    root, model = tiny
+    tokens = sae_eval.held_out_tokens(root / "data", LENGTH, 400)
+    d_mlp = model.config.d_mlp
+    sae = SparseAutoencoder(SAEConfig(d_in=d_mlp, d_sae=2 * d_mlp, compute_dtype="float32"),
+                            generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        acts = model.mlp_activations(tokens.idx, LAYER).reshape(-1, d_mlp)  # (N * T, d_mlp)
+        sae.set_input_scale(acts)  # an input scale far from 1, kept beside the weights
+        sae.b_dec.copy_(acts.mean(0) * sae.input_scale)
+        sae.b_enc.fill_(-0.1)
+    s = float(sae.input_scale)
+    assert abs(s - 1) > 0.1
+
+    def by_hand(act):  # (B, T, d_mlp): f = ReLU((x s - b_dec) W_enc + b_enc), x_hat = (f W_dec + b_dec) / s
+        f = torch.relu((act * s - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        return (f @ sae.W_dec + sae.b_dec) / s
+
+    spliced = explicit_losses(model, tokens, by_hand)
+    in_memory = sae_eval.evaluate_saes(model, LAYER, {"sae": sae}, tokens)
+    assert in_memory.spliced["sae"].overall == pytest.approx(float(spliced.mean()), rel=1e-5)
+    assert in_memory.clean.overall < in_memory.spliced["sae"].overall
+    sae.save(tmp_path / "sae")
+    loaded = SparseAutoencoder.load(tmp_path / "sae")  # the scale folded into the weights
+    from_file = sae_eval.evaluate_saes(model, LAYER, {"sae": loaded}, tokens)
+    assert from_file.spliced["sae"].overall == pytest.approx(in_memory.spliced["sae"].overall, rel=1e-5)
+    for name, value in in_memory.recovered["sae"].by_source.items():
+        assert from_file.recovered["sae"].by_source[name] == pytest.approx(value, rel=1e-4, abs=1e-6)
+    assert sae.training  # evaluate_saes puts the modes back
+
+
+def test_summary_and_per_sae_entries_are_json_ready(tiny):
+    root, model = tiny
+    tokens = sae_eval.held_out_tokens(root / "data", LENGTH, 200)
+    result = sae_eval.evaluate_hooks(model, LAYER, {"a": lambda act: act}, tokens)
+    top, entry = sae_eval.summary(result), sae_eval.per_sae(result, "a")
+    assert top["ce_eval_tokens"] == tokens.targets.numel()
+    assert set(top["ce_loss_clean_by_source"]) == {"verse", "code"}
+    assert entry["ce_loss_recovered"] == pytest.approx(1.0)
+    assert set(entry["ce_loss_recovered_by_source"]) == {"verse", "code"}
+
+
+def test_recovered_fraction_without_a_gap_is_nan():
+    assert math.isnan(sae_eval.recovered_fraction(2.0, 2.5, 2.0))
+    assert sae_eval.recovered_fraction(2.0, 2.5, 3.0) == pytest.approx(0.5)
+
+
+def test_prepare_names_a_mismatched_store(tiny, tmp_path):
+    root, model = tiny
+    save_model(tmp_path, model)
+    with pytest.raises(DataError, match="MLP width 64"):
+        sae_eval.prepare(tmp_path, root / "data", LAYER, 100, 256, torch.device("cpu"))
+    with pytest.raises(DataError, match="layer 5"):
+        sae_eval.prepare(tmp_path, root / "data", 5, 64, 256, torch.device("cpu"))
+    ready = sae_eval.prepare(tmp_path, root / "data", LAYER, 64, 256, torch.device("cpu"), length=8)
+    assert ready.tokens.idx.shape == (32, 8)
