@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from monofast import data, files
+from monofast import checkpoint, data, files
 from monofast.errors import DataError, UserError
 from monofast.log import logger, progress
 from monofast.model import GPT, GPTConfig
@@ -449,26 +449,12 @@ def save_checkpoint(folder: Path, trainer: Trainer, state: TrainState) -> None:
         "scaler": trainer.scaler.state_dict(),
         "metrics": state.metrics,
     }
-    with files.atomic_open(folder / CHECKPOINT_FILE, "wb") as fh:
-        torch.save(payload, fh)
+    checkpoint.save(folder / CHECKPOINT_FILE, payload)
 
 
 def load_checkpoint(folder: Path, trainer: Trainer) -> TrainState:
     """Restore a checkpoint made with the same schedule; refuse one from other options."""
-    path = folder / CHECKPOINT_FILE
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many classes for a damaged file
-        raise DataError(f"{path} is unreadable ({err}); drop --resume to start over") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path} is not a monofast checkpoint of format {CHECKPOINT_FORMAT}; "
-                        f"drop --resume to start over")
-    saved, now = payload["config"], _schedule_dict(trainer.cfg)
-    changed = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
-               if saved.get(k) != now.get(k)]
-    if changed:
-        raise UserError(f"{path} was made with other options: {', '.join(changed)}; resume with the "
-                        f"same options, or drop --resume to start over")
+    payload = checkpoint.load(folder / CHECKPOINT_FILE, CHECKPOINT_FORMAT, "config", _schedule_dict(trainer.cfg))
     trainer.model.load_state_dict(payload["model"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
     trainer.scaler.load_state_dict(payload["scaler"])

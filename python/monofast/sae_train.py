@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Iterator, NamedTuple, Optional
 import numpy as np
 import torch
 
-from monofast import activations, config, files, sae_eval
+from monofast import activations, checkpoint, config, files, sae_eval
 from monofast.errors import DataError, UserError
 from monofast.log import logger, progress
 from monofast.sae import VARIANTS, SAEConfig, SparseAutoencoder
@@ -411,27 +411,13 @@ def save_checkpoint(out: Path, cfg: SAETrainConfig, store: activations.Activatio
         "batches": batches.state(),
         "rng": json.dumps(rng.bit_generator.state),  # JSON: PCG64's state holds 128-bit integers
     }
-    with files.atomic_open(out / CHECKPOINT_FILE, "wb") as fh:
-        torch.save(payload, fh)
+    checkpoint.save(out / CHECKPOINT_FILE, payload)
 
 
 def load_checkpoint(out: Path, cfg: SAETrainConfig, store: activations.ActivationStore, members: list[Member],
                     batches: TrainingBatches, rng: np.random.Generator) -> TrainState:
     """Restore a checkpoint made with the same options on the same store; refuse any other."""
-    path = out / CHECKPOINT_FILE
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many classes for a damaged file
-        raise DataError(f"{path} is unreadable ({err}); drop --resume to start over") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path} is not a monofast SAE checkpoint of format {CHECKPOINT_FORMAT}; "
-                        f"drop --resume to start over")
-    saved, now = payload["identity"], checkpoint_identity(cfg, store)
-    changed = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
-               if saved.get(k) != now.get(k)]
-    if changed:
-        raise UserError(f"{path} was made with other options or data: {', '.join(changed)}; resume with the "
-                        f"same options, or drop --resume to start over")
+    payload = checkpoint.load(out / CHECKPOINT_FILE, CHECKPOINT_FORMAT, "identity", checkpoint_identity(cfg, store))
     for m in members:
         m.sae.load_state_dict(payload["members"][m.name]["sae"])
         m.optimizer.load_state_dict(payload["members"][m.name]["optimizer"])

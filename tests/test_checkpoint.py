@@ -1,0 +1,33 @@
+"""Resume checkpoints round-trip, and refuse damaged files and other options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monofast import checkpoint
+from monofast.errors import DataError, UserError
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(path, {"format": 2, "identity": {"lr": 0.1}, "w": torch.arange(3.0)})
+    payload = checkpoint.load(path, 2, "identity", {"lr": 0.1})
+    assert torch.equal(payload["w"], torch.arange(3.0))
+
+
+def test_other_options_listed(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(path, {"format": 2, "identity": {"lr": 0.1, "steps": 5}})
+    with pytest.raises(UserError, match=r"lr=0.1 \(now 0.2\).*drop --resume"):
+        checkpoint.load(path, 2, "identity", {"lr": 0.2, "steps": 5})
+
+
+def test_damaged_and_foreign_files(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(DataError, match="unreadable"):
+        checkpoint.load(path, 2, "identity", {})
+    checkpoint.save(path, {"format": 1})
+    with pytest.raises(DataError, match="format 2"):
+        checkpoint.load(path, 2, "identity", {})
