@@ -60,3 +60,15 @@ def two_sources(tmp_path) -> tuple[str, ...]:
     text = write_text_source(tmp_path, "verse", 30_000)
     code = write_code_source(tmp_path)
     return (f"verse={text}", f"code={code}")
+
+
+def build_small_data(root: Path, chars_per_source: int = 12_000, vocab_size: int = 300) -> Path:
+    """`root/data/` built from a small verse file and a few code files, both local."""
+    from monofast import data
+
+    text = write_text_source(root, "verse", 16_000)
+    code = write_code_source(root, files=4, lines=40)
+    cfg = data.DataConfig(sources=(f"verse={text}", f"code={code}"), chars_per_source=chars_per_source,
+                          vocab_size=vocab_size)
+    data.build(cfg, root / "data")
+    return root / "data"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_code_source, write_text_source
+from conftest import build_small_data
 from monofast import data
 from monofast.analysis import contexts, effects, examples, output
 from monofast.analysis.config import AnalysisConfig
@@ -19,7 +19,6 @@ from monofast.analysis.forward import Encoder, resolve_layer
 from monofast.analysis.run import analyze
 from monofast.analysis.stats import log_edges
 from monofast.analysis.streaming import CellReservoir, StreamingTopK
-from monofast.data import DataConfig
 from monofast.errors import UserError
 from monofast.gpt import load_model, save_model
 from monofast.model import GPT, GPTConfig
@@ -100,10 +99,7 @@ def test_log_edges_are_log_spaced():
 def make_run(root: Path, layer: int = 1, variant: str = "anthropic2023") -> dict[str, Path]:
     """data/ from two local sources, a random 2-layer GPT and a random sparse-ish SAE."""
     if not (root / "data" / "meta.json").is_file():
-        text = write_text_source(root, "verse", 16_000)
-        code = write_code_source(root, files=4, lines=40)
-        data.build(DataConfig(sources=(f"verse={text}", f"code={code}"), chars_per_source=12_000,
-                              vocab_size=300), root / "data")
+        build_small_data(root)
     meta = data.load_meta(root / "data")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=32, n_layer=2, n_head=2, n_embd=32))

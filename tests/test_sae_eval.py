@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_code_source, write_text_source
+from conftest import build_small_data
 from monofast import data, sae_eval
-from monofast.data import DataConfig
 from monofast.errors import DataError
 from monofast.gpt import save_model
 from monofast.model import GPT, GPTConfig
@@ -25,10 +24,7 @@ LENGTH = 16
 def tiny(tmp_path_factory):
     """data/ from two local sources and a random 2-layer GPT whose MLPs matter (c_proj scaled up)."""
     root = tmp_path_factory.mktemp("ce")
-    text = write_text_source(root, "verse", 16_000)
-    code = write_code_source(root, files=4, lines=40)
-    data.build(DataConfig(sources=(f"verse={text}", f"code={code}"), chars_per_source=12_000, vocab_size=300),
-               root / "data")
+    build_small_data(root)
     torch.manual_seed(0)
     meta = data.load_meta(root / "data")
     model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=LENGTH, n_layer=2, n_head=2, n_embd=16))

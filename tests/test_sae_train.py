@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_code_source, write_text_source
+from conftest import build_small_data
 from monofast import activations, config, data, sae_train
-from monofast.data import DataConfig
 from monofast.errors import DataError, UserError
 from monofast.gpt import save_model
 from monofast.harvest import HarvestConfig, harvest
@@ -152,10 +151,7 @@ def test_k_larger_than_the_dictionary_is_a_user_error(store_dir, tmp_path):
 def harvested(tmp_path_factory):
     """data/, a random GPT and a smoke-sized store harvested from it."""
     root = tmp_path_factory.mktemp("run")
-    text = write_text_source(root, "verse", 16_000)
-    code = write_code_source(root, files=4, lines=40)
-    data.build(DataConfig(sources=(f"verse={text}", f"code={code}"), chars_per_source=12_000, vocab_size=300),
-               root / "data")
+    build_small_data(root)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=data.load_meta(root / "data")["vocab_size"], block_size=16, n_layer=1,
                           n_head=2, n_embd=16))
