@@ -135,6 +135,38 @@ def test_an_aborted_writer_resumes_from_its_last_shard(tmp_path):
     assert activations.verify(folder).rows == 50
 
 
+def test_parts_written_by_several_writers_merge_into_one_store(tmp_path):
+    # Two writers (two torchrun ranks) fill shards 0-1 and 2-4 of one store of 10-row shards.
+    folder = tmp_path / "s"
+    values = (np.arange(45)[:, None] * np.ones(DIM)).astype(np.float32)
+    shard_bytes = activations.HEADER_BYTES + 10 * 29
+    second = ActivationWriter(folder, DIM, shard_bytes=shard_bytes, fingerprint="a", part=(2, 5))
+    first = ActivationWriter(folder, DIM, shard_bytes=shard_bytes, fingerprint="a", part=(0, 2))
+    assert (first.rows, second.rows) == (0, 20)  # the global row each appends next
+    for writer, r in ((second, np.arange(20, 45)), (first, np.arange(20))):
+        writer.append(values[r], r, r % 2, r, r)
+        assert writer.finish().rows == len(r)
+    assert not (folder / "index.json").exists()
+    with pytest.raises(OSError, match="part-00003.json"):
+        activations.merge_parts(folder, [0, 3])
+    index = activations.merge_parts(folder, [0, 2], note="merged")
+    assert (index.rows, len(index.shards), index.extra["note"]) == (45, 5, "merged")
+    assert epoch_rows(open_store(folder).stream(7, shuffle="none")) == list(range(45))
+    assert activations.verify(folder).rows == 45
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".json") == ["index.json"]
+
+
+def test_a_row_limit_streams_only_the_first_rows(store_of):
+    store = open_store(store_of(64))
+    parts = [epoch_rows(store.stream(5, rank=r, world_size=2, rows=50)) for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == list(range(50)) and len(parts[0]) == 25
+    state = store.stream(5, rows=50).state()
+    with pytest.raises(ValueError, match="limit"):
+        store.stream(5).restore(state)
+    with pytest.raises(ValueError, match="rows=65"):
+        store.stream(5, rows=65)
+
+
 # ---------------------------------------------------------------------------------------
 # Stream properties
 

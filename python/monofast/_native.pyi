@@ -29,6 +29,9 @@ def hash_bytes(data: bytes) -> str:
 def verify(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     """Check every shard of the store in `path`; returns (shards, rows, bytes)."""
 
+def merge_parts(path: str | os.PathLike[str], starts: list[int], extra: str = "{}") -> str:
+    """Join the finished parts starting at shards `starts` into `index.json`; returns it as JSON."""
+
 @final
 class ShardWriter:
     """Writes an activation store on a background thread."""
@@ -42,6 +45,7 @@ class ShardWriter:
         fingerprint: str = "",
         resume: bool = False,
         queue: int = 2,
+        part: tuple[int, int] | None = None,
     ) -> ShardWriter: ...
     @property
     def rows(self) -> int: ...
@@ -105,6 +109,7 @@ class Stream:
         prefetch: int = 4,
         block_rows: int = 4096,
         window_blocks: int = 64,
+        rows: int | None = None,
     ) -> Stream: ...
     def __len__(self) -> int: ...
     @property

@@ -4,7 +4,8 @@ A store is a folder (`runs/<name>/activations/`) of safetensors shards plus `ind
 (see `monofast._native` for the byte layout). This module is the Python face of it:
 
 - `ActivationWriter` appends batches (numpy arrays or torch tensors) on a background
-  thread, rotates shards, and resumes after a crash;
+  thread, rotates shards, and resumes after a crash; several writers (torchrun ranks) can
+  each write a `part` of one store, which `merge_parts` then indexes;
 - `open_store(folder)` memory-maps a finished store; `store.stream(...)` yields shuffled,
   prefetched `Batch`es (exactly once per epoch, seeded, resumable, split by rank) and
   `store.take(rows)` fetches rows by index;
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ActivationIndex", "ActivationStore", "ActivationStream", "ActivationWriter", "Batch",
-    "CorruptFileError", "VerifyReport", "find_store", "open_store", "read_index",
+    "CorruptFileError", "VerifyReport", "find_store", "merge_parts", "open_store", "read_index",
     "rows_per_shard", "verify",
 ]
 
@@ -84,6 +85,53 @@ def as_tensor(array: np.ndarray, dtype: str, device: str | torch.device | None =
             t = t.pin_memory()
         t = t.to(device, non_blocking=non_blocking)
     return t
+
+
+class DeviceFeeder:
+    """Host tensors onto a CUDA device through a ring of reusable pinned buffers.
+
+    `Batch.tensor(pin_memory=True)` pins fresh memory for every batch, and pinning costs
+    more than the copy it speeds up; a plain copy from pageable memory blocks the host for
+    the whole transfer. The feeder copies each batch into the next of `depth` pinned
+    buffers (a host memcpy) and starts an asynchronous transfer from it; a buffer is reused
+    only once the transfer that read it has finished. The returned device tensors are
+    fresh, so they stay valid however long the caller keeps them. On other devices it is a
+    plain `.to(device)`.
+    """
+
+    def __init__(self, device: str | torch.device, depth: int = 3):
+        import torch
+
+        self.device = torch.device(device)
+        self.depth = depth
+        self.cuda = self.device.type == "cuda"
+        self.buffers: list[torch.Tensor] = []
+        self.events: list[Any] = []
+        self.next = 0
+
+    def __call__(self, host: torch.Tensor) -> torch.Tensor:
+        """`host` (any CPU tensor) on the device; its contents are read before returning."""
+        import torch
+
+        if not self.cuda:
+            return host.to(self.device)
+        nbytes = host.numel() * host.element_size()
+        if len(self.buffers) < self.depth:
+            self.buffers.append(torch.empty(0, dtype=torch.uint8).pin_memory())
+            self.events.append(None)
+        i = self.next
+        self.next = (i + 1) % self.depth
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # the transfer that last read buffer i is done
+        if self.buffers[i].numel() < nbytes:
+            self.buffers[i] = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+        staged = self.buffers[i][:nbytes].view(host.dtype).view(host.shape)
+        staged.copy_(host)
+        out = staged.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.events[i] = event
+        return out
 
 
 def rows_per_shard(dim: int, dtype: str, shard_bytes: int) -> int:
@@ -145,23 +193,30 @@ class ActivationWriter:
     With `resume=True`, shards finished by an interrupted writer with the same
     `fingerprint`, dim, dtype and shard size are kept and `rows` says how many; the caller
     appends from that row on.
+
+    With `part=(first, end)` it writes only shards [first, end) of a store that other
+    writers (other processes) fill beside it: its rows start at row `first x
+    rows_per_shard`, `finish` leaves a part record, and `merge_parts` writes the index
+    once every part has finished. Resuming keeps what this part wrote before.
     """
 
     def __init__(self, folder: str | os.PathLike[str], dim: int, dtype: str = "fp32", *,
                  shard_bytes: int = 256 << 20, fingerprint: str = "", resume: bool = False,
-                 queue: int = 2):
+                 queue: int = 2, part: tuple[int, int] | None = None):
         self.folder = Path(folder)
         self.dtype = _check_dtype(dtype)
         self._native = _native.ShardWriter(self.folder, dim, dtype, rows_per_shard(dim, dtype, shard_bytes),
-                                           fingerprint, resume, queue)
+                                           fingerprint, resume, queue, part)
 
     @property
     def rows(self) -> int:
-        """Rows on disk or queued: the index the next appended row gets."""
+        """The global index the next appended row gets (rows on disk or queued, after the
+        rows of the parts before this one)."""
         return self._native.rows
 
     @property
     def resumed_rows(self) -> int:
+        """Rows kept from an interrupted earlier writer (of this part)."""
         return self._native.resumed_rows
 
     @property
@@ -199,7 +254,8 @@ class ActivationWriter:
         return t.numpy()
 
     def finish(self, **extra: Any) -> ActivationIndex:
-        """Write the last shard, then `index.json` with `extra` (JSON-ready values) in it."""
+        """Write the last shard, then `index.json` with `extra` (JSON-ready values) in it;
+        a part writes its record instead (its `extra` goes to `merge_parts`)."""
         return ActivationIndex.from_json(self._native.finish(json.dumps(extra)))
 
     def abort(self) -> None:
@@ -212,6 +268,14 @@ class ActivationWriter:
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
         if not self._native.closed:
             self.abort()
+
+
+def merge_parts(folder: str | os.PathLike[str], starts: list[int], **extra: Any) -> ActivationIndex:
+    """Write `index.json` (with `extra` in it) for a store written in parts: the finished
+    parts whose first shards are `starts`, in order. Removes the part records and any shard
+    no part lists; raises without writing anything when a part is missing or the parts
+    leave a gap."""
+    return ActivationIndex.from_json(_native.merge_parts(Path(folder), list(starts), json.dumps(extra)))
 
 
 def _column(values: Any, dtype: type) -> np.ndarray:
@@ -255,19 +319,21 @@ class ActivationStore:
     def stream(self, batch_size: int, *, shuffle: str = "exact", seed: int = 0, rank: int = 0,
                world_size: int = 1, drop_last: bool = False, epochs: int | None = 1,
                to_float32: bool = False, threads: int = 2, prefetch: int = 4,
-               block_bytes: int = 4 << 20, window_blocks: int = 64) -> ActivationStream:
+               block_bytes: int = 4 << 20, window_blocks: int = 64,
+               rows: int | None = None) -> ActivationStream:
         """Batches in a seeded order: `exact` (every row once per epoch, a fresh permutation
         each epoch), `block` (shuffled blocks of ~`block_bytes`, shuffled again inside
         windows of `window_blocks` blocks: long sequential reads for data larger than RAM)
         or `none` (storage order). Rank `rank` of `world_size` reads its own disjoint,
         equal part of each epoch (the last `rows % world_size` positions are left out).
-        `epochs=None` streams forever."""
+        `epochs=None` streams forever. `rows` reads only the first `rows` rows (e.g. leaving
+        a held-out tail out): epochs and the rank split are over those."""
         row_bytes = self.dim * ITEMSIZE[self.dtype]
         block_rows = max(1, block_bytes // row_bytes)
         native = _native.Stream(self._native, batch_size, shuffle, seed, rank, world_size, drop_last,
-                                epochs, to_float32, threads, prefetch, block_rows, window_blocks)
+                                epochs, to_float32, threads, prefetch, block_rows, window_blocks, rows)
         identity = {"rows": self.rows, "fingerprint": self.index.fingerprint, "seed": seed,
-                    "shuffle": shuffle, "rank": rank, "world_size": world_size}
+                    "shuffle": shuffle, "rank": rank, "world_size": world_size, "limit": rows}
         if shuffle == "block":
             identity.update(block_rows=block_rows, window_blocks=window_blocks)
         return ActivationStream(native, "fp32" if to_float32 else self.dtype, identity)

@@ -12,6 +12,10 @@ token id, source id, context id and position (see `monofast.activations`).
   writes and checksums on its own thread while the next batch computes.
 - Before starting it prints the disk space it needs and refuses when the disk lacks it.
 - Killed half-way, it resumes from the last finished shard on the next run.
+- Under torchrun (`monofast.distributed`) each rank harvests its own run of whole shards
+  (`share`) and writes them under their final names; once all are done, rank 0 joins
+  their records into the one `index.json`, so the store is the one a single process
+  writes, shard for shard. The run directory must then be on a filesystem every rank sees.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from monofast import activations, data, files
+from monofast import activations, data, distributed, files
 from monofast.errors import DataError, UserError
 from monofast.log import logger, progress
 
@@ -171,6 +175,25 @@ def plan(cfg: HarvestConfig, model_cfg: Any, n_tokens: int) -> Plan:
     return Plan(layer, length, cfg.positions_per_context, skip, starts, model_cfg.d_mlp)
 
 
+class Share(NamedTuple):
+    """One rank's part of a harvest: whole shards, so the ranks can write them side by side."""
+
+    first_shard: int
+    end_shard: int
+    """Shards [first_shard, end_shard); empty when there are fewer shards than ranks."""
+    first_row: int
+    end_row: int
+    """Rows [first_row, end_row) of the store."""
+
+
+def share(rows: int, rows_per_shard: int, rank: int, world_size: int) -> Share:
+    """Rank `rank`'s shards of a store of `rows` rows: consecutive runs as even as whole
+    shards allow, the last rank's ending with the store's short last shard."""
+    shards = -(-rows // rows_per_shard)
+    first, end = shards * rank // world_size, shards * (rank + 1) // world_size
+    return Share(first, end, min(first * rows_per_shard, rows), min(end * rows_per_shard, rows))
+
+
 # ---------------------------------------------------------------------------------------
 # The stage
 
@@ -212,6 +235,9 @@ def harvest_model(model: GPT, split: data.Split, cfg: HarvestConfig, the_plan: P
     `inputs` (JSON-ready: checkpoint and data checksums) goes into the fingerprint and the index."""
     import torch
 
+    here = distributed.world()
+    if here.size > 1:
+        return _harvest_shared(model, split, cfg, the_plan, out, inputs, here)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     np_save_atomic(out / CONTEXTS_FILE, the_plan.starts)
@@ -228,16 +254,67 @@ def harvest_model(model: GPT, split: data.Split, cfg: HarvestConfig, the_plan: P
                 writer.append(*batch)
                 bar.update(len(batch.token_id))
         bar.close()
-        extra = dict(inputs)
-        extra["contexts"] = {"file": CONTEXTS_FILE, "count": len(the_plan.starts), "length": the_plan.length,
-                             "positions_per_context": the_plan.positions, "skip_first": cfg.skip_first,
-                             "seed": cfg.seed}
-        index = writer.finish(**extra)
+        index = writer.finish(**index_extra(cfg, the_plan, inputs))
     seconds = time.perf_counter() - started
     done = index.rows - resumed
     logger.info("harvest: %d rows (%d resumed) in %.1f s, %.0f rows/s -> %s", index.rows, resumed, seconds,
                 done / max(seconds, 1e-9), out)
     return HarvestResult(index.rows, resumed, len(index.shards), sum(s["bytes"] for s in index.shards),
+                         seconds, done / max(seconds, 1e-9))
+
+
+def index_extra(cfg: HarvestConfig, the_plan: Plan, inputs: dict[str, Any]) -> dict[str, Any]:
+    """What `index.json` records beside the shards: the inputs and how the contexts were drawn."""
+    extra = dict(inputs)
+    extra["contexts"] = {"file": CONTEXTS_FILE, "count": len(the_plan.starts), "length": the_plan.length,
+                         "positions_per_context": the_plan.positions, "skip_first": cfg.skip_first,
+                         "seed": cfg.seed}
+    return extra
+
+
+def _harvest_shared(model: GPT, split: data.Split, cfg: HarvestConfig, the_plan: Plan, out: Path,
+                    inputs: dict[str, Any], here: distributed.World) -> HarvestResult:
+    """`harvest_model` as one of several ranks: harvest this rank's `share` into its part
+    of the store (resuming its own interrupted part), then rank 0 merges the parts."""
+    import torch
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    if here.is_main:
+        np_save_atomic(out / CONTEXTS_FILE, the_plan.starts)
+    shard_bytes = int(cfg.shard_mb * 2**20)
+    rows_per_shard = activations.rows_per_shard(the_plan.dim, cfg.dtype, shard_bytes)
+    mine = share(the_plan.rows, rows_per_shard, here.rank, here.size)
+    resumed = written = 0
+    if mine.end_shard > mine.first_shard:
+        writer = activations.ActivationWriter(out, the_plan.dim, cfg.dtype, shard_bytes=shard_bytes,
+                                              fingerprint=fingerprint(cfg, the_plan, inputs), resume=True,
+                                              part=(mine.first_shard, mine.end_shard))
+        with writer:
+            resumed = writer.resumed_rows
+            if here.is_main:
+                _announce(cfg, the_plan, writer, out)
+            device = next(model.parameters()).device
+            bar: Any = progress(total=mine.end_row - mine.first_row, initial=resumed, unit="row",
+                                unit_scale=True, desc=f"harvest (rank 0 of {here.size})")
+            with torch.inference_mode():
+                for batch in _batches(model, split, cfg, the_plan, device, writer.rows, mine.end_row):
+                    writer.append(*batch)
+                    bar.update(len(batch.token_id))
+            bar.close()
+            written = writer.finish().rows
+    resumed_all, written_all = distributed.all_reduce_sum_(torch.tensor([resumed, written])).tolist()
+    starts = [s.first_shard for r in range(here.size)
+              if (s := share(the_plan.rows, rows_per_shard, r, here.size)).end_shard > s.first_shard]
+    if here.is_main:  # every part is finished: the all-reduce above waited for them
+        index = activations.merge_parts(out, starts, **index_extra(cfg, the_plan, inputs))
+        logger.info("harvest: %d rows (%d resumed) from %d processes in %.1f s -> %s", index.rows, resumed_all,
+                    here.size, time.perf_counter() - started, out)
+    distributed.barrier()  # the index exists when any rank returns
+    index = activations.read_index(out)
+    seconds = time.perf_counter() - started
+    done = written_all - resumed_all
+    return HarvestResult(index.rows, resumed_all, len(index.shards), sum(sh["bytes"] for sh in index.shards),
                          seconds, done / max(seconds, 1e-9))
 
 
@@ -275,14 +352,15 @@ class Rows(NamedTuple):
 
 
 def _batches(model: GPT, split: data.Split, cfg: HarvestConfig, the_plan: Plan, device: torch.device,
-             resumed: int):
-    """Yield `Rows` from row `resumed` on. On a GPU the next batch is queued before the
-    previous one is handed over, so the device computes while the host writes."""
+             resumed: int, end: int | None = None):
+    """Yield `Rows` from row `resumed` on, up to row `end` (default: the last). On a GPU the
+    next batch is queued before the previous one is handed over, so the device computes
+    while the host writes."""
     import torch
 
     store_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
     first_context, skip_rows = divmod(resumed, the_plan.positions)
-    n = len(the_plan.starts)
+    n = len(the_plan.starts) if end is None else -(-end // the_plan.positions)
     offsets = np.arange(the_plan.length)
     pending = None
     for begin in range(first_context, n, cfg.batch_size):
@@ -308,9 +386,11 @@ def _batches(model: GPT, split: data.Split, cfg: HarvestConfig, the_plan: Plan, 
             pos.reshape(-1).astype(np.int32),  # (B * N,) position
         )
         cut = skip_rows if begin == first_context else 0
+        stop = len(ids) * the_plan.positions if end is None else min(len(ids) * the_plan.positions,
+                                                                     end - begin * the_plan.positions)
         if pending is not None:
             yield _ready(*pending)
-        pending = (Rows(rows[cut:], *(m[cut:] for m in meta)), event)
+        pending = (Rows(rows[cut:stop], *(m[cut:stop] for m in meta)), event)
     if pending is not None:
         yield _ready(*pending)
 

@@ -29,7 +29,7 @@ use crate::format::DType;
 use crate::shuffle::Mode;
 use crate::store::{self, MetaColumns};
 use crate::stream::{self, Position, StreamConfig};
-use crate::writer::{self, Rows, WriterSpec};
+use crate::writer::{self, Part, Rows, WriterSpec};
 
 create_exception!(
     monofast._native,
@@ -68,6 +68,20 @@ fn hash_bytes(data: &[u8]) -> String {
 fn verify(py: Python<'_>, path: PathBuf) -> PyResult<(u64, u64, u64)> {
     let report = py.detach(|| store::verify(&path)).map_err(to_py_err)?;
     Ok((report.shards, report.rows, report.bytes))
+}
+
+/// Join the finished parts of a store written by several processes (the parts starting
+/// at shards `starts`, in order) into `index.json` with the JSON object `extra` merged in;
+/// returns the index as JSON text.
+#[pyfunction]
+#[pyo3(signature = (path, starts, extra = "{}"))]
+fn merge_parts(py: Python<'_>, path: PathBuf, starts: Vec<u64>, extra: &str) -> PyResult<String> {
+    let extra: Map<String, Value> = serde_json::from_str(extra)
+        .map_err(|e| PyValueError::new_err(format!("extra must be a JSON object ({e})")))?;
+    let index = py
+        .detach(|| writer::merge_parts(&path, &starts, extra))
+        .map_err(to_py_err)?;
+    Ok(String::from_utf8(index.to_json()).expect("serde_json writes UTF-8"))
 }
 
 fn parse_dtype(name: &str) -> PyResult<DType> {
@@ -155,7 +169,10 @@ struct ShardWriter {
 impl ShardWriter {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword signature
-    #[pyo3(signature = (path, dim, dtype, rows_per_shard, fingerprint = String::new(), resume = false, queue = 2))]
+    #[pyo3(signature = (
+        path, dim, dtype, rows_per_shard, fingerprint = String::new(), resume = false, queue = 2,
+        part = None,
+    ))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -165,6 +182,7 @@ impl ShardWriter {
         fingerprint: String,
         resume: bool,
         queue: usize,
+        part: Option<(u64, u64)>,
     ) -> PyResult<Self> {
         let spec = WriterSpec {
             dim,
@@ -172,8 +190,9 @@ impl ShardWriter {
             rows_per_shard,
             fingerprint,
         };
+        let part = part.map(|(start, end)| Part { start, end });
         let inner = py
-            .detach(|| writer::Writer::open(&path, spec, resume, queue))
+            .detach(|| writer::Writer::open_part(&path, spec, part, resume, queue))
             .map_err(to_py_err)?;
         Ok(ShardWriter { inner })
     }
@@ -244,8 +263,8 @@ impl ShardWriter {
         py.detach(move || inner.append(rows)).map_err(to_py_err)
     }
 
-    /// Write the last shard and `index.json` (with the JSON object `extra` merged in);
-    /// returns the index as JSON text.
+    /// Write the last shard and `index.json` (with the JSON object `extra` merged in), or
+    /// for a part its record for `merge_parts`; returns it as JSON text.
     #[pyo3(signature = (extra = "{}"))]
     fn finish(&mut self, py: Python<'_>, extra: &str) -> PyResult<String> {
         let extra: Map<String, Value> = serde_json::from_str(extra)
@@ -437,7 +456,7 @@ impl Stream {
     #[pyo3(signature = (
         store, batch_size, shuffle = "exact", seed = 0, rank = 0, world_size = 1, drop_last = false,
         epochs = Some(1), to_float32 = false, threads = 2, prefetch = 4, block_rows = 4096,
-        window_blocks = 64,
+        window_blocks = 64, rows = None,
     ))]
     fn new(
         store: &Store,
@@ -453,6 +472,7 @@ impl Stream {
         prefetch: usize,
         block_rows: u64,
         window_blocks: u64,
+        rows: Option<u64>,
     ) -> PyResult<Self> {
         let mode = Mode::parse(shuffle, block_rows, window_blocks).map_err(to_py_err)?;
         let cfg = StreamConfig {
@@ -461,6 +481,7 @@ impl Stream {
             seed,
             rank,
             world_size,
+            rows,
             drop_last,
             epochs,
             to_f32: to_float32,
@@ -537,6 +558,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hash_file, m)?)?;
     m.add_function(wrap_pyfunction!(hash_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_parts, m)?)?;
     m.add_class::<ShardWriter>()?;
     m.add_class::<Store>()?;
     m.add_class::<Stream>()?;

@@ -27,6 +27,9 @@ pub struct StreamConfig {
     pub seed: u64,
     pub rank: u64,
     pub world_size: u64,
+    /// Read only rows `[0, rows)` of the store (e.g. leaving out a held-out tail); `None`
+    /// reads them all. Epoch orders and the rank split are over these rows.
+    pub rows: Option<u64>,
     /// Skip an epoch's short last batch.
     pub drop_last: bool,
     /// Stop after this many epochs (counted from epoch 0); `None` runs forever.
@@ -130,6 +133,8 @@ struct Workers {
 pub struct Stream {
     store: Arc<Store>,
     cfg: StreamConfig,
+    /// Rows an epoch orders (`cfg.rows`, else the whole store).
+    rows: u64,
     split: RankSplit,
     pool: Arc<Pool>,
     pos: Position,
@@ -147,7 +152,14 @@ impl Stream {
                 cfg.threads
             )));
         }
-        let split = RankSplit::new(store.rows(), cfg.rank, cfg.world_size)?;
+        let rows = cfg.rows.unwrap_or(store.rows());
+        if rows > store.rows() {
+            return Err(Error::invalid(format!(
+                "rows={rows} but the store holds {}",
+                store.rows()
+            )));
+        }
+        let split = RankSplit::new(rows, cfg.rank, cfg.world_size)?;
         let out_row = store.dim()
             * if cfg.to_f32 {
                 4
@@ -169,6 +181,7 @@ impl Stream {
         let mut stream = Stream {
             store,
             cfg,
+            rows,
             split,
             pool,
             pos: Position { epoch: 0, row: 0 },
@@ -243,6 +256,7 @@ impl Stream {
             let worker = Worker {
                 store: Arc::clone(&self.store),
                 pool: Arc::clone(&self.pool),
+                rows: self.rows,
                 split: self.split,
                 mode: self.cfg.mode,
                 seed: self.cfg.seed,
@@ -338,6 +352,7 @@ impl Drop for Stream {
 struct Worker {
     store: Arc<Store>,
     pool: Arc<Pool>,
+    rows: u64,
     split: RankSplit,
     mode: Mode,
     seed: u64,
@@ -362,7 +377,7 @@ impl Worker {
             if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
                 order = Some((
                     epoch,
-                    EpochOrder::new(self.mode, self.store.rows(), self.seed, epoch),
+                    EpochOrder::new(self.mode, self.rows, self.seed, epoch),
                 ));
             }
             let (_, epoch_order) = order.as_ref().expect("set above");
@@ -480,6 +495,7 @@ mod tests {
             seed: 5,
             rank: 0,
             world_size: 1,
+            rows: None,
             drop_last: false,
             epochs: Some(1),
             to_f32: true,
@@ -566,6 +582,30 @@ mod tests {
         }
         let unique: std::collections::HashSet<_> = all.iter().collect();
         assert_eq!(unique.len(), all.len());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_row_limit_leaves_the_tail_out_and_still_splits_by_rank() {
+        let (dir, store) = build("limit", 103, 50);
+        let mut all = Vec::new();
+        for rank in 0..2 {
+            let mut c = cfg(8, Mode::Exact);
+            c.rank = rank;
+            c.world_size = 2;
+            c.rows = Some(80);
+            let mut s = Stream::new(Arc::clone(&store), c).unwrap();
+            assert_eq!(s.rows_per_epoch(), 40);
+            all.extend(drain(&mut s));
+        }
+        all.sort_unstable();
+        assert_eq!(all, (0..80).collect::<Vec<_>>());
+        let mut c = cfg(8, Mode::Exact);
+        c.rows = Some(104);
+        assert!(matches!(
+            Stream::new(Arc::clone(&store), c),
+            Err(Error::Invalid(_))
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -13,6 +13,13 @@
 //! journal plus at most one temporary file; reopening with `resume` keeps the journaled
 //! shards whose checksums still match and deletes everything else, and the caller carries
 //! on from `rows()`.
+//!
+//! Several processes (`torchrun` ranks) can write one store together: each opens a
+//! `Part`, the shard numbers it owns, and writes those shards under their final names
+//! with their own journal (`journal-00012.json`), finishing with a part record
+//! (`part-00012.json`) instead of `index.json`. Once every part has finished,
+//! `merge_parts` joins the records into the one `index.json` a reader expects; a store
+//! written in parts is indistinguishable from one written by a single writer.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -64,13 +71,44 @@ enum Msg {
     Finish,
 }
 
+/// The shards `[start, end)` of a store written in parts: the first one starts at row
+/// `start * rows_per_shard`, and every one but the store's last is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub start: u64,
+    pub end: u64,
+}
+
 pub struct Writer {
     dir: PathBuf,
     spec: WriterSpec,
+    part: Option<Part>,
     tx: Option<SyncSender<Msg>>,
     thread: Option<JoinHandle<Result<Index>>>,
+    /// Global index of the next row (a part's first row plus the rows it holds).
     rows: u64,
     resumed_rows: u64,
+}
+
+/// The journal of a whole-store writer, or of the part starting at `part.start`.
+fn journal_name(part: Option<Part>) -> String {
+    match part {
+        None => JOURNAL_FILE.to_string(),
+        Some(p) => format!("journal-{:05}.json", p.start),
+    }
+}
+
+/// What a finished part leaves for `merge_parts`.
+pub fn part_file_name(start: u64) -> String {
+    format!("part-{start:05}.json")
+}
+
+/// The number of a shard file name (`shard-00012.safetensors` -> 12).
+fn shard_number(name: &str) -> Option<u64> {
+    name.strip_prefix("shard-")?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
 }
 
 fn tmp_name(name: &str) -> String {
@@ -97,14 +135,44 @@ fn sync_dir(dir: &Path) {
 
 /// Is `name` one of the files a writer owns (shards, their temporaries, journal, index)?
 fn owned_file(name: &str) -> bool {
-    let shard = |n: &str| n.starts_with("shard-") && n.ends_with(".safetensors");
-    name == INDEX_FILE
-        || name == JOURNAL_FILE
-        || shard(name)
-        || (name.starts_with('.') && name.ends_with(".tmp") && {
-            let inner = &name[1..name.len() - 4];
-            shard(inner) || inner == INDEX_FILE || inner == JOURNAL_FILE
-        })
+    let owned = |n: &str| {
+        let record = |prefix: &str| n.starts_with(prefix) && n.ends_with(".json");
+        (n.starts_with("shard-") && n.ends_with(".safetensors"))
+            || n == INDEX_FILE
+            || n == JOURNAL_FILE
+            || record("journal-")
+            || record("part-")
+    };
+    owned(name)
+        || (name.starts_with('.') && name.ends_with(".tmp") && owned(&name[1..name.len() - 4]))
+}
+
+/// Is `name` a file the writer of `part` may delete when it opens? A whole-store writer
+/// owns every writer file; a part only its own shards, journal and record (and the part
+/// starting at shard 0 also a stale `index.json` or whole-store journal).
+fn removable(name: &str, part: Option<Part>) -> bool {
+    let Some(p) = part else {
+        return owned_file(name);
+    };
+    if !owned_file(name) {
+        return false;
+    }
+    let inner = match name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) {
+        Some(inner) => inner,
+        None => name,
+    };
+    if let Some(number) = shard_number(inner) {
+        return (p.start..p.end).contains(&number);
+    }
+    inner == journal_name(part)
+        || inner == part_file_name(p.start)
+        || (p.start == 0 && (inner == INDEX_FILE || inner == JOURNAL_FILE))
+}
+
+/// A journal or part record of `dir`, if readable.
+fn read_record(path: &Path) -> Option<Index> {
+    let bytes = fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// The journaled shards that are still intact, in order, stopping at the first bad one.
@@ -129,6 +197,25 @@ impl Writer {
     /// same spec are kept (see the module notes) and `rows()` says where to continue;
     /// otherwise, and for a different spec, every file a writer owns is removed first.
     pub fn open(dir: &Path, spec: WriterSpec, resume: bool, queue: usize) -> Result<Writer> {
+        Writer::open_part(dir, spec, None, resume, queue)
+    }
+
+    /// Open the writer of one part of a store written by several processes (`None`: the
+    /// whole store). A part's rows start at row `start * rows_per_shard`; with `resume`
+    /// it keeps what an interrupted (or finished, not yet merged) writer of the same part
+    /// wrote, and it deletes only files of its own part.
+    pub fn open_part(
+        dir: &Path,
+        spec: WriterSpec,
+        part: Option<Part>,
+        resume: bool,
+        queue: usize,
+    ) -> Result<Writer> {
+        if part.is_some_and(|p| p.start >= p.end) {
+            return Err(Error::invalid(
+                "a part needs at least one shard (start < end)",
+            ));
+        }
         if spec.dim == 0 || spec.rows_per_shard == 0 {
             return Err(Error::invalid("dim and rows_per_shard must be positive"));
         }
@@ -148,18 +235,34 @@ impl Writer {
 
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut journal = Index::new(spec.dim, spec.dtype, spec.rows_per_shard, &spec.fingerprint);
-        let journal_path = dir.join(JOURNAL_FILE);
+        let journal_path = dir.join(journal_name(part));
+        let first_shard = part.map_or(0, |p| p.start);
         if resume {
-            if let Ok(bytes) = fs::read(&journal_path) {
-                if let Ok((old, _)) = Index::parse(&bytes, &journal_path) {
-                    let same = old.dim == spec.dim
-                        && old.dtype == spec.dtype.name()
-                        && old.rows_per_shard == spec.rows_per_shard
-                        && old.fingerprint == spec.fingerprint;
-                    if same {
-                        journal.shards = intact_prefix(dir, &old);
-                        journal.rows = journal.shards.iter().map(|s| s.rows).sum();
-                    }
+            let old = match part {
+                None => fs::read(&journal_path)
+                    .ok()
+                    .and_then(|bytes| Index::parse(&bytes, &journal_path).ok())
+                    .map(|(index, _)| index),
+                // A part that finished but was never merged left its record instead.
+                Some(p) => read_record(&journal_path)
+                    .or_else(|| read_record(&dir.join(part_file_name(p.start)))),
+            };
+            if let Some(old) = old {
+                let same = old.dim == spec.dim
+                    && old.dtype == spec.dtype.name()
+                    && old.rows_per_shard == spec.rows_per_shard
+                    && old.fingerprint == spec.fingerprint;
+                if same {
+                    journal.shards = intact_prefix(dir, &old);
+                    // Only this part's shards, numbered from its start, count.
+                    let limit = part.map_or(u64::MAX, |p| p.end);
+                    let in_order = journal.shards.iter().enumerate().take_while(|(i, s)| {
+                        let number = first_shard + *i as u64;
+                        number < limit && s.file == shard_file_name(number)
+                    });
+                    let keep = in_order.count();
+                    journal.shards.truncate(keep);
+                    journal.rows = journal.shards.iter().map(|s| s.rows).sum();
                 }
             }
             // Only full shards can be continued: a short last shard means the earlier
@@ -179,7 +282,7 @@ impl Writer {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if owned_file(name) && !kept.contains(&name) {
+            if removable(name, part) && !kept.contains(&name) {
                 let path = entry.path();
                 fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             }
@@ -187,11 +290,12 @@ impl Writer {
         write_atomic(&journal_path, &journal.to_json())?;
         sync_dir(dir);
 
-        let rows = journal.rows;
+        let resumed = journal.rows;
         let (tx, rx) = sync_channel(queue.max(1));
         let sink = Sink {
             dir: dir.to_path_buf(),
             spec: spec.clone(),
+            part,
             journal,
             open: None,
         };
@@ -201,15 +305,17 @@ impl Writer {
             .map_err(|e| Error::io(dir, e))?;
         Ok(Writer {
             dir: dir.to_path_buf(),
+            rows: first_shard * spec.rows_per_shard + resumed,
             spec,
+            part,
             tx: Some(tx),
             thread: Some(thread),
-            rows,
-            resumed_rows: rows,
+            resumed_rows: resumed,
         })
     }
 
-    /// Rows on disk or queued: where the caller's next row goes.
+    /// The global index of the caller's next row (rows on disk or queued, after the
+    /// rows of the parts before this one).
     pub fn rows(&self) -> u64 {
         self.rows
     }
@@ -293,31 +399,24 @@ impl Writer {
             .unwrap_or_else(|_| Err(Error::invalid("the writer thread panicked")))
     }
 
-    /// Write the last shard, then `index.json` with `extra` merged in, and remove the journal.
+    /// Write the last shard, then `index.json` with `extra` merged in (a part: its record
+    /// for `merge_parts`, which takes the extra fields instead), and remove the journal.
     pub fn finish(&mut self, extra: Map<String, Value>) -> Result<Index> {
+        if self.part.is_some() && !extra.is_empty() {
+            return Err(Error::invalid(
+                "a part's writer takes no extra index fields; give them to merge_parts",
+            ));
+        }
         self.send(Msg::Finish)?;
         self.tx = None;
         let mut index = self.join()?;
-        for (key, value) in extra {
-            if matches!(
-                key.as_str(),
-                "format"
-                    | "dim"
-                    | "dtype"
-                    | "rows"
-                    | "rows_per_shard"
-                    | "fingerprint"
-                    | "columns"
-                    | "shards"
-            ) {
-                return Err(Error::invalid(format!(
-                    "extra index field {key:?} would replace a format field"
-                )));
-            }
-            index.extra.insert(key, value);
-        }
-        write_atomic(&self.dir.join(INDEX_FILE), &index.to_json())?;
-        let journal = self.dir.join(JOURNAL_FILE);
+        add_extra(&mut index, extra)?;
+        let record = match self.part {
+            None => INDEX_FILE.to_string(),
+            Some(p) => part_file_name(p.start),
+        };
+        write_atomic(&self.dir.join(record), &index.to_json())?;
+        let journal = self.dir.join(journal_name(self.part));
         fs::remove_file(&journal).map_err(|e| Error::io(&journal, e))?;
         sync_dir(&self.dir);
         Ok(index)
@@ -343,6 +442,77 @@ impl Drop for Writer {
     }
 }
 
+/// Merge `extra` into the index, refusing keys of the format itself.
+fn add_extra(index: &mut Index, extra: Map<String, Value>) -> Result<()> {
+    for (key, value) in extra {
+        if matches!(
+            key.as_str(),
+            "format"
+                | "dim"
+                | "dtype"
+                | "rows"
+                | "rows_per_shard"
+                | "fingerprint"
+                | "columns"
+                | "shards"
+        ) {
+            return Err(Error::invalid(format!(
+                "extra index field {key:?} would replace a format field"
+            )));
+        }
+        index.extra.insert(key, value);
+    }
+    Ok(())
+}
+
+/// Join the finished parts starting at shards `starts` (in order) into `index.json`, with
+/// `extra` merged in, then remove the part records, journals and any shard no part
+/// listed. Fails, writing nothing, when a part is missing or the parts do not tile the
+/// store (shards numbered from 0 without a gap, every one full but the last).
+pub fn merge_parts(dir: &Path, starts: &[u64], extra: Map<String, Value>) -> Result<Index> {
+    let mut merged: Option<Index> = None;
+    for &start in starts {
+        let path = dir.join(part_file_name(start));
+        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let part: Index = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt(&path, format!("not a valid part record ({e})")))?;
+        let Some(index) = merged.as_mut() else {
+            merged = Some(part);
+            continue;
+        };
+        let same = index.dim == part.dim
+            && index.dtype == part.dtype
+            && index.rows_per_shard == part.rows_per_shard
+            && index.fingerprint == part.fingerprint;
+        if !same {
+            return Err(Error::corrupt(
+                &path,
+                "written with another dim, dtype, shard size or fingerprint than the first part",
+            ));
+        }
+        index.rows += part.rows;
+        index.shards.extend(part.shards);
+    }
+    let mut index = merged.ok_or_else(|| Error::invalid("merge_parts needs at least one part"))?;
+    add_extra(&mut index, extra)?;
+    let bytes = index.to_json();
+    let path = dir.join(INDEX_FILE);
+    Index::parse(&bytes, &path)?;
+    write_atomic(&path, &bytes)?;
+    let kept: Vec<&str> = index.shards.iter().map(|s| s.file.as_str()).collect();
+    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if owned_file(name) && name != INDEX_FILE && !kept.contains(&name) {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    sync_dir(dir);
+    Ok(index)
+}
+
 struct OpenShard {
     number: u64,
     tmp: PathBuf,
@@ -358,6 +528,7 @@ struct OpenShard {
 struct Sink {
     dir: PathBuf,
     spec: WriterSpec,
+    part: Option<Part>,
     journal: Index,
     open: Option<OpenShard>,
 }
@@ -389,7 +560,13 @@ impl Sink {
     }
 
     fn start_shard(&mut self) -> Result<()> {
-        let number = self.journal.shards.len() as u64;
+        let number = self.part.map_or(0, |p| p.start) + self.journal.shards.len() as u64;
+        if let Some(p) = self.part.filter(|p| number >= p.end) {
+            return Err(Error::invalid(format!(
+                "the part of shards {}..{} is full; it was given more rows than they hold",
+                p.start, p.end
+            )));
+        }
         let tmp = self.dir.join(tmp_name(&shard_file_name(number)));
         let mut file = OpenOptions::new()
             .write(true)
@@ -487,7 +664,10 @@ impl Sink {
             checksum,
         });
         self.journal.rows += shard.rows;
-        write_atomic(&self.dir.join(JOURNAL_FILE), &self.journal.to_json())?;
+        write_atomic(
+            &self.dir.join(journal_name(self.part)),
+            &self.journal.to_json(),
+        )?;
         sync_dir(&self.dir);
         Ok(())
     }
@@ -608,6 +788,80 @@ mod tests {
         assert_eq!(w.rows(), 2);
         assert!(!dir.join(shard_file_name(2)).exists());
         drop(w);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn part(start: u64, end: u64) -> Option<Part> {
+        Some(Part { start, end })
+    }
+
+    #[test]
+    fn parts_written_apart_merge_into_one_store() {
+        let dir = temp_dir("parts");
+        // Shards of 4 rows: the second part (shards 2..4) finishes first, as ranks may.
+        let mut b = Writer::open_part(&dir, spec(4), part(2, 4), false, 2).unwrap();
+        assert_eq!(b.rows(), 8);
+        append_range(&mut b, 8, 13);
+        let mut a = Writer::open_part(&dir, spec(4), part(0, 2), false, 2).unwrap();
+        append_range(&mut a, 0, 8);
+        a.abort();
+        b.finish(Map::new()).unwrap();
+        assert!(dir.join(part_file_name(2)).exists() && !dir.join("journal-00002.json").exists());
+
+        let mut a = Writer::open_part(&dir, spec(4), part(0, 2), true, 2).unwrap();
+        assert_eq!((a.rows(), a.resumed_rows()), (8, 8));
+        a.finish(Map::new()).unwrap();
+        let mut extra = Map::new();
+        extra.insert("gpt".into(), Value::from(1));
+        let index = merge_parts(&dir, &[0, 2], extra).unwrap();
+        assert_eq!(index.rows, 13);
+        assert_eq!(index.extra["gpt"], Value::from(1));
+        check_rows(&Store::open(&dir).unwrap(), 13);
+        assert_eq!(verify(&dir).unwrap().shards, 4);
+        let names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".json"))
+            .collect();
+        assert_eq!(names, vec![INDEX_FILE.to_string()]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_part_refuses_rows_past_its_last_shard() {
+        let dir = temp_dir("part-full");
+        let mut w = Writer::open_part(&dir, spec(4), part(0, 1), false, 2).unwrap();
+        append_range(&mut w, 0, 5);
+        let err = w.finish(Map::new()).unwrap_err();
+        assert!(err.to_string().contains("is full"), "{err}");
+        assert!(Writer::open_part(&dir, spec(4), part(1, 1), false, 2).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_part_resumes_alone_and_leaves_other_parts_alone() {
+        let dir = temp_dir("part-resume");
+        let mut a = Writer::open_part(&dir, spec(2), part(0, 3), false, 2).unwrap();
+        append_range(&mut a, 0, 6);
+        a.finish(Map::new()).unwrap();
+        let mut b = Writer::open_part(&dir, spec(2), part(3, 5), false, 2).unwrap();
+        append_range(&mut b, 6, 9);
+        b.abort(); // killed: shard 3 is done, row 8 was in the open shard
+        let mut b = Writer::open_part(&dir, spec(2), part(3, 5), true, 2).unwrap();
+        assert_eq!((b.rows(), b.resumed_rows()), (8, 2));
+        append_range(&mut b, 8, 9);
+        b.finish(Map::new()).unwrap();
+        assert!(
+            dir.join(shard_file_name(0)).exists(),
+            "the other part's shards stay"
+        );
+        merge_parts(&dir, &[0, 3], Map::new()).unwrap();
+        check_rows(&Store::open(&dir).unwrap(), 9);
+        // A missing part is named and nothing is written.
+        fs::remove_file(dir.join(INDEX_FILE)).unwrap();
+        let err = merge_parts(&dir, &[0, 3], Map::new()).unwrap_err();
+        assert!(err.to_string().contains("part-00000.json"), "{err}");
+        assert!(!dir.join(INDEX_FILE).exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 
