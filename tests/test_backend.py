@@ -113,7 +113,8 @@ def test_bad_inputs_are_not_a_reason_to_fall_back(broken_backend):
 # ------------------------------------------------------------------------- the torch backend
 
 CASES = [((37, 24, 50), None, False), ((37, 24, 50), None, True), ((16, 8, 8), 3, False),
-         ((5, 3, 70), 4, True), ((130, 12, 20), None, False)]
+         ((5, 3, 70), 4, True), ((130, 12, 20), None, False), ((67, 20, 300), 9, False), ((67, 20, 300), 9, True)]
+"""The TopK cases with d_sae >= 8 k (5-3-70-top4, 67-20-300-top9) decode by gathering k rows."""
 
 
 def case_id(case):
@@ -144,7 +145,7 @@ def test_torch_backend_matches_reference_fp32(case):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=case_id)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4], CASES[6]], ids=case_id)
 def test_torch_backend_bf16_products_stay_close(case):
     """Products in bfloat16, float32 parameters and gradients (what CPU training uses)."""
     (n_rows, d_in, d_sae), k, dec_norm = case
@@ -206,3 +207,29 @@ def test_plain_products_give_the_same_step(monkeypatch):
     torch.testing.assert_close(plain.x_hat, fused.x_hat)
     for got, want in zip(plain_grads, fused_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_topk_gather_decode_matches_the_dense_product(monkeypatch, dtype):
+    """The k-row gather and the dense [B, F] x [F, D] product decode alike, gradients included."""
+    assert 300 >= 9 * eager.GATHER_MIN_RATIO  # this shape takes the gather
+    x, params = make_inputs(67, 20, 300, seed=5)
+    upstream = make_upstream(67, 20, 300, seed=5)
+
+    def step(*args, **kwargs):
+        return eager.sae_step(*args, **kwargs, compute_dtype=dtype)
+
+    gathered, gathered_grads = gradients(step, x, params, upstream, 9, True)
+    monkeypatch.setattr(eager, "GATHER_MIN_RATIO", 10**9)
+    dense, dense_grads = gradients(step, x, params, upstream, 9, True)
+    if dtype == torch.float32:
+        torch.testing.assert_close(gathered.x_hat, dense.x_hat)
+        torch.testing.assert_close(gathered.mse, dense.mse)
+        for got, want in zip(gathered_grads, dense_grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        return
+    # bfloat16: the two sum the k terms in another order and round x_hat apart; compare
+    # whole tensors by relative error, as the bf16 test above does.
+    for got, want in [(gathered.x_hat.detach(), dense.x_hat.detach()), *zip(gathered_grads, dense_grads)]:
+        error = float(torch.linalg.vector_norm((got - want).float()) / torch.linalg.vector_norm(want.float()))
+        assert error < 0.02, error
