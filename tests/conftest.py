@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -72,3 +73,39 @@ def build_small_data(root: Path, chars_per_source: int = 12_000, vocab_size: int
                           vocab_size=vocab_size)
     data.build(cfg, root / "data")
     return root / "data"
+
+
+def monofast_env(root: Path) -> dict[str, str]:
+    """The environment of a `monofast` subprocess: no progress bars, a private cache."""
+    import os
+
+    return dict(os.environ, MONOFAST_PROGRESS="0", MONOFAST_CACHE=str(root / "cache"))
+
+
+class SmokeRun(NamedTuple):
+    run: Path
+    """The finished run directory (treat it as read-only: copy it to change it)."""
+    args: list[str]
+    """The `monofast run` arguments that made it, without --run."""
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> SmokeRun:
+    """`monofast run --preset smoke` on small local sources, on the CPU, in a subprocess (~6 s)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("smoke")
+    text = write_text_source(root, "verse", 40_000)
+    code = write_code_source(root, files=10, lines=100)
+    cfg = root / "sources.toml"
+    cfg.write_text(f'[data]\nsources = ["verse={text}", "code={code}"]\n')
+    args = ["run", "--preset", "smoke", "--config", str(cfg), "--set", "activations.shard_mb=0.125"]
+    args += [a for stage in ("gpt", "activations", "sae", "analysis") for a in ("--set", f"{stage}.device=cpu")]
+    run = root / "reference"
+    proc = subprocess.run([sys.executable, "-m", "monofast", *args, "--run", str(run)],
+                          capture_output=True, text=True, timeout=600, env=monofast_env(root))
+    assert proc.returncode == 0, proc.stderr
+    return SmokeRun(run, args, proc.stdout, proc.stderr)

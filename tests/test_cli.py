@@ -127,3 +127,116 @@ def test_full_disk_is_one_line(tmp_path, two_sources, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "disk is full writing" in err and "train.bin" in err and err.count("\n") == 1
     assert not (tmp_path / "r" / "data" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Every user error: one line, exit code 2, the fix named
+
+def _one_line(err: str) -> str:
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_flag_is_one_line_naming_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sae", "train", "--no-such-flag"])
+    assert exit_.value.code == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "monofast sae train: error: unrecognized arguments: --no-such-flag" in err
+    assert "see `monofast sae train --help`" in err
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--preset", "huge"])
+    assert "invalid choice: 'huge'" in _one_line(capsys.readouterr().err)
+
+
+def test_missing_stage_output_names_the_command(tmp_path, two_sources, capsys):
+    assert cli.main(["sae", "train", "--run", str(tmp_path / "empty")]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "stage 'data' has not finished" in err and "monofast data --run" in err
+    run = tmp_path / "r"
+    sources = [a for s in two_sources for a in ("--source", s)]
+    assert cli.main(["data", "--preset", "smoke", "--run", str(run), *sources]) == 0
+    capsys.readouterr()
+    (run / "data" / "train.bin").unlink()
+    assert cli.main(["gpt", "train", "--preset", "smoke", "--run", str(run)]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "train.bin is missing but stage 'data' recorded it" in err and "--from data" in err
+
+
+def test_incompatible_run_directory(tmp_path, two_sources, capsys):
+    run = tmp_path / "r"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[data]\nsources = [%s]\n" % ", ".join(f'"{s}"' for s in two_sources))
+    argv = ["run", "--preset", "smoke", "--run", str(run), "--config", str(cfg), "--to", "data"]
+    assert cli.main(argv) == 0
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    manifest.update(format=2, versions={"monofast": "0.9.0"})
+    (run / "data" / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "was written by monofast 0.9.0 (manifest format 2" in err
+    assert "--from data" in err and "--force" in err and "--name NAME" in err
+    assert cli.main(["gpt", "train", "--preset", "smoke", "--run", str(run)]) == 2  # reading it refuses too
+    assert "manifest format 2" in _one_line(capsys.readouterr().err)
+    assert cli.main(argv + ["--force"]) == 0
+
+
+def test_report_without_analysis(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "docs")]) == 2
+    assert "has no finished analysis" in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ""])
+def test_bad_run_name(tmp_path, capsys, name):
+    assert cli.main(["data", "--name", name]) == 2
+    assert "give a plain folder name" in _one_line(capsys.readouterr().err)
+
+
+def test_run_and_name_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["data", "--run", "x", "--name", "y"])
+    assert "not allowed with argument" in _one_line(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------
+# Where values come from: default < preset < config file < --set (run) or a flag (stage)
+
+def test_override_order_for_run(tmp_path, two_sources, monkeypatch):
+    monkeypatch.setenv("MONOFAST_RUNS", str(tmp_path / "runs"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("val_fraction = 0.2\n[data]\nvocab_size = 310\nsources = [%s]\n"
+                   % ", ".join(f'"{s}"' for s in two_sources))
+    assert cli.main(["run", "--preset", "smoke", "--name", "n1", "--config", str(cfg), "--to", "data",
+                     "--set", "data.vocab_size=305"]) == 0
+    config = json.loads((tmp_path / "runs" / "n1" / "data" / "manifest.json").read_text())["config"]
+    assert config["vocab_size"] == 305  # --set beats the config file
+    assert config["val_fraction"] == 0.2  # a flat key of the config file beats the default
+    assert config["chars_per_source"] == 40_000  # the preset beats the default
+    assert config["seed"] == 1337  # the default
+
+
+def test_override_order_for_a_stage(tmp_path, two_sources):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"data": {"vocab_size": 310, "chars_per_source": 20_000}}))
+    sources = [a for s in two_sources for a in ("--source", s)]
+    assert cli.main(["data", "--preset", "smoke", "--run", str(tmp_path / "r"), "--config", str(cfg),
+                     "--vocab-size", "300", *sources]) == 0
+    config = json.loads((tmp_path / "r" / "data" / "manifest.json").read_text())["config"]
+    assert config["vocab_size"] == 300 and config["chars_per_source"] == 20_000
+
+
+# ---------------------------------------------------------------------------------------
+# presets
+
+def test_presets_show_labelled_estimates(capsys):
+    assert cli.main(["presets", "--gflops", "500", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "rough estimates" in out and "500 GFLOP/s, assumed" in out
+    assert "time (est.)" in out and "disk (est.)" in out
+    table = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and
+             line.split()[0] in ("smoke", "quick", "laptop", "paper")}
+    assert set(table) == {"smoke", "quick", "laptop", "paper"}
+    assert "estimated: data" in out
+    assert cli.main(["presets", "--gflops", "0"]) == 2
+    assert "positive rate" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -62,3 +63,18 @@ def test_free_space_check(tmp_path):
 def test_cache_dir_override(tmp_path, monkeypatch):
     monkeypatch.setenv("MONOFAST_CACHE", str(tmp_path / "c"))
     assert files.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+
+
+def test_canonical_safetensors_sorts_the_metadata_and_keeps_the_tensors():
+    import torch
+    from safetensors.torch import load, save
+
+    tensors = {"b": torch.arange(5, dtype=torch.float32), "a": torch.ones(3, 2, dtype=torch.bfloat16)}
+    blob = save(tensors, metadata={"zeta": "1", "alpha": "two", "format": "pt"})
+    canonical = files.canonical_safetensors(blob)
+    size = int.from_bytes(canonical[:8], "little")
+    assert size % 8 == 0
+    assert list(json.loads(canonical[8:8 + size])["__metadata__"]) == ["alpha", "format", "zeta"]
+    loaded = load(canonical)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert files.canonical_safetensors(canonical) == canonical

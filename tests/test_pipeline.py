@@ -3,11 +3,21 @@ stage that dies never leaves a manifest behind."""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
-from monofast import pipeline
+from conftest import monofast_env
+from monofast import activations, cli, files, pipeline
 from monofast.data import DataConfig
 from monofast.errors import UserError
 
@@ -108,3 +118,244 @@ def test_resolve_config_preset_then_layers():
     assert cfg.chars_per_source == 40_000  # from the smoke preset
     with pytest.raises(UserError, match="unknown preset"):
         pipeline.resolve_config(DATA, "huge")
+
+
+def test_incompatible_manifest_is_refused(run):
+    r, cfg = run
+    pipeline.run_stage(DATA, cfg, r)
+    path = r.stage("data") / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(format=99, versions={"monofast": "9.0.0"})
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"written by monofast 9\.0\.0 \(manifest format 99.*--from data.*--name NAME"):
+        pipeline.up_to_date(DATA, cfg, r)
+    with pytest.raises(UserError, match="manifest format 99"):  # a stage reading it refuses it too
+        pipeline.run_stage(TOY, ToyConfig(), r)
+    assert pipeline.run_stage(DATA, cfg, r, force=True) is True  # --force redoes it in the new format
+    assert pipeline.run_stage(TOY, ToyConfig(), r) is True
+
+
+def test_manifest_records_versions_and_timing(run):
+    r, cfg = run
+    pipeline.run_stage(DATA, cfg, r)
+    manifest = json.loads((r.stage("data") / "manifest.json").read_text())
+    assert {"monofast", "python", "platform", "torch", "numpy", "tokenizers"} <= set(manifest["versions"])
+    assert manifest["finished"] >= manifest["started"] and manifest["seconds"] >= 0
+    assert not (r.stage("data") / pipeline.ATTEMPT).exists()
+
+
+def test_leftover_temporaries_are_removed_and_never_outputs(run):
+    r, cfg = run
+    folder = r.stage("data")
+    (folder / ".features.x1.tmp").mkdir(parents=True)
+    (folder / ".features.x1.tmp" / "3.html").write_text("half")
+    (folder / ".train.bin.abc.tmp").write_text("half")
+    pipeline.run_stage(DATA, cfg, r)
+    assert not list(folder.glob("*.tmp"))
+    outputs = json.loads((folder / "manifest.json").read_text())["outputs"]
+    assert not [name for name in outputs if ".tmp" in name]
+
+
+@dataclass
+class ResumableConfig:
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"resume"})
+    steps: int = 3
+    """Steps to take."""
+    die_at: int = -1
+    """Raise before this step, as a killed process would stop."""
+    resume: bool = False
+    """Continue from checkpoint.txt."""
+
+
+def resumable_stage(cfg: ResumableConfig, run: pipeline.RunDir) -> None:
+    out = run.stage("counter")
+    done = int((out / "checkpoint.txt").read_text()) if cfg.resume else 0
+    CALLS.append(f"start {done}")
+    for step in range(done, cfg.steps):
+        if step == cfg.die_at:
+            raise RuntimeError("killed")
+        (out / "checkpoint.txt").write_text(str(step + 1))
+    (out / "result.txt").write_text("done")
+
+
+COUNTER = pipeline.Stage("counter", "test_pipeline:ResumableConfig", "test_pipeline:resumable_stage", (),
+                         "a stage that checkpoints", resume_file="checkpoint.txt")
+
+
+def test_an_interrupted_stage_continues_only_with_the_same_config(tmp_path):
+    CALLS.clear()
+    r = pipeline.RunDir(tmp_path)
+    with pytest.raises(RuntimeError):
+        pipeline.run_stage(COUNTER, ResumableConfig(die_at=2), r)
+    assert (r.stage("counter") / pipeline.ATTEMPT).is_file()
+    assert pipeline.run_stage(COUNTER, ResumableConfig(), r)  # die_at is part of the identity: starts over
+    assert CALLS == ["start 0", "start 0"]
+    CALLS.clear()
+    (r.stage("counter") / "manifest.json").unlink()
+    with pytest.raises(RuntimeError):
+        pipeline.run_stage(COUNTER, ResumableConfig(steps=5, die_at=3), r)
+    with pytest.raises(RuntimeError):  # same config: it continues from the checkpoint
+        pipeline.run_stage(COUNTER, ResumableConfig(steps=5, die_at=3), r)
+    assert CALLS == ["start 0", "start 3"]
+    CALLS.clear()
+    with pytest.raises(RuntimeError):
+        pipeline.run_stage(COUNTER, ResumableConfig(steps=5, die_at=3), r, force=True)
+    assert CALLS == ["start 0"]  # --force starts over
+
+
+# ---------------------------------------------------------------------------------------
+# The smoke preset end to end: every artifact, skip-when-unchanged, and SIGKILL in each stage
+
+KILLER = r"""
+import os, signal, sys
+import tqdm.auto
+
+stage_bar, after = sys.argv[1], int(sys.argv[2])
+
+
+class Killer(tqdm.auto.tqdm):
+    '''A progress bar that SIGKILLs its own process at the `after`-th tick of one stage's bar.'''
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mine, self.ticks = kwargs.get("desc") == stage_bar, 0
+
+    def tick(self):
+        self.ticks += 1
+        if self.mine and self.ticks >= after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def update(self, n=1):
+        shown = super().update(n)
+        self.tick()
+        return shown
+
+    def __iter__(self):
+        for item in super().__iter__():
+            yield item
+            self.tick()
+
+
+tqdm.auto.tqdm = Killer
+from monofast.cli import main
+
+sys.exit(main(sys.argv[3:]))
+"""
+
+TIMING_FILES = {"gpt/metrics.jsonl", "gpt/checkpoint.pt", "sae/metrics.jsonl", "analysis/summary.json"}
+"""Outputs that hold wall times, so two identical runs write them differently."""
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {k: v["digest"] for k, v in json.loads((folder / "manifest.json").read_text())["outputs"].items()}
+
+
+def test_smoke_run_writes_every_artifact(smoke_run):
+    reference = smoke_run.run
+    for stage in pipeline.STAGES:
+        manifest = json.loads((reference / stage.name / "manifest.json").read_text())
+        assert manifest["stage"] == stage.name and manifest["outputs"]
+        for rel, record in manifest["outputs"].items():
+            assert files.hash_file(reference / stage.name / rel) == record["digest"], rel
+    meta = json.loads((reference / "data" / "meta.json").read_text())
+    assert [s["name"] for s in meta["sources"]] == ["verse", "code"]
+    store = activations.open_store(reference / "activations")
+    assert store.rows == 64 * 16 and store.index.dim == 128 and len(store.index.shards) > 1
+    assert activations.verify(reference / "activations").rows == store.rows
+    evaluation = json.loads((reference / "sae" / "eval.json").read_text())
+    assert evaluation["saes"]["l1_5"]["l0"] > 0
+    summary = json.loads((reference / "analysis" / "summary.json").read_text())
+    assert summary["features"]["total"] == 256 and summary["sources"] == ["verse", "code"]
+    assert len(list((reference / "site" / "features").glob("*.html"))) == 256
+    # the overall progress lines and the results table
+    assert "run: stage 1/6 data" in smoke_run.stderr and "run: stage 6/6 site" in smoke_run.stderr
+    assert re.search(r"about .* left \(estimate\)", smoke_run.stderr)
+    out = smoke_run.stdout
+    assert "GPT validation loss" in out and "CE-loss recovered" in out
+    assert "features > 90% verse" in out and "features > 90% code" in out
+    assert str(reference / "site" / "index.html") in out
+
+
+@pytest.fixture
+def log(caplog):
+    """The monofast logger's records (it does not propagate to pytest's handler)."""
+    from monofast.log import logger, setup
+
+    setup()  # first, so that the level caplog restores afterwards is the CLI's
+    caplog.set_level(logging.INFO, logger="monofast")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_skip_when_unchanged_and_rerun_from_a_change(smoke_run, tmp_path, capsys, log):
+    reference, args = smoke_run.run, smoke_run.args
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    assert cli.main(args + ["--run", str(run)]) == 0
+    assert "0 of 6 stages ran, 6 up to date" in log.text and "GPT validation loss" in capsys.readouterr().out
+    before = {stage.name: _digests(run / stage.name) for stage in pipeline.STAGES}
+    layers = {"data": [cli.file_layer(Path(args[args.index("--config") + 1]), "data",
+                                      set(pipeline.stage_fields(DATA)))],
+              "activations": [{"shard_mb": 0.125, "device": "cpu"}], "gpt": [{"device": "cpu"}],
+              "sae": [{"device": "cpu", "l1_coeff": "3"}], "analysis": [{"device": "cpu"}]}
+    ran = pipeline.run_all("smoke", pipeline.RunDir(run), layers)
+    assert ran == {"data": False, "gpt": False, "activations": False, "sae": True, "analysis": True,
+                   "site": True}
+    assert _digests(run / "gpt") == before["gpt"]
+    assert "l1_3" in json.loads((run / "sae" / "eval.json").read_text())["saes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, bar, after", [
+    ("data", "tokenize", 1),
+    ("gpt", "gpt", 12),  # after the checkpoint of step 10
+    ("activations", "harvest", 3),  # 256 rows a tick, shards of ~250 rows
+    ("sae", "sae", 5),  # after the checkpoint of step 4
+    ("analysis", "analysis", 3),
+    ("site", "site", 100),
+], ids=lambda v: str(v))
+def test_sigkill_in_each_stage_then_rerun(smoke_run, tmp_path, stage, bar, after, log):
+    reference, args = smoke_run.run, smoke_run.args
+    run = tmp_path / "run"
+    names = [s.name for s in pipeline.STAGES]
+    for earlier in names[:names.index(stage)]:
+        shutil.copytree(reference / earlier, run / earlier)
+    argv = args + ["--run", str(run), "--to", stage]
+    proc = subprocess.run([sys.executable, "-c", KILLER, bar, str(after), *argv], capture_output=True,
+                          text=True, timeout=300, env=monofast_env(tmp_path))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert not (run / stage / "manifest.json").exists()  # nothing half-done is trusted
+    for earlier in names[:names.index(stage)]:
+        assert pipeline.up_to_date(pipeline.stage_named(earlier),
+                                   pipeline.resolve_config(pipeline.stage_named(earlier), "smoke",
+                                                           *_layers(args, earlier)), pipeline.RunDir(run))
+
+    assert cli.main(argv) == 0
+    if stage in ("gpt", "sae"):
+        assert "continuing the interrupted run" in log.text
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name == pipeline.ATTEMPT]
+    got, want = _digests(run / stage), _digests(reference / stage)
+    assert set(got) == set(want)
+    for rel, digest in got.items():
+        assert files.hash_file(run / stage / rel) == digest, rel  # the manifest tells the truth
+        if f"{stage}/{rel}" not in TIMING_FILES:
+            assert digest == want[rel], f"{stage}/{rel} differs from an uninterrupted run"
+    if stage == "gpt":
+        losses = [[m["step"], m["val_loss"]] for m in _jsonl(run / "gpt" / "metrics.jsonl")]
+        assert losses == [[m["step"], m["val_loss"]] for m in _jsonl(reference / "gpt" / "metrics.jsonl")]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _layers(args: list[str], stage: str) -> list[dict]:
+    """The override layers `monofast run args` gives `stage` (config file, then --set)."""
+    fields = set(pipeline.stage_fields(pipeline.stage_named(stage)))
+    layers = [cli.file_layer(Path(args[args.index("--config") + 1]), stage, fields)]
+    for i, word in enumerate(args):
+        if word == "--set" and args[i + 1].startswith(f"{stage}."):
+            key, _, value = args[i + 1][len(stage) + 1:].partition("=")
+            layers.append({key: value})
+    return layers

@@ -12,9 +12,10 @@ import errno
 import importlib
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, NoReturn, Sequence
 
 from monofast import __version__
 from monofast.errors import UserError
@@ -34,7 +35,10 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "run": Command("run every stage of a preset into one run directory", module="monofast.cli:RunCommand"),
-    "presets": Command("list the presets and what each sets", module="monofast.cli:PresetsCommand"),
+    "presets": Command("list the presets, what each sets, and its estimated time and disk use here",
+                       module="monofast.cli:PresetsCommand"),
+    "report": Command("write a run's results table, purity figure and feature-page screenshots",
+                      module="monofast.report:ReportCommand"),
     "data": Command("stage 1: build the corpus and train the tokenizer", stage="data"),
     "gpt train": Command("stage 2: train the tiny GPT (resumable with --resume)", stage="gpt"),
     "gpt sample": Command("continue a prompt with the trained GPT", module="monofast.gpt:SampleCommand"),
@@ -51,25 +55,45 @@ COMMANDS: dict[str, Command] = {
 # ---------------------------------------------------------------------------------------
 # Shared options of every stage command
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (usage lines of stage commands run to dozens of
+    flags): `monofast data: error: unrecognized arguments: --nope; see `monofast data --help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """`--preset`, `--run`, `--config`, `--force`: the options every stage command shares."""
+    """`--preset`, `--run` / `--name`, `--config`, `--force`: the options every stage command shares."""
     from monofast import presets
 
     group = parser.add_argument_group("run options")
     group.add_argument("--preset", default="quick", choices=presets.names(),
                        help="preset whose values are the starting point (default: quick)")
-    group.add_argument("--run", type=Path, default=None, metavar="DIR",
+    where = group.add_mutually_exclusive_group()
+    where.add_argument("--run", type=Path, default=None, metavar="DIR",
                        help="run directory holding one folder per stage (default: runs/<preset>)")
+    where.add_argument("--name", default=None, metavar="NAME",
+                       help="run directory runs/NAME ($MONOFAST_RUNS/NAME where set)")
     group.add_argument("--config", type=Path, default=None, metavar="FILE",
                        help="TOML or JSON file of option values, flat or grouped by stage")
     group.add_argument("--force", action="store_true",
-                       help="re-run even when the outputs are up to date")
+                       help="redo from scratch, even when the outputs are up to date (an interrupted "
+                            "GPT or SAE stage starts over instead of continuing from its checkpoint)")
 
 
 def run_dir(args: argparse.Namespace):
     from monofast.pipeline import RunDir, default_run_dir
 
-    return RunDir(args.run if args.run is not None else default_run_dir(args.preset))
+    name = getattr(args, "name", None)  # commands with their own run options may lack --name
+    if args.run is not None:
+        return RunDir(args.run)
+    if name is not None:
+        if not name or name in (".", "..") or "/" in name or os.sep in name:
+            raise UserError(f"--name {name!r}: give a plain folder name such as quick-2; "
+                            f"use --run DIR for a path")
+        return RunDir(default_run_dir(name))
+    return RunDir(default_run_dir(args.preset))
 
 
 def file_layer(path: Path | None, stage: str, fields: set[str]) -> dict[str, Any]:
@@ -146,7 +170,7 @@ class RunCommand:
                             help="stop after this stage")
 
     def main(self, args: argparse.Namespace) -> int:
-        from monofast import pipeline
+        from monofast import pipeline, results
 
         layers: dict[str, list[dict[str, Any]]] = {}
         for stage in pipeline.STAGES:
@@ -160,26 +184,59 @@ class RunCommand:
             if stage not in layers:
                 raise UserError(f"--set {item!r}: no stage {stage!r}; stages are {', '.join(layers)}")
             layers[stage].append({name: value})
-        pipeline.run_all(args.preset, run_dir(args), layers, force=args.force, start=args.start,
-                          stop=args.stop)
+        run = run_dir(args)
+        pipeline.run_all(args.preset, run, layers, force=args.force, start=args.start, stop=args.stop)
+        print(results.text(results.collect(run.root)), flush=True)
         return 0
 
 
 class PresetsCommand:
-    """`monofast presets`: print every preset's description and values."""
+    """`monofast presets`: every preset with its estimated time and disk use on this machine,
+    then the values each sets."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        pass
+        parser.add_argument("--device", default="auto", metavar="DEVICE",
+                            help="device the estimates are for: auto (cuda, then mps, then cpu), cpu, "
+                                 "cuda or mps (default: auto)")
+        parser.add_argument("--gflops", type=float, default=None, metavar="X",
+                            help="assume this matrix-product rate (GFLOP/s) instead of measuring it")
 
     def main(self, args: argparse.Namespace) -> int:
+        from monofast import estimate, pipeline
         from monofast.presets import PRESETS
 
-        for name, preset in PRESETS.items():
-            print(f"{name}: {preset.get('about', '')}")
-            for stage, values in preset.items():
+        if args.gflops is not None and args.gflops <= 0:
+            raise UserError(f"--gflops {args.gflops}: give a positive rate, e.g. --gflops 500")
+        device = estimate.measure_device(args.device)
+        if args.gflops is not None:
+            device = device._replace(gflops=args.gflops, measured=False)
+        how = "measured just now" if device.measured else "assumed"
+        print(textwrap.fill(
+            f"Estimated time and disk use of each preset on this machine ({device.name}, matrix "
+            f"products at {device.gflops:,.0f} GFLOP/s, {how}). These are rough estimates from the "
+            f"presets' sizes: expect the real numbers within about 2x, and more time on a busy machine.",
+            width=92))
+        print()
+        table = []
+        for name in PRESETS:
+            configs = {s.name: pipeline.resolve_config(s, name) for s in pipeline.STAGES}
+            table.append((name, estimate.estimate(configs, device)))
+        print(f"  {'preset':8s} {'time (est.)':>13s} {'disk (est.)':>12s}  for")
+        for name, stages in table:
+            seconds = sum(e.seconds for e in stages.values())
+            disk = sum(e.disk_bytes for e in stages.values())
+            print(f"  {name:8s} {estimate.duration(seconds):>13s} {estimate.size(disk):>12s}  "
+                  f"{PRESETS[name].get('about', '')}")
+        for name, stages in table:
+            print()
+            print(f"{name}: {PRESETS[name].get('about', '')}")
+            for stage, values in PRESETS[name].items():
                 if isinstance(values, dict):
                     shown = ", ".join(f"{k}={v}" for k, v in values.items())
                     print(f"  {stage}: {shown}")
+            shown = ", ".join(f"{stage} {estimate.duration(e.seconds)} / {estimate.size(e.disk_bytes)}"
+                              for stage, e in stages.items())
+            print(f"  estimated: {shown}")
         return 0
 
 
@@ -220,6 +277,8 @@ def _instantiate(name: str, command: Command) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m monofast -- COMMAND`: the `--` keeps torchrun off --run
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_overview())
         return 0 if argv else 2
@@ -245,10 +304,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from monofast import log
 
     log.setup()
+    from monofast import distributed
+
     command = COMMANDS[name]
     try:
+        followed = distributed.join()  # under torchrun: ranks > 0 follow rank 0 (DESIGN.md "Scaling out")
+        if followed is not None:
+            return followed
         impl = _instantiate(name, command)
-        parser = argparse.ArgumentParser(prog=f"{PROG} {name}", description=command.help)
+        parser = Parser(prog=f"{PROG} {name}", description=command.help)
         impl.add_arguments(parser)
         args = parser.parse_args(argv[used:])
         return int(impl.main(args) or 0)
@@ -258,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `monofast presets | head` stopped reading: nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -265,5 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: the disk is full{where}; free some space (or pass --run on another "
               f"disk) and run the same command again: finished stages are kept", file=sys.stderr)
         return 2
+    finally:
+        distributed.leave()
 
 

@@ -71,6 +71,22 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise UserError(f"{what} is corrupt ({err}): {path}; delete it and re-run the stage") from None
 
 
+def canonical_safetensors(blob: bytes) -> bytes:
+    """A safetensors file's bytes with the `__metadata__` keys of its header sorted.
+
+    The library writes that table from a hash map whose order changes from one process to
+    the next, so the same tensors and metadata gave files with different digests (and a
+    stage reading them re-ran for nothing). Tensor offsets count from the end of the
+    header, so rewriting it leaves the data as it is."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as the library writes it
+    return len(text).to_bytes(8, "little") + text + blob[8 + size:]
+
+
 def hash_file(path: str | os.PathLike) -> str:
     """XXH3-128 hex digest of a file (native, GIL released, memory-mapped)."""
     from monofast import _native

@@ -6,26 +6,34 @@ its resolved config, the digests of the inputs it read, the digests of its outpu
 versions and timing. A stage whose manifest matches its config and inputs, and whose
 outputs are intact, is skipped. The manifest is removed before a stage starts, so a
 stage killed half-way is never mistaken for a finished one.
+
+While a stage runs, `.attempt.json` in its folder records the config identity and
+inputs it started with. A stage with a resume file (the GPT's and the SAE's
+checkpoints) that was killed continues from it when it is run again with the same
+config and inputs; `--force` starts it over.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import os
 import platform
-import sys
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
-from monofast import __version__, config, files
+from monofast import __version__, config, distributed, estimate, files
 from monofast.errors import UserError
 from monofast.log import logger
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+"""Bumped when a manifest's meaning changes; a folder with another format is refused."""
+ATTEMPT = ".attempt.json"
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,12 @@ class Stage:
     """One line for `--help` and the results table."""
     command: str = ""
     """The CLI command that runs it alone, when it differs from the name (`gpt train`)."""
+    resume_file: str = ""
+    """A file the stage leaves behind when killed and continues from under `resume=True`
+    (its config must have a `resume` field); empty when it always starts over."""
+    distributed: bool = False
+    """Under torchrun every rank runs it, each on its part of the work (`monofast.distributed`);
+    other stages run on rank 0 alone."""
 
     def cli(self) -> str:
         return f"monofast {self.command or self.name}"
@@ -64,11 +78,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("data", "monofast.data:DataConfig", "monofast.data:run_stage", (),
           "corpus and byte-level BPE tokenizer"),
     Stage("gpt", "monofast.gpt:GPTTrainConfig", "monofast.gpt:run_stage", ("data",),
-          "train the tiny GPT whose MLP activations the SAEs decompose", command="gpt train"),
+          "train the tiny GPT whose MLP activations the SAEs decompose", command="gpt train",
+          resume_file="checkpoint.pt", distributed=True),
     Stage("activations", "monofast.harvest:HarvestConfig", "monofast.harvest:run_stage", ("data", "gpt"),
-          "harvest the GPT's MLP activations into memory-mapped shards", command="harvest"),
+          "harvest the GPT's MLP activations into memory-mapped shards", command="harvest",
+          distributed=True),
     Stage("sae", "monofast.sae_train:SAETrainConfig", "monofast.sae_train:run_stage", ("data", "activations", "gpt"),
-          "train sparse autoencoders on the activations", command="sae train"),
+          "train sparse autoencoders on the activations", command="sae train",
+          resume_file="checkpoint.pt", distributed=True),
     Stage("analysis", "monofast.analysis.config:AnalysisConfig", "monofast.analysis.run:run_stage",
           ("data", "gpt", "sae"), "feature statistics, top-k and quantile examples, ablation effects",
           command="analyze"),
@@ -113,22 +130,53 @@ def resolve_config(stage: Stage, preset: str, *layers: Mapping[str, Any]) -> Any
 
 
 def _outputs(folder: Path) -> list[Path]:
-    """Every finished file of a stage folder (manifest and temporary files excluded)."""
+    """Every finished file of a stage folder (manifest, attempt record and temporary files
+    excluded)."""
     out = []
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST and not path.name.endswith(".tmp"):
+        rel = path.relative_to(folder)
+        if (path.is_file() and path.name not in (MANIFEST, ATTEMPT)
+                and not any(part.endswith(".tmp") for part in rel.parts)):
             out.append(path)
     return out
 
 
+def _remove_temporaries(folder: Path) -> None:
+    """Delete what a killed process was writing: atomic writers give every file (and folder)
+    a name ending in .tmp until it is complete, so any left when a stage starts is garbage."""
+    for path in sorted(folder.rglob("*.tmp")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The folder's manifest; None when it has none or a corrupt one (the stage re-runs).
+    A manifest of another format (another monofast version) is a `UserError`."""
     path = folder / MANIFEST
     if not path.is_file():
         return None
     try:
-        return files.read_json(path, "manifest")
+        manifest = files.read_json(path, "manifest")
     except UserError:
-        return None  # a corrupt manifest means "not finished": the stage re-runs
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise incompatible(folder, manifest)
+    return manifest
+
+
+def incompatible(folder: Path, manifest: dict[str, Any]) -> UserError:
+    """The error for a stage folder written by a monofast whose manifests this one cannot read."""
+    writer = (manifest.get("versions") or {}).get("monofast", "an unknown version")
+    stage = folder.name
+    return UserError(
+        f"{folder} was written by monofast {writer} (manifest format {manifest.get('format')!r}; "
+        f"this monofast {__version__} reads format {MANIFEST_FORMAT}): redo it with "
+        f"`monofast run --run {folder.parent} --from {stage}` (or `--force`), "
+        f"or start a fresh run directory with --name NAME or --run DIR")
 
 
 def _input_digests(stage: Stage, run: RunDir) -> dict[str, str]:
@@ -173,9 +221,15 @@ def run_stage(stage: Stage, cfg: Any, run: RunDir, force: bool = False) -> bool:
     inputs = _input_digests(stage, run)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
+    _remove_temporaries(folder)
+    attempt = {"identity": config.identity(cfg), "inputs": inputs}
+    if not force:
+        cfg = _continue_interrupted(stage, cfg, folder, attempt)
+    files.write_json(folder / ATTEMPT, attempt)
     started = time.time()
-    stage.run_fn()(cfg, run)
-    seconds = time.time() - started
+    distributed.run_shared(stage, cfg, run, stage.run_fn())  # under torchrun, every rank's part is done after it
+    finished = time.time()
+    (folder / ATTEMPT).unlink(missing_ok=True)
     outputs = {p.relative_to(folder).as_posix(): files.file_record(p) for p in _outputs(folder)}
     files.write_json(folder / MANIFEST, {
         "format": MANIFEST_FORMAT,
@@ -184,28 +238,51 @@ def run_stage(stage: Stage, cfg: Any, run: RunDir, force: bool = False) -> bool:
         "identity": config.identity(cfg),
         "inputs": inputs,
         "outputs": outputs,
-        "versions": _versions(),
+        "versions": versions(),
         "started": started,
-        "seconds": round(seconds, 3),
+        "finished": finished,
+        "seconds": round(finished - started, 3),
     })
-    logger.info("%s: done in %.1f s -> %s", stage.name, seconds, folder)
+    logger.info("%s: done in %.1f s -> %s", stage.name, finished - started, folder)
     return True
 
 
-def _versions() -> dict[str, str]:
-    """Versions of monofast, Python and whichever heavy libraries the stage loaded."""
-    versions = {"monofast": __version__, "python": platform.python_version()}
-    for name in ("torch", "numpy", "tokenizers", "triton"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "?")
-    return versions
+def _continue_interrupted(stage: Stage, cfg: Any, folder: Path, attempt: dict[str, Any]) -> Any:
+    """`cfg` with `resume=True` when the stage can continue a killed attempt that started
+    with the same config and inputs and left its resume file; else `cfg` unchanged."""
+    if not stage.resume_file or getattr(cfg, "resume", True) or not (folder / stage.resume_file).is_file():
+        return cfg
+    try:
+        previous = files.read_json(folder / ATTEMPT, "attempt record")
+    except UserError:
+        return cfg  # no record (or a torn one): the checkpoint's provenance is unknown
+    if previous != attempt:
+        return cfg
+    logger.info("%s: continuing the interrupted run from %s (--force starts over)", stage.name,
+                folder / stage.resume_file)
+    return dataclasses.replace(cfg, resume=True)
 
 
-def run_all(preset: str, run: RunDir, layers: Mapping[str, list[Mapping[str, Any]]] | None = None,
+VERSIONED = ("torch", "numpy", "tokenizers", "safetensors", "triton")
+
+
+def versions() -> dict[str, str]:
+    """Versions of monofast, Python, the platform and the installed libraries stages use."""
+    out = {"monofast": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def run_all(preset: str, run: RunDir, layers: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
             force: bool = False, start: str | None = None, stop: str | None = None) -> dict[str, bool]:
     """Run every stage in order. `layers[stage]` are override dicts applied after the preset;
-    `start` forces that stage and everything after it to re-run; `stop` is the last stage run."""
+    `start` forces that stage and everything after it to re-run; `stop` is the last stage run.
+    Logs a line with the elapsed time and an estimate of the time left before each stage
+    that runs. Returns, per stage, whether it ran."""
     layers = layers or {}
     unknown = set(layers) - {s.name for s in STAGES}
     if unknown:
@@ -214,16 +291,82 @@ def run_all(preset: str, run: RunDir, layers: Mapping[str, list[Mapping[str, Any
     for name in (start, stop):
         if name is not None:
             stage_named(name)
+    stages = list(STAGES)
+    if stop is not None:
+        stages = stages[:[s.name for s in stages].index(stop) + 1]
+    configs = {s.name: resolve_config(s, preset, *layers.get(s.name, [])) for s in stages}
+    forced = _forced(stages, force, start)
+    todo = plan(stages, configs, run, forced)
+    clock = _Clock(_estimates(configs, todo))
     ran: dict[str, bool] = {}
-    forcing = force
-    for stage in STAGES:
-        if stage.name == start:
-            forcing = True
-        cfg = resolve_config(stage, preset, *layers.get(stage.name, []))
-        ran[stage.name] = run_stage(stage, cfg, run, force=forcing)
-        if stage.name == stop:
-            break
+    for number, stage in enumerate(stages, 1):
+        if todo[stage.name]:
+            clock.announce(stage.name, number, len(stages), todo)
+        began = time.time()
+        ran[stage.name] = run_stage(stage, configs[stage.name], run, force=forced[stage.name])
+        clock.done(stage.name, time.time() - began, ran[stage.name])
+        todo[stage.name] = False
+    logger.info("run: %d of %d stages ran, %d up to date, in %s -> %s", sum(ran.values()), len(ran),
+                len(ran) - sum(ran.values()), estimate.duration(clock.elapsed()), run.root)
     return ran
+
+
+def _forced(stages: list[Stage], force: bool, start: str | None) -> dict[str, bool]:
+    out, forcing = {}, force
+    for stage in stages:
+        forcing = forcing or stage.name == start
+        out[stage.name] = forcing
+    return out
+
+
+def plan(stages: list[Stage], configs: Mapping[str, Any], run: RunDir, forced: Mapping[str, bool]) -> dict[str, bool]:
+    """Which stages will run: forced ones, those not up to date, and those reading from a
+    stage that will run. Also refuses, before anything runs, a run directory written by an
+    incompatible monofast."""
+    todo: dict[str, bool] = {}
+    for stage in stages:
+        if forced[stage.name] or any(todo.get(name) for name in stage.inputs):
+            todo[stage.name] = True
+        else:
+            todo[stage.name] = not up_to_date(stage, configs[stage.name], run)
+    return todo
+
+
+def _estimates(configs: Mapping[str, Any], todo: Mapping[str, bool]) -> dict[str, float]:
+    """Estimated seconds of each stage that will run (measuring the device only when a
+    stage that uses it will run)."""
+    if not any(todo.get(name) for name in ("gpt", "activations", "sae", "analysis")):
+        device = estimate.Device("cpu", "CPU", estimate.ASSUMED_GFLOPS["cpu"], measured=False)
+    else:
+        device = estimate.measure_device(getattr(configs.get("gpt"), "device", "auto"))
+        logger.info("run: %s, matrix products at %.0f GFLOP/s (the time estimates below scale with it)",
+                    device.name, device.gflops)
+    return {name: e.seconds for name, e in estimate.estimate(configs, device).items()}
+
+
+class _Clock:
+    """Elapsed time and the estimate of what is left, corrected by how the finished stages
+    compared with their estimates."""
+
+    def __init__(self, estimates: Mapping[str, float]):
+        self.estimates = dict(estimates)
+        self.started = time.time()
+        self.spent = 0.0
+        self.expected = 0.0
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def done(self, name: str, seconds: float, ran: bool) -> None:
+        if ran and name in self.estimates:
+            self.spent += seconds
+            self.expected += self.estimates[name]
+
+    def announce(self, name: str, number: int, count: int, todo: Mapping[str, bool]) -> None:
+        left = sum(self.estimates.get(n, 0.0) for n, runs in todo.items() if runs)
+        factor = min(max(self.spent / self.expected, 0.33), 3.0) if self.expected > 1.0 else 1.0
+        logger.info("run: stage %d/%d %s · %s elapsed · about %s left (estimate)", number, count, name,
+                    estimate.duration(self.elapsed()), estimate.duration(left * factor))
 
 
 def stage_fields(stage: Stage) -> list[str]:

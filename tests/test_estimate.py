@@ -1,0 +1,68 @@
+"""Time and disk estimates: the model's sizes against what a smoke run really wrote, and
+its behaviour as the sizes change."""
+
+from __future__ import annotations
+
+import pytest
+
+from monofast import estimate, pipeline, presets
+
+CPU = estimate.Device("cpu", "CPU", 500.0, measured=False)
+
+
+def configs(preset: str, **overrides: dict) -> dict:
+    return {s.name: pipeline.resolve_config(s, preset, overrides.get(s.name, {})) for s in pipeline.STAGES}
+
+
+def test_every_preset_gets_every_stage():
+    for name in presets.names():
+        got = estimate.estimate(configs(name), CPU)
+        assert list(got) == [s.name for s in pipeline.STAGES]
+        assert all(e.seconds > 0 and e.disk_bytes > 0 for e in got.values())
+
+
+def test_bigger_presets_cost_more():
+    total = {name: sum(e.seconds for e in estimate.estimate(configs(name), CPU).values())
+             for name in presets.names()}
+    assert total["smoke"] < 60 < total["quick"] < total["laptop"]
+
+
+def test_activation_disk_is_rows_times_dim_times_dtype():
+    f32 = estimate.estimate(configs("quick"), CPU)["activations"].disk_bytes
+    bf16 = estimate.estimate(configs("quick", activations={"dtype": "bf16"}), CPU)["activations"].disk_bytes
+    rows, dim = 2_500 * 120, 512
+    assert f32 == pytest.approx(rows * (dim * 4 + 13), rel=0.01)
+    assert bf16 == pytest.approx(rows * (dim * 2 + 13), rel=0.01)
+
+
+def test_time_scales_with_steps_and_the_device_rate():
+    base = estimate.estimate(configs("quick"), CPU)["gpt"].seconds
+    longer = estimate.estimate(configs("quick", gpt={"max_iters": 3000}), CPU)["gpt"].seconds
+    faster = estimate.estimate(configs("quick"), CPU._replace(gflops=1000.0))["gpt"].seconds
+    assert longer == pytest.approx(2 * base, rel=0.1)
+    assert faster < 0.6 * base
+
+
+def test_sizes_match_a_smoke_run(smoke_run):
+    """Within a factor of 1.5 of the bytes the smoke run really wrote, stage by stage."""
+    cfgs = {s.name: pipeline.resolve_config(s, "smoke") for s in pipeline.STAGES}
+    got = estimate.estimate(cfgs, CPU)
+    for stage in pipeline.STAGES:
+        real = sum(p.stat().st_size for p in (smoke_run.run / stage.name).rglob("*") if p.is_file())
+        assert real / 1.5 < got[stage.name].disk_bytes < real * 1.5, stage.name
+
+
+def test_measured_device():
+    device = estimate.measure_device("cpu")
+    assert device.kind == "cpu" and device.measured and device.gflops > 1
+
+
+@pytest.mark.parametrize("seconds, text", [(3.2, "3 s"), (125, "2 min 05 s"), (3720, "1 h 02 min")])
+def test_duration(seconds, text):
+    assert estimate.duration(seconds) == text
+
+
+@pytest.mark.parametrize("nbytes, text", [(999, "999 B"), (1_234_000, "1.2 MB"), (630e6, "630 MB"),
+                                          (4.3e9, "4.3 GB")])
+def test_size(nbytes, text):
+    assert estimate.size(nbytes) == text

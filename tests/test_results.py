@@ -1,0 +1,32 @@
+"""The results table read back from a run's output files."""
+
+from __future__ import annotations
+
+import shutil
+
+from monofast import results
+
+
+def test_results_of_a_smoke_run(smoke_run):
+    res = results.collect(smoke_run.run)
+    assert res.sae_name == "l1_5" and res.sae_shape == (128, 256)
+    assert res.site_index == smoke_run.run / "site" / "index.html"
+    assert set(res.seconds) == {"data", "gpt", "activations", "sae", "analysis", "site"}
+    labels = [r.label for r in results.rows(res)]
+    assert labels[:2] == ["GPT validation loss", "SAE"]
+    assert "features > 90% verse" in labels and "features > 90% code" in labels
+    table = results.text(res)
+    assert "feature browser" in table and str(res.site_index) in table
+    markdown = results.markdown(res)
+    assert markdown.startswith("| metric | value | detail |") and "| CE-loss recovered |" in markdown
+    assert "| all stages |" in results.timings_markdown(res, list(res.seconds))
+
+
+def test_a_partial_run_shows_what_exists(smoke_run, tmp_path):
+    run = tmp_path / "run"
+    for stage in ("data", "gpt"):
+        shutil.copytree(smoke_run.run / stage, run / stage)
+    res = results.collect(run)
+    assert [r.label for r in results.rows(res)] == ["GPT validation loss"]
+    assert res.site_index is None and "feature browser" not in results.text(res)
+    assert results.rows(results.collect(tmp_path / "nothing")) == []
