@@ -48,9 +48,9 @@ def make_split(tokens: int) -> data.Split:
     return data.Split(rng.integers(0, VOCAB, tokens).astype(np.uint16), (np.arange(tokens) // 5000 % 2).astype(np.uint8))
 
 
-def setup(model: GPT, contexts: int, positions: int = 200, batch_size: int = 32):
+def setup(model: GPT, contexts: int, positions: int = 200, batch_size: int = 32, device: str = "cpu"):
     cfg = harvest.HarvestConfig(contexts=contexts, positions_per_context=positions, batch_size=batch_size,
-                                device="cpu")
+                                device=device)
     split = make_split(contexts * model.config.block_size)
     plan = harvest.plan(cfg, model.config, len(split.tokens))
     return cfg, split, plan
@@ -59,11 +59,14 @@ def setup(model: GPT, contexts: int, positions: int = 200, batch_size: int = 32)
 def run_forward(model: GPT, split: data.Split, cfg: harvest.HarvestConfig, plan: harvest.Plan) -> int:
     """The bare forward passes over the harvest's batches; returns the rows they yield."""
     offsets = np.arange(plan.length)
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for begin in range(0, len(plan.starts), cfg.batch_size):
             starts = plan.starts[begin:begin + cfg.batch_size]
             x = torch.from_numpy(np.asarray(split.tokens[starts[:, None] + offsets], dtype=np.int64))  # (B, T)
-            model.mlp_activations(x, plan.layer)  # (B, T, d_mlp)
+            model.mlp_activations(x.to(device), plan.layer)  # (B, T, d_mlp)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return plan.rows
 
 
@@ -81,7 +84,7 @@ def check(model: GPT, split: data.Split, cfg: harvest.HarvestConfig, plan: harve
     x = torch.from_numpy(np.stack([split.tokens[s:s + plan.length].astype(np.int64)
                                    for s in plan.starts[batch.context_id]]))  # (R, T)
     with torch.inference_mode():
-        acts = model.mlp_activations(x, plan.layer)  # (R, T, d_mlp)
+        acts = model.mlp_activations(x.to(next(model.parameters()).device), plan.layer).cpu()  # (R, T, d_mlp)
     direct = acts[torch.arange(len(x)), torch.from_numpy(batch.position.astype(np.int64))]
     tol = 1e-5 if cfg.dtype == "fp32" else 1e-2  # bf16 keeps 8 significant bits
     torch.testing.assert_close(batch.tensor(), direct, atol=tol, rtol=tol)

@@ -43,19 +43,20 @@ OURS = ("monofast-bf16", "monofast-fp32", "reference", "autograd-fp32", "autogra
 PEERS = ("saelens", "sparsify")
 
 
-def _batch(n_rows: int, d_in: int, seed: int = 0) -> torch.Tensor:
+def _batch(n_rows: int, d_in: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n_rows, d_in, generator=gen)
+    return torch.randn(n_rows, d_in, generator=gen).to(device)
 
 
-def matmul_floor(n_rows: int, d_in: int, d_sae: int, dtype: torch.dtype) -> Callable[[], None]:
+def matmul_floor(n_rows: int, d_in: int, d_sae: int, dtype: torch.dtype,
+                 device: str = "cpu") -> Callable[[], None]:
     """The five products of one step, same shapes and layouts as the step's, nothing else."""
     gen = torch.Generator().manual_seed(1)
-    x_c = torch.randn(n_rows, d_in, generator=gen).to(dtype)  # [B, D]
-    w_enc = torch.randn(d_in, d_sae, generator=gen).to(dtype)  # [D, F]
-    w_dec = torch.randn(d_sae, d_in, generator=gen).to(dtype)  # [F, D]
-    feats = torch.relu(torch.randn(n_rows, d_sae, generator=gen)).to(dtype)  # [B, F]
-    g = torch.randn(n_rows, d_in, generator=gen).to(dtype)  # [B, D]
+    x_c = torch.randn(n_rows, d_in, generator=gen).to(device, dtype)  # [B, D]
+    w_enc = torch.randn(d_in, d_sae, generator=gen).to(device, dtype)  # [D, F]
+    w_dec = torch.randn(d_sae, d_in, generator=gen).to(device, dtype)  # [F, D]
+    feats = torch.relu(torch.randn(n_rows, d_sae, generator=gen)).to(device, dtype)  # [B, F]
+    g = torch.randn(n_rows, d_in, generator=gen).to(device, dtype)  # [B, D]
 
     def run() -> None:
         torch.mm(x_c, w_enc)  # encoder
@@ -67,12 +68,13 @@ def matmul_floor(n_rows: int, d_in: int, d_sae: int, dtype: torch.dtype) -> Call
     return run
 
 
-def sae_training_step(n_rows: int, d_in: int, d_sae: int, compute_dtype: str) -> Callable[[], None]:
+def sae_training_step(n_rows: int, d_in: int, d_sae: int, compute_dtype: str,
+                      device: str = "cpu") -> Callable[[], None]:
     """monofast's own step: SparseAutoencoder.forward, backward, fused Adam, renormalisation."""
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, compute_dtype=compute_dtype)
-    sae = SparseAutoencoder(cfg, generator=torch.Generator().manual_seed(0))
+    sae = SparseAutoencoder(cfg, device=device, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-    x = _batch(n_rows, d_in)
+    x = _batch(n_rows, d_in, device=device)
 
     def run() -> None:
         out = sae(x)
@@ -83,13 +85,14 @@ def sae_training_step(n_rows: int, d_in: int, d_sae: int, compute_dtype: str) ->
     return run
 
 
-def eager_step(n_rows: int, d_in: int, d_sae: int, how: str) -> Callable[[], None]:
+def eager_step(n_rows: int, d_in: int, d_sae: int, how: str, device: str = "cpu") -> Callable[[], None]:
     """The oracle, or plain autograd of the obvious formula, with the same optimizer and
     decoder constraint as monofast's step."""
-    sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, compute_dtype="float32"),
+    sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, compute_dtype="float32"), device=device,
                             generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-    x = _batch(n_rows, d_in)
+    x = _batch(n_rows, d_in, device=device)
+    device_type = torch.device(device).type
     params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
 
     def run() -> None:
@@ -97,7 +100,7 @@ def eager_step(n_rows: int, d_in: int, d_sae: int, how: str) -> Callable[[], Non
             out = reference.sae_step(x, *params)
             mse, l1 = out.mse, out.l1
         else:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autograd-bf16"):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=how == "autograd-bf16"):
                 _, _, mse, l1 = reference.naive_loss_terms(x, *params)
         (mse + L1_COEFF * l1).backward()
         sae.optimizer_step(opt)
@@ -145,13 +148,15 @@ def sparsify_step(n_rows: int, d_in: int, d_sae: int) -> Callable[[], None]:
     return run
 
 
-def make(provider: str, n_rows: int, d_in: int, d_sae: int) -> Callable[[], None]:
+def make(provider: str, n_rows: int, d_in: int, d_sae: int, device: str = "cpu") -> Callable[[], None]:
     if provider.startswith("matmul-"):
-        return matmul_floor(n_rows, d_in, d_sae, torch.bfloat16 if provider.endswith("bf16") else torch.float32)
+        return matmul_floor(n_rows, d_in, d_sae, torch.bfloat16 if provider.endswith("bf16") else torch.float32,
+                            device)
     if provider.startswith("monofast-"):
-        return sae_training_step(n_rows, d_in, d_sae, "bfloat16" if provider.endswith("bf16") else "float32")
+        return sae_training_step(n_rows, d_in, d_sae, "bfloat16" if provider.endswith("bf16") else "float32",
+                                 device)
     if provider in ("reference", "autograd-fp32", "autograd-bf16"):
-        return eager_step(n_rows, d_in, d_sae, provider)
+        return eager_step(n_rows, d_in, d_sae, provider, device)
     if provider == "saelens":
         return saelens_step(n_rows, d_in, d_sae)
     if provider == "sparsify":

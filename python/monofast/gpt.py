@@ -11,6 +11,12 @@ Reads `data/` (through `monofast.data.load_meta` / `load_split`) and writes `gpt
 Every random choice of a training step (its batch windows and its dropout masks) is keyed
 on (seed, step) rather than drawn from a stream, so a run resumed from a checkpoint takes
 exactly the steps the uninterrupted run would have taken.
+
+Under torchrun (`monofast.distributed`) the model is wrapped in DistributedDataParallel:
+every rank draws the same global batch of `batch_size` windows and trains on its own
+`batch_size / world` consecutive rows of it, so the global batch, the schedule and the
+checkpoints are those of a single process (a run may resume with another number of
+processes). Evaluation is split over the ranks; rank 0 writes every file.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from monofast import checkpoint, data, files
+from monofast import checkpoint, data, distributed, files
 from monofast.errors import DataError, UserError
 from monofast.log import logger, progress
 from monofast.model import GPT, GPTConfig
@@ -96,9 +102,11 @@ class GPTTrainConfig:
     dtype: str = "auto"
     """Autocast precision: auto (bfloat16 where it is faster), float32, bfloat16 or float16
     (CUDA/MPS only)."""
-    compile: bool = False
-    """Compile the model with torch.compile (on CPU it needs a C/C++ compiler and measured
-    0.9-1.1x eager speed after 10-40 s of compiling)."""
+    compile: str = "auto"
+    """torch.compile the model: auto (on CUDA only, and in one process with CUDA graphs,
+    torch.compile's reduce-overhead mode: the small models here are launch-bound there; on
+    CPU compiling measured 0.9-1.1x eager after 10-40 s), true (the default mode, any
+    device) or false."""
     resume: bool = False
     """Continue from gpt/checkpoint.pt (a killed run) on the same schedule instead of starting over."""
     seed: int = 1337
@@ -138,6 +146,9 @@ class GPTTrainConfig:
             raise ValueError("weight_decay and grad_clip must be non-negative (0 turns them off)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        self.compile = str(self.compile).lower()
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile={self.compile!r}; choose auto, true or false")
         _parse_device(self.device)
         if self.sample_tokens < 0 or self.num_samples < 0 or self.top_k < 0 or self.temperature < 0:
             raise ValueError("sample_tokens, num_samples, top_k and temperature must be non-negative")
@@ -172,7 +183,7 @@ def pick_device(name: str = "auto") -> torch.device:
     """`auto` prefers CUDA, then Apple MPS, then the CPU; an explicit device must exist."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return distributed.local_device(torch.device("cuda"))
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -181,7 +192,7 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: MPS is not available here; use --device auto or cpu")
-    return device
+    return distributed.local_device(device)
 
 
 def _cpu_has_bf16() -> bool:
@@ -245,11 +256,12 @@ def check_data(cfg: GPTTrainConfig, meta: dict[str, Any], train: data.Split, val
         raise DataError(f"the tokenizer has {meta['vocab_size']} tokens; re-run `monofast data --force`")
 
 
-def get_batch(split: data.Split, step: int, cfg: GPTTrainConfig,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step `step`'s random training windows: inputs and next-token targets, (B, T) each."""
+def get_batch(split: data.Split, step: int, cfg: GPTTrainConfig, device: torch.device,
+              rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step`'s random training windows: inputs and next-token targets, (B, T) each;
+    `rows` of them only (a rank's share of the global batch)."""
     rng = np.random.default_rng([cfg.seed, step])
-    starts = rng.integers(0, len(split.tokens) - cfg.block_size, size=cfg.batch_size)  # (B,)
+    starts = rng.integers(0, len(split.tokens) - cfg.block_size, size=cfg.batch_size)[rows]  # (B,)
     window = starts[:, None] + np.arange(cfg.block_size + 1)  # (B, T + 1)
     chunk = torch.from_numpy(split.tokens[window].astype(np.int64))  # (B, T + 1)
     if device.type == "cuda":
@@ -270,6 +282,12 @@ class EvalResult(NamedTuple):
     """Target tokens counted per source."""
 
 
+def rank_rows(batch_size: int, here: distributed.World) -> slice:
+    """This rank's rows of a global batch: `batch_size / world` consecutive ones."""
+    share = batch_size // here.size
+    return slice(here.rank * share, (here.rank + 1) * share) if here.size > 1 else slice(None)
+
+
 def eval_starts(n_tokens: int, cfg: GPTTrainConfig) -> np.ndarray:
     """Window starts spread evenly over the split: fixed from one evaluation to the next,
     and every source represented in proportion to its share of the split."""
@@ -280,13 +298,15 @@ def eval_starts(n_tokens: int, cfg: GPTTrainConfig) -> np.ndarray:
 @torch.no_grad()
 def evaluate(model: GPT, split: data.Split, source_names: list[str], cfg: GPTTrainConfig,
              device: torch.device, dtype: torch.dtype) -> EvalResult:
-    """Validation loss overall and per source, from the per-token source labels."""
+    """Validation loss overall and per source, from the per-token source labels. Under
+    torchrun each rank evaluates every world-th batch and the sums are added up."""
     was_training = model.training
     model.eval()
     n = len(source_names)
     sums, counts = np.zeros(n), np.zeros(n)  # (S,) float64 on the host (MPS has no float64)
     starts = eval_starts(len(split.tokens), cfg)
-    for i in range(0, len(starts), cfg.batch_size):
+    here = distributed.world()
+    for i in range(here.rank * cfg.batch_size, len(starts), here.size * cfg.batch_size):
         window = starts[i:i + cfg.batch_size, None] + np.arange(cfg.block_size + 1)  # (b, T + 1)
         chunk = torch.from_numpy(split.tokens[window].astype(np.int64)).to(device)  # (b, T + 1)
         with autocast(device, dtype):
@@ -296,6 +316,9 @@ def evaluate(model: GPT, split: data.Split, source_names: list[str], cfg: GPTTra
         src = split.sources[window][:, 1:].ravel()  # (b * T,) source of each target token
         sums += np.bincount(src, weights=losses.cpu().double().numpy(), minlength=n)[:n]
         counts += np.bincount(src, minlength=n)[:n]
+    if here.size > 1:
+        both = distributed.all_reduce_sum_(torch.from_numpy(np.concatenate([sums, counts])))  # (2S,)
+        sums, counts = both[:n].numpy(), both[n:].numpy()
     model.train(was_training)
     by_source = {name: float(sums[s] / counts[s]) for s, name in enumerate(source_names) if counts[s]}
     return EvalResult(float(sums.sum() / max(counts.sum(), 1.0)), by_source,
@@ -329,34 +352,58 @@ def make_optimizer(model: GPT, cfg: GPTTrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def step_seed(cfg: GPTTrainConfig, step: int) -> int:
-    """Seed of the global torch generator (dropout masks) for training step `step`."""
-    return cfg.seed * 1_000_003 + step
+def step_seed(cfg: GPTTrainConfig, step: int, rank: int = 0) -> int:
+    """Seed of the global torch generator (dropout masks) for training step `step` on
+    `rank` (each rank's rows get their own masks)."""
+    if rank == 0:
+        return cfg.seed * 1_000_003 + step
+    return int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+COMPILE_CHOICES = ("auto", "true", "false")
+
+
+def use_compile(choice: str, device: torch.device) -> bool:
+    """Whether `--compile choice` compiles on `device` (auto: on CUDA)."""
+    return choice == "true" or (choice == "auto" and device.type == "cuda")
 
 
 class Trainer:
-    """The model, its optimizer and the step function, on one device."""
+    """The model, its optimizer and the step function, on one device (under torchrun, one
+    rank's: `forward` is then the DistributedDataParallel wrapper, which averages the
+    gradients over the ranks during `backward`)."""
 
     def __init__(self, cfg: GPTTrainConfig, vocab_size: int, device: torch.device, dtype: torch.dtype):
         self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.world = distributed.world()
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model_config(vocab_size)).to(device)
         self.optimizer = make_optimizer(self.model, cfg)
         # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        forward: Any = self.model  # the model, or under torchrun its DistributedDataParallel wrapper
+        if self.world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.eager_forward = forward
+        self.compile_pending = use_compile(cfg.compile, device)
+        """True until the first compiled step has run (auto falls back to eager if it fails)."""
+        self.forward = forward
+        if self.compile_pending:
+            graphs = cfg.compile == "auto" and self.world.size == 1
+            self.forward = torch.compile(forward, mode="reduce-overhead" if graphs else None)
 
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step at schedule position `step`; returns the (detached) loss."""
         cfg = self.cfg
         if cfg.dropout > 0:
-            torch.manual_seed(step_seed(cfg, step))  # dropout masks keyed on the step
+            torch.manual_seed(step_seed(cfg, step, self.world.rank))  # dropout masks keyed on the step
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        with autocast(self.device, self.dtype):
-            loss = self.forward(x, y).loss
+        loss = self._forward_loss(x, y)
         self.scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -364,7 +411,26 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        # A copy: with CUDA graphs the output's memory is rewritten by the next step.
+        return loss.detach().clone()
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.compile_pending:
+            with autocast(self.device, self.dtype):
+                return self.forward(x, y).loss
+        try:
+            with autocast(self.device, self.dtype):
+                loss = self.forward(x, y).loss
+        except Exception as err:  # the compiler failed on this machine
+            if self.cfg.compile == "true":
+                raise
+            logger.warning("gpt: torch.compile failed (%s: %s); training without it (--compile false "
+                           "skips the attempt)", type(err).__name__, str(err).splitlines()[0][:200])
+            self.forward = self.eager_forward
+            with autocast(self.device, self.dtype):
+                loss = self.forward(x, y).loss
+        self.compile_pending = False
+        return loss
 
 
 # ---------------------------------------------------------------------------------------
@@ -377,7 +443,7 @@ def save_model(folder: Path, model: GPT) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
              if k != "lm_head.weight"}
     metadata = {"format": "pt", "config": json.dumps(asdict(model.config))}  # self-describing
-    files.write_bytes(folder / MODEL_FILE, save(state, metadata=metadata))
+    files.write_bytes(folder / MODEL_FILE, files.canonical_safetensors(save(state, metadata=metadata)))
     files.write_json(folder / CONFIG_FILE, asdict(model.config))
 
 
@@ -499,6 +565,7 @@ def train(cfg: GPTTrainConfig, data_dir: str | Path, out: str | Path) -> TrainRe
     val_split = data.load_split(data_dir, "val", meta)
     check_data(cfg, meta, train_split, val_split)
     sources = [s["name"] for s in sorted(meta["sources"], key=lambda s: s["id"])]
+    here = distributed.check_divides(cfg.batch_size, "--batch-size")
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     out.mkdir(parents=True, exist_ok=True)
@@ -506,11 +573,13 @@ def train(cfg: GPTTrainConfig, data_dir: str | Path, out: str | Path) -> TrainRe
     with matmul_precision(device):
         trainer = Trainer(cfg, meta["vocab_size"], device, dtype)
         state = _start_state(cfg, out, trainer)
-        logger.info("gpt: %.2fM parameters, %s, %s autocast, steps %d..%d of batch %d x %d",
+        logger.info("gpt: %.2fM parameters, %s, %s autocast, steps %d..%d of batch %d x %d%s",
                     trainer.model.num_params() / 1e6, device, str(dtype).removeprefix("torch."),
-                    state.step, cfg.max_iters, cfg.batch_size, cfg.block_size)
+                    state.step, cfg.max_iters, cfg.batch_size, cfg.block_size,
+                    f" over {here.size} processes" if here.size > 1 else "")
         state = _train_loop(trainer, state, train_split, val_split, sources, out)
     trainer.model.eval()
+    distributed.barrier()  # rank 0's files are written when any rank returns
     return TrainResult(trainer.model, state.metrics, time.perf_counter() - started)
 
 
@@ -518,7 +587,7 @@ def _start_state(cfg: GPTTrainConfig, out: Path, trainer: Trainer) -> TrainState
     """The checkpoint's state under --resume, else step 0 with the stale outputs removed
     (the pipeline hashes every file in the folder, so none may outlive the run it came from)."""
     stale = [SAMPLES_FILE]
-    if cfg.resume and (out / CHECKPOINT_FILE).is_file():
+    if cfg.resume and distributed.broadcast_object((out / CHECKPOINT_FILE).is_file()):
         state = load_checkpoint(out, trainer)
         logger.info("gpt: resuming from %s at step %d", out / CHECKPOINT_FILE, state.step)
     else:
@@ -527,8 +596,10 @@ def _start_state(cfg: GPTTrainConfig, out: Path, trainer: Trainer) -> TrainState
                            out / CHECKPOINT_FILE)
         state = TrainState(0, [])
         stale += [CHECKPOINT_FILE, MODEL_FILE, CONFIG_FILE, METRICS_FILE]
-    for name in stale:
-        (out / name).unlink(missing_ok=True)
+    distributed.barrier()  # every rank has read the checkpoint before rank 0 removes anything
+    if trainer.world.is_main:
+        for name in stale:
+            (out / name).unlink(missing_ok=True)
     return state
 
 
@@ -557,11 +628,12 @@ def _train_loop(trainer: Trainer, state: TrainState, train_split: data.Split, va
     window = _Window(trainer.device)
     shown: dict[str, str] = {}
     bar: Any = progress(total=cfg.max_iters, initial=step, desc="gpt", unit="step")  # a tqdm
+    rows = rank_rows(cfg.batch_size, trainer.world)
     try:
         while step < cfg.max_iters:
             tick = time.perf_counter()
-            x, y = get_batch(train_split, step, cfg, trainer.device)
-            window.add(trainer.step(step, x, y), x.numel())
+            x, y = get_batch(train_split, step, cfg, trainer.device, rows)
+            window.add(trainer.step(step, x, y), x.numel() * trainer.world.size)
             step += 1
             if step % LOG_EVERY == 0:
                 shown["loss"] = f"{window.mean_loss():.3f}"  # a device sync, timed with the step
@@ -578,22 +650,26 @@ def _train_loop(trainer: Trainer, state: TrainState, train_split: data.Split, va
                 bar.set_postfix(shown, refresh=False)
     finally:
         bar.close()
-    save_model(out, trainer.model)  # also after a resume that had nothing left to do
-    write_metrics(out, metrics)
+    if trainer.world.is_main:
+        save_model(out, trainer.model)  # also after a resume that had nothing left to do
+        write_metrics(out, metrics)
     return TrainState(step, metrics)
 
 
 def _evaluate_and_save(trainer: Trainer, step: int, window: _Window, val_split: data.Split,
                        sources: list[str], out: Path, metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """Evaluate, then write the model, the metrics so far and a checkpoint."""
+    """Evaluate, then write the model, the metrics so far and a checkpoint (rank 0; the
+    training loss is the mean over the ranks, the throughput rank 0's measure of all of them)."""
     cfg = trainer.cfg
     result = evaluate(trainer.model, val_split, sources, cfg, trainer.device, trainer.dtype)
-    record = {"step": step, "lr": lr_at(step - 1, cfg), "train_loss": window.mean_loss(),
+    train_loss, = distributed.mean([window.mean_loss()])
+    record = {"step": step, "lr": lr_at(step - 1, cfg), "train_loss": train_loss,
               "val_loss": result.loss, "val_loss_by_source": result.by_source,
               "tokens_per_s": window.tokens_per_s()}
-    save_model(out, trainer.model)
-    write_metrics(out, metrics + [record])
-    save_checkpoint(out, trainer, TrainState(step, metrics + [record]))
+    if trainer.world.is_main:
+        save_model(out, trainer.model)
+        write_metrics(out, metrics + [record])
+        save_checkpoint(out, trainer, TrainState(step, metrics + [record]))
     return record
 
 
@@ -648,7 +724,7 @@ def run_stage(cfg: GPTTrainConfig, run: Any) -> None:
     by_source = ", ".join(f"{k} {v:.3f}" for k, v in last["val_loss_by_source"].items())
     logger.info("gpt: %d steps in %.1f s; val loss %.3f (%s)", last["step"], result.seconds,
                 last["val_loss"], by_source)
-    if cfg.sample_tokens and cfg.num_samples and cfg.sample_prompts:
+    if cfg.sample_tokens and cfg.num_samples and cfg.sample_prompts and distributed.is_main():
         started = time.perf_counter()
         device = next(result.model.parameters()).device
         write_samples(out, result.model, tokenizer.load(data_dir), cfg, device)

@@ -7,18 +7,29 @@ training) are kept for the evaluation.
 
 Writes into `sae/`:
     sae.safetensors, cfg.json     the selected SAE (nearest to --target-l0, else the first)
+                                  (--target-l0 also steers the L1 coefficients: `monofast.sae_search`)
     <name>/...                    every SAE of the sweep (l1_5, k32, ...), same layout
     metrics.jsonl                 training curves, one JSON object per logged step
     eval.json                     held-out MSE, FVU, L0, dead / dense fractions, density histogram,
                                   and CE-loss recovered on held-out tokens (`monofast.sae_eval`)
     checkpoint.pt                 while training only: weights, optimizer and stream state for
                                   --resume; removed once the files above are written
+
+Under torchrun (`monofast.distributed`) each rank streams its own disjoint part of every
+epoch of the training rows (the store's rank split) in batches of batch_size / world rows,
+so a step's global batch has batch_size rows and the run takes the steps and schedule of a
+single process, though its batches hold other rows. One all-reduce per SAE and step
+averages the gradients and adds up which features fired (`reduce_step`), so the decoder
+constraint and the dead-feature counts see the global batch; resampling runs alike on
+every rank and rank 0's result is kept. Rank 0 logs, checkpoints (with every rank's stream
+position: resume with as many processes), evaluates and writes the files.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +38,7 @@ from typing import Any, ClassVar, Iterator, NamedTuple, Optional
 import numpy as np
 import torch
 
-from monofast import activations, checkpoint, config, files, sae_eval
+from monofast import activations, checkpoint, config, distributed, files, sae_eval, sae_graph, sae_search
 from monofast.errors import DataError, UserError
 from monofast.log import logger, progress
 from monofast.sae import VARIANTS, SAEConfig, SparseAutoencoder
@@ -40,7 +51,7 @@ CHECKPOINT_FORMAT = 1
 
 @dataclass
 class SAETrainConfig:
-    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device", "resume"})
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device", "resume", "cuda_graphs"})
     """Fields that change how a run executes, not what it computes: the manifest ignores them."""
 
     variant: str = "anthropic2023"
@@ -79,7 +90,9 @@ class SAETrainConfig:
     held_out: int = 20_000
     """Rows at the end of the store kept out of training for the evaluation (at most 10%)."""
     target_l0: float = 0.0
-    """When > 0, the SAE of the sweep whose held-out L0 is nearest becomes `sae/sae.safetensors`."""
+    """When > 0, the L1 variants steer the sweep's lambdas toward this L0 while training
+    (`monofast.sae_search`), and the SAE whose held-out L0 is nearest (any variant) becomes
+    `sae/sae.safetensors`."""
     log_every: int = 25
     """Steps between lines of metrics.jsonl."""
     ce_eval_tokens: int = 65_536
@@ -94,6 +107,9 @@ class SAETrainConfig:
     bfloat16, float16."""
     device: str = "auto"
     """Where to train: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."""
+    cuda_graphs: bool = True
+    """On CUDA, replay the whole training step as one CUDA graph after a few eager steps
+    (anthropic2023 and april2024 in one process; the same arithmetic, far fewer launches)."""
     seed: int = 0
     """Seed of the initialisation, the data order and the resampling."""
 
@@ -121,6 +137,8 @@ class SAETrainConfig:
             raise ValueError(f"b_dec_init {self.b_dec_init!r}: choose geometric_median, mean or zeros")
         if self.held_out < 0 or self.log_every < 1 or self.resample_rows < 1:
             raise ValueError("held_out must be >= 0, log_every and resample_rows >= 1")
+        if not self.target_l0 >= 0 or not math.isfinite(self.target_l0):
+            raise ValueError(f"target_l0 must be >= 0 (0: no target), got {self.target_l0}")
         if self.ce_eval_tokens < 0 or self.checkpoint_every < 0:
             raise ValueError(f"ce_eval_tokens and checkpoint_every must be >= 0 (0 turns them off), got "
                              f"{self.ce_eval_tokens}, {self.checkpoint_every}")
@@ -165,9 +183,20 @@ class TrainingBatches:
 
     def __init__(self, store: activations.ActivationStore, cfg: SAETrainConfig, cutoff: int,
                  device: torch.device):
-        self.stream = store.stream(cfg.batch_size, shuffle="exact", seed=cfg.seed, epochs=cfg.epochs,
-                                   to_float32=True)
-        self.batch_size, self.cutoff, self.device = cfg.batch_size, cutoff, device
+        here = distributed.world()
+        if here.size == 1:
+            self.stream = store.stream(cfg.batch_size, shuffle="exact", seed=cfg.seed, epochs=cfg.epochs,
+                                       to_float32=True)
+            self.batch_size = cfg.batch_size
+        else:
+            # This rank's part of each epoch of the training rows only; endless, as the run's
+            # steps are counted over all ranks' rows (a rank may start one more epoch by a
+            # few rows when the training rows do not split evenly).
+            self.batch_size = cfg.batch_size // here.size
+            self.stream = store.stream(self.batch_size, shuffle="exact", seed=cfg.seed, epochs=None,
+                                       to_float32=True, rank=here.rank, world_size=here.size, rows=cutoff)
+        self.cutoff, self.device = cutoff, device
+        self.feed = activations.DeviceFeeder(device)  # pinned ring on CUDA, plain .to elsewhere
         self.pending = torch.zeros(0, store.dim)  # (R, d_in) rows read but not yet yielded
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -179,7 +208,7 @@ class TrainingBatches:
             self.pending = torch.cat([self.pending, rows])  # (R + b', d_in)
             while self.pending.shape[0] >= self.batch_size:
                 x, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
-                yield x.to(self.device, non_blocking=True)  # (batch_size, d_in)
+                yield self.feed(x)  # (batch_size, d_in)
 
     def state(self) -> dict[str, Any]:
         """The stream's position and the rows read past it but not yet yielded."""
@@ -278,16 +307,67 @@ def resample(member: Member, store: activations.ActivationStore, cutoff: int, wi
     return dead.numel()
 
 
-def train_step(member: Member, x: torch.Tensor, lam: float, lr: float, aux_coeff: float) -> dict[str, float]:
+def train_step(member: Member, x: torch.Tensor, lam: float, lr: float, aux_coeff: float,
+               here: distributed.World = distributed.SINGLE) -> dict[str, float]:
+    """One optimizer step on `x`: the whole batch, or under torchrun this rank's rows of it."""
     for group in member.optimizer.param_groups:
         group["lr"] = lr
+    before = member.sae.tokens_since_fired.clone() if here.size > 1 else None
     out = member.sae(x)
     loss = out.mse + (member.l1_coeff * lam) * out.l1 + aux_coeff * out.aux
     loss.backward()
+    if before is not None:
+        reduce_step(member.sae, before, out.fired, x.shape[0] * here.size, here)
     member.sae.optimizer_step(member.optimizer)
     member.optimizer.zero_grad(set_to_none=True)
     return {"loss": loss.detach(), "mse": out.mse.detach(), "l1": out.l1.detach(), "l0": out.l0,
             "aux": out.aux.detach()}
+
+
+# ---------------------------------------------------------------------------------------
+# Several processes (torchrun)
+
+
+@torch.no_grad()
+def reduce_step(sae: SparseAutoencoder, before: torch.Tensor, fired: torch.Tensor, rows: int,
+                here: distributed.World) -> None:
+    """What DistributedDataParallel does, by hand, so that the SAE's own step (gradient
+    projection, decoder renormalisation) and its dead-feature counts work unchanged: one
+    all-reduce carries the gradients and the per-feature firing counts. Each rank's loss is
+    a mean over as many rows, so the mean of the gradients is the global batch's; and
+    `tokens_since_fired` (`before` this step) counts the global batch's `rows`, reset where
+    a feature fired on any rank."""
+    grads = [p.grad for p in sae.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [fired.float()])  # (params + d_sae,)
+    distributed.all_reduce_sum_(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g)).div_(here.size)
+        offset += g.numel()
+    sae.tokens_since_fired.copy_((before + rows).masked_fill_(flat[offset:] > 0, 0))
+
+
+def reduce_stats(stats: list[dict[str, Any]], here: distributed.World) -> list[dict[str, Any]]:
+    """Every SAE's step statistics averaged over the ranks: the global batch's (one small
+    all-reduce per step, so the lambda search and the logs see the same values everywhere)."""
+    if here.size == 1:
+        return stats
+    keys = list(stats[0])
+    table = torch.stack([torch.stack([torch.as_tensor(s[k]).float() for k in keys]) for s in stats])  # (M, K)
+    distributed.all_reduce_sum_(table).div_(here.size)
+    return [dict(zip(keys, row.unbind())) for row in table]
+
+
+def share_member(member: Member) -> None:
+    """Give every rank rank 0's weights, buffers and optimizer state of `member` (after a
+    change every rank made alike, so that rounding cannot make them drift apart)."""
+    if distributed.world().size == 1:
+        return
+    tensors = list(member.sae.state_dict().values())  # share storage with the parameters
+    for p in member.sae.parameters():
+        state = member.optimizer.state.get(p, {})
+        tensors += [value for _, value in sorted(state.items()) if torch.is_tensor(value)]
+    distributed.broadcast_(tensors)
 
 
 class TrainState(NamedTuple):
@@ -314,59 +394,128 @@ def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = activations.open_store(store_dir)
+    here = distributed.check_divides(cfg.batch_size, "--batch-size")
     device = pick_device(cfg.device)
     cutoff = split_rows(store, cfg.held_out)
     steps = cutoff * cfg.epochs // cfg.batch_size
     if steps < 1:
         raise DataError(f"the store has {cutoff} training rows, fewer than one batch of {cfg.batch_size}; "
                         f"lower --batch-size or harvest more")
-    ce = prepare_ce(cfg, store, gpt_dir, data_dir, device)  # before training: its errors come early
+    ce = prepare_ce(cfg, store, gpt_dir, data_dir, device) if here.is_main else None  # its errors come early
     rng = np.random.default_rng(cfg.seed)
     sample = sample_rows(store, min(cutoff, 8 * cfg.batch_size), cutoff, rng)
     check_finite(sample, "the activation sample")
     torch.manual_seed(cfg.seed)
     members = build_sweep(cfg, store.dim, sample, steps, device)
-    logger.info("sae: %d SAE(s) of %d features on %d rows of %d (%d held out), %d steps of %d, on %s",
+    for m in members:
+        share_member(m)
+    search = lambda_search(cfg, members, steps)
+    probe = probe_rows(store, cutoff, rng) if search is not None else None
+    logger.info("sae: %d SAE(s) of %d features on %d rows of %d (%d held out), %d steps of %d, on %s%s",
                 len(members), members[0].sae.cfg.d_sae, cutoff, store.dim, store.rows - cutoff, steps,
-                cfg.batch_size, device)
+                cfg.batch_size, device, f" and {here.size - 1} more processes" if here.size > 1 else "")
     batches = TrainingBatches(store, cfg, cutoff, device)
     try:
-        state = start_state(cfg, out, store, members, batches, rng)
-        run_steps(cfg, members, batches, store, cutoff, steps, state, rng, out)
+        state = start_state(cfg, out, store, members, batches, rng, search)
+        run_steps(cfg, members, batches, store, cutoff, steps, state, rng, out, (search, probe))
     finally:
         batches.close()
+    if not here.is_main:
+        return distributed.broadcast_object(None)  # rank 0 evaluates and writes
 
     evaluation = evaluate(members, store, cutoff, cfg.batch_size, device)
+    if search is not None:
+        evaluation["lambda_search"] = search.report()
     if ce is not None:
         add_ce(evaluation, ce.run({m.name: m.sae for m in members}))
     files.write_json(out / EVAL_FILE, evaluation)
     save_all(members, out, evaluation, cfg.target_l0, metadata or {})
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # the finished files replace it
-    return evaluation
+    return distributed.broadcast_object(evaluation)
+
+
+def lambda_search(cfg: SAETrainConfig, members: list[Member], steps: int) -> Optional[sae_search.LambdaSearch]:
+    """The lambda search of --target-l0 for the L1 variants (TopK's L0 is its k: none)."""
+    if cfg.target_l0 <= 0:
+        return None
+    sae_search.check_target(cfg.target_l0, members[0].sae.cfg.d_sae)
+    if cfg.variant == "topk":
+        return None
+    return sae_search.LambdaSearch(cfg.target_l0, [m.l1_coeff for m in members], steps)
+
+
+PROBE_ROWS = 4096
+"""Rows on which the lambda search measures L0 at its control points (1-2% noise at L0 ~ 30)."""
+
+
+def probe_rows(store: activations.ActivationStore, cutoff: int, rng: np.random.Generator) -> torch.Tensor:
+    """Rows on which the search measures L0: held-out rows spread over the tail, the rows whose
+    L0 the evaluation reports (a sample of training rows when nothing is held out)."""
+    if store.rows == cutoff:
+        return sample_rows(store, PROBE_ROWS, cutoff, rng)
+    picks = np.unique(np.linspace(cutoff, store.rows - 1, min(PROBE_ROWS, store.rows - cutoff)).astype(np.int64))
+    return store.take(picks, to_float32=True).tensor().clone()
+
+
+@torch.no_grad()
+def probe_l0(members: list[Member], rows: torch.Tensor, batch_size: int) -> list[float]:
+    """Each member's mean L0 on `rows`, through the inference encoder the evaluation uses."""
+    result = []
+    for m in members:
+        device = m.sae.W_enc.device
+        fired = sum(float((m.sae.encode(chunk.to(device)) > 0).sum()) for chunk in rows.split(batch_size))
+        result.append(fired / rows.shape[0])
+    return result
+
+
+def set_lambdas(members: list[Member], lambdas: list[float]) -> None:
+    """Give the members (in place) the lambdas the search chose."""
+    for i, lam in enumerate(lambdas):
+        members[i] = members[i]._replace(l1_coeff=lam)
 
 
 def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatches,
               store: activations.ActivationStore, cutoff: int, steps: int, state: TrainState,
-              rng: np.random.Generator, out: Path) -> None:
-    """Train from `state.step` to `steps`, logging metrics and writing checkpoints."""
+              rng: np.random.Generator, out: Path,
+              search_and_probe: tuple[Optional[sae_search.LambdaSearch], Optional[torch.Tensor]] = (None, None)) -> None:
+    """Train from `state.step` to `steps`, logging metrics and writing checkpoints; with a
+    lambda search (and its probe rows), steer the members' lambdas at its control points."""
+    search, probe = search_and_probe
     resample_at = set(resample_steps(cfg, steps))
     window = (cfg.resample_every or max(1, steps // 4)) * cfg.batch_size  # tokens without firing = dead
     records = list(state.records)
     started = time.perf_counter() - state.seconds
     bar: Any = progress(total=steps, initial=state.step, desc="sae", unit="step")
-    with open(out / METRICS_FILE, "a", encoding="utf-8") as log_file:
+    here = distributed.world()
+    graphs = None
+    reason = sae_graph.unavailable(cfg.cuda_graphs, cfg.variant, batches.device, here.size)
+    if reason is None:
+        graphs = sae_graph.GraphedSteps(members, cfg.batch_size, store.dim, batches.device, cfg.aux_coeff)
+    with open(out / METRICS_FILE if here.is_main else os.devnull, "a", encoding="utf-8") as log_file:
         for step, x in enumerate(batches, start=state.step):
             if step >= steps:
                 break
             lam, lr = schedules(cfg, step, steps)
-            stats = [train_step(m, x, lam, lr, cfg.aux_coeff) for m in members]
+
+            def eager(x: torch.Tensor = x, lam: float = lam, lr: float = lr) -> list[dict[str, Any]]:
+                return [train_step(m, x, lam, lr, cfg.aux_coeff, here) for m in members]
+
+            stats = reduce_stats(graphs.step(x, lam, lr, eager) if graphs is not None else eager(), here)
             if not all(math.isfinite(float(s["loss"])) for s in stats):
                 check_finite(x, f"the batch of step {step}")
                 raise UserError(f"the loss became NaN/Inf at step {step} with finite inputs; lower --lr "
                                 f"(now {cfg.lr:g}) or use --compute-dtype float32. Nothing was saved.")
+            if search is not None and probe is not None and search.due(step + 1):
+                l0s = probe_l0(members, probe, cfg.batch_size)  # the same on every rank: same weights, same rows
+                set_lambdas(members, search.control(step + 1, l0s))
+                last = search.history[-1]
+                logger.info("sae: step %d, lambda search: L0 %s at lambda %s, aiming at %s -> lambda %s", step + 1,
+                            *(", ".join(f"{v:.3g}" for v in last[key])
+                              for key in ("l0", "l1_coeff", "aimed_l0", "next_l1_coeff")))
             if step + 1 in resample_at:
                 for m in members:
                     n = resample(m, store, cutoff, window, cfg, rng, x.device)
+                    share_member(m)
                     logger.info("sae %s: resampled %d dead features after step %d", m.name, n, step + 1)
             bar.update(1)
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
@@ -379,7 +528,7 @@ def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatch
                                 dead=first["dead"], rows_s=f"{record['rows_per_s']:.0f}")
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
                 done = TrainState(step + 1, records, time.perf_counter() - started)
-                save_checkpoint(out, cfg, store, members, batches, rng, done)
+                save_checkpoint(out, cfg, store, members, batches, rng, done, search=search)
     bar.close()
 
 
@@ -397,9 +546,15 @@ def checkpoint_identity(cfg: SAETrainConfig, store: activations.ActivationStore)
 
 
 def save_checkpoint(out: Path, cfg: SAETrainConfig, store: activations.ActivationStore, members: list[Member],
-                    batches: TrainingBatches, rng: np.random.Generator, state: TrainState) -> None:
-    """Every SAE's weights and optimizer state, the step, the stream's position and the
-    random state, in one atomically written file."""
+                    batches: TrainingBatches, rng: np.random.Generator, state: TrainState,
+                    search: Optional[sae_search.LambdaSearch] = None) -> None:
+    """Every SAE's weights and optimizer state, the step, the stream's position, the random
+    state and the lambda search's, in one atomically written file. Under torchrun every
+    rank calls it; rank 0 writes, with each rank's stream position."""
+    here = distributed.world()
+    positions = distributed.all_gather_object(batches.state()) if here.size > 1 else None
+    if not here.is_main:
+        return
     payload = {
         "format": CHECKPOINT_FORMAT,
         "identity": checkpoint_identity(cfg, store),
@@ -410,36 +565,51 @@ def save_checkpoint(out: Path, cfg: SAETrainConfig, store: activations.Activatio
                              "optimizer": m.optimizer.state_dict()} for m in members},
         "batches": batches.state(),
         "rng": json.dumps(rng.bit_generator.state),  # JSON: PCG64's state holds 128-bit integers
+        "search": search.state() if search is not None else None,
     }
+    if positions is not None:
+        payload.update(batches=positions, world_size=here.size)
     checkpoint.save(out / CHECKPOINT_FILE, payload)
 
 
 def load_checkpoint(out: Path, cfg: SAETrainConfig, store: activations.ActivationStore, members: list[Member],
-                    batches: TrainingBatches, rng: np.random.Generator) -> TrainState:
+                    batches: TrainingBatches, rng: np.random.Generator,
+                    search: Optional[sae_search.LambdaSearch] = None) -> TrainState:
     """Restore a checkpoint made with the same options on the same store; refuse any other."""
     payload = checkpoint.load(out / CHECKPOINT_FILE, CHECKPOINT_FORMAT, "identity", checkpoint_identity(cfg, store))
+    here, made_by = distributed.world(), int(payload.get("world_size", 1))
+    if made_by != here.size:
+        raise UserError(f"{out / CHECKPOINT_FILE} was made by {made_by} process(es) and this run has {here.size}; "
+                        f"resume with torchrun --nproc_per_node {made_by} (in all), or drop --resume to start over")
     for m in members:
         m.sae.load_state_dict(payload["members"][m.name]["sae"])
         m.optimizer.load_state_dict(payload["members"][m.name]["optimizer"])
-    batches.restore(payload["batches"])
+    batches.restore(payload["batches"] if here.size == 1 else payload["batches"][here.rank])
     rng.bit_generator.state = json.loads(payload["rng"])
+    if search is not None:
+        search.restore(payload["search"])
+        set_lambdas(members, search.lambdas)
     return TrainState(int(payload["step"]), list(payload["records"]), float(payload["seconds"]))
 
 
 def start_state(cfg: SAETrainConfig, out: Path, store: activations.ActivationStore, members: list[Member],
-                batches: TrainingBatches, rng: np.random.Generator) -> TrainState:
+                batches: TrainingBatches, rng: np.random.Generator,
+                search: Optional[sae_search.LambdaSearch] = None) -> TrainState:
     """The checkpoint's state under --resume, else step 0 with any stale checkpoint removed;
     metrics.jsonl is rewritten to hold exactly the lines up to that step."""
     path = out / CHECKPOINT_FILE
-    if cfg.resume and path.is_file():
-        state = load_checkpoint(out, cfg, store, members, batches, rng)
+    main = distributed.is_main()
+    if cfg.resume and distributed.broadcast_object(path.is_file()):
+        state = load_checkpoint(out, cfg, store, members, batches, rng, search)
         logger.info("sae: resuming from %s at step %d", path, state.step)
     else:
         if cfg.resume:
             logger.warning("sae: --resume given but %s does not exist; starting from step 0", path)
-        path.unlink(missing_ok=True)
+        if main:
+            path.unlink(missing_ok=True)
         state = TrainState(0, [], 0.0)
-    files.write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in state.records))
+    if main:
+        files.write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in state.records))
     return state
 
 
@@ -474,6 +644,7 @@ def log_record(members: list[Member], stats: list[dict[str, Any]], step: int, cf
     for m, s in zip(members, stats):
         saes[m.name] = {key: round(float(value), 6) for key, value in s.items()}
         saes[m.name]["dead"] = int(m.sae.dead_mask().sum())
+        saes[m.name]["l1_coeff"] = m.l1_coeff
     return {"step": step, "rows": step * cfg.batch_size, "seconds": round(seconds, 3),
             "rows_per_s": round(step * cfg.batch_size / max(seconds, 1e-9), 1),
             "lr": lr, "l1_scale": lam, "saes": saes}
