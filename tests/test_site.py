@@ -53,6 +53,23 @@ def test_windows_survive_broken_utf8_and_edges():
     assert all(0 < m < 6 for g in groups for m in g.members)
 
 
+def test_window_groups_spell_what_a_plain_incremental_decode_gives():
+    """The shortcut for tokens that are whole characters never changes the text, whatever
+    broken or split sequences come before or after them."""
+    import codecs
+
+    pieces = [b"a\xe2\x82", b"x", b"\xac", b"\xe2\x82\xac", b"hi", b"\xf0\x9f", b"\x98\x80", b"\xff", b"\n<"]
+    vocab = Vocab({"bytes": [p.hex() for p in pieces]})
+    rng = np.random.default_rng(3)
+    for _ in range(3000):
+        tokens = rng.integers(0, len(pieces), rng.integers(1, 9)).tolist()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        plain = "".join(decoder.decode(pieces[t]) for t in tokens) + decoder.decode(b"", final=True)
+        groups = decode_window(vocab, tokens)
+        assert "".join(g.text for g in groups) == plain, tokens
+        assert sorted(m for g in groups for m in g.members) == list(range(len(tokens)))
+
+
 def test_window_html_is_escaped_and_shows_whitespace():
     vocab = fake_vocab()
     tokens = np.array([7, 8, 9, 10, 11, EOT, 0], dtype=np.int32)
@@ -209,6 +226,22 @@ def test_rebuilding_replaces_the_pages(site, tmp_path):
     assert sorted(p.name for p in (out / "features").iterdir()) == ["0.html", "1.html", "2.html"]
     build(SiteConfig(max_pages=2), analysis_dir, out)
     assert sorted(p.name for p in (out / "features").iterdir()) == ["0.html", "1.html"]
+
+
+def test_pages_rendered_by_worker_processes_equal_the_serial_ones(site, tmp_path, monkeypatch):
+    from monofast.site import build as site_build
+
+    folder, _, _ = site
+    analysis_dir = folder.parent / "analysis"
+    monkeypatch.setattr(site_build, "workers_for", lambda count: 1)
+    build(SiteConfig(max_pages=20), analysis_dir, tmp_path / "serial")
+    monkeypatch.setattr(site_build, "workers_for", lambda count: 2)
+    monkeypatch.setattr(site_build, "PAGES_PER_TASK", 3)
+    build(SiteConfig(max_pages=20), analysis_dir, tmp_path / "parallel")
+    serial = sorted((tmp_path / "serial" / "features").iterdir())
+    assert len(serial) == 20
+    for page in serial:
+        assert (tmp_path / "parallel" / "features" / page.name).read_bytes() == page.read_bytes(), page.name
 
 
 def _chromium() -> str | None:

@@ -15,8 +15,9 @@ its layout inside a `white-space: pre-wrap` block.
 from __future__ import annotations
 
 import codecs
+import functools
 import html
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 NEWLINE_MARK = "⏎"
 TAB_MARK = "⇥"
@@ -29,6 +30,8 @@ class Vocab:
         self.bytes = [bytes.fromhex(h) for h in table["bytes"]]
         self.special = {int(i) for i in table.get("special", [])}
         self.special_text = {int(k): v for k, v in table.get("special_text", {}).items()}
+        self.whole: list[Optional[str]] = [_whole_text(b) for b in self.bytes]
+        """Each token's text when its bytes are whole UTF-8 characters on their own, else None."""
 
     def label(self, token: int) -> str:
         """One token on its own, for lists: partial characters as \\x escapes, whitespace visible."""
@@ -36,6 +39,13 @@ class Vocab:
             return self.special_text.get(token, f"<special {token}>")
         text = self.bytes[token].decode("utf-8", errors="backslashreplace")
         return visible(text)
+
+
+def _whole_text(data: bytes) -> Optional[str]:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def visible(text: str) -> str:
@@ -59,6 +69,7 @@ def decode_window(vocab: Vocab, tokens: Sequence[int]) -> list[Group]:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     groups: list[Group] = []
     pending: list[int] = []
+    buffered = False
     for pos, token in enumerate(tokens):
         token = int(token)
         if token < 0:
@@ -66,13 +77,19 @@ def decode_window(vocab: Vocab, tokens: Sequence[int]) -> list[Group]:
         if token in vocab.special:
             tail = decoder.decode(b"", final=True)
             decoder.reset()
+            buffered = False
             if pending or tail:
                 groups.append(Group(tail, tuple(pending), False))
                 pending = []
             groups.append(Group(vocab.special_text.get(token, ""), (pos,), True))
             continue
+        whole = vocab.whole[token]
+        if whole and not pending and not buffered:  # the common case: whole characters
+            groups.append(Group(whole, (pos,), False))
+            continue
         pending.append(pos)
         text = decoder.decode(vocab.bytes[token])
+        buffered = bool(decoder.getstate()[0])  # bytes of an unfinished character held back
         if text:
             groups.append(Group(text, tuple(pending), False))
             pending = []
@@ -82,10 +99,12 @@ def decode_window(vocab: Vocab, tokens: Sequence[int]) -> list[Group]:
     return groups
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def escape(text: str) -> str:
     return html.escape(text, quote=True)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def display(text: str) -> str:
     """Escaped text with newlines and tabs marked (the real characters kept for layout)."""
     out = escape(text)
