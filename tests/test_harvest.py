@@ -79,12 +79,15 @@ def test_positions_are_distinct_sorted_and_keyed_on_the_context():
 
 def test_contexts_cover_the_data_without_repeats(caplog):
     starts = harvest.choose_contexts(10_000, 100, 100, seed=1)
-    assert np.array_equal(starts, np.arange(100) * 100)  # all 100 windows, each once
+    assert np.array_equal(np.sort(starts), np.arange(100) * 100)  # all 100 windows, each once
+    # In random order: the store's last rows (the SAE's held-out rows) span the corpus.
+    assert not np.array_equal(starts, np.sort(starts)) and starts[-10:].min() < 5000 <= starts[-10:].max()
     some = harvest.choose_contexts(10_000, 100, 30, seed=1)
     assert len(set(some)) == 30 and all(s % 100 == 0 for s in some)
     assert not np.array_equal(some, harvest.choose_contexts(10_000, 100, 30, seed=2))
     more = harvest.choose_contexts(10_050, 100, 130, seed=1)
     assert len(more) == 130 and more.max() <= 10_050 - 100
+    assert set(np.arange(100) * 100) <= set(more)
     assert "only 100 non-overlapping contexts" in caplog.text
     with pytest.raises(data.DataError, match="fewer than one context"):
         harvest.choose_contexts(50, 100, 1, seed=0)

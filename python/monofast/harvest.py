@@ -126,19 +126,21 @@ class HarvestResult(NamedTuple):
 # Sampling
 
 def choose_contexts(n_tokens: int, length: int, count: int, seed: int) -> np.ndarray:
-    """(count,) sorted int64 starts of contexts of `length` tokens in a split of `n_tokens`:
-    distinct non-overlapping windows while there are enough, then random offsets."""
+    """(count,) int64 starts of contexts of `length` tokens in a split of `n_tokens`:
+    distinct non-overlapping windows while there are enough, then random offsets. They come
+    in random order, so any run of the store's rows (the held-out tail that SAE training
+    keeps for evaluation) is a fair sample of every source, not the corpus's last document."""
     windows = n_tokens // length
     if windows == 0:
         raise DataError(f"the split has {n_tokens} tokens, fewer than one context of {length}; "
                         f"use a shorter --context-length or more data")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x636F6E74]))
     if count <= windows:
-        return np.sort(rng.choice(windows, size=count, replace=False)).astype(np.int64) * length
+        return rng.choice(windows, size=count, replace=False).astype(np.int64) * length
     logger.warning("harvest: the split has only %d non-overlapping contexts of %d tokens; the other "
                    "%d contexts overlap them (more data avoids repeats)", windows, length, count - windows)
     extra = rng.integers(0, n_tokens - length + 1, size=count - windows)
-    return np.sort(np.concatenate([np.arange(windows) * length, extra])).astype(np.int64)
+    return rng.permutation(np.concatenate([np.arange(windows) * length, extra])).astype(np.int64)
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
@@ -225,7 +227,7 @@ def harvest(cfg: HarvestConfig, data_dir: str | Path, gpt_dir: str | Path, out: 
 def fingerprint(cfg: HarvestConfig, the_plan: Plan, inputs: dict[str, Any]) -> str:
     """What determines the rows: inputs, layer, sampling. Batch size and device do not."""
     content = {k: v for k, v in vars(cfg).items() if k not in ("batch_size", "device", "shard_mb")}
-    content.update(layer=the_plan.layer, length=the_plan.length, inputs=inputs)
+    content.update(layer=the_plan.layer, length=the_plan.length, inputs=inputs, order="shuffled")
     return files.hash_bytes(json.dumps(content, sort_keys=True).encode())
 
 
