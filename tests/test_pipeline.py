@@ -359,3 +359,17 @@ def _layers(args: list[str], stage: str) -> list[dict]:
             key, _, value = args[i + 1][len(stage) + 1:].partition("=")
             layers.append({key: value})
     return layers
+
+
+def left_in(text: str) -> str:
+    return re.findall(r"about (.+) left", text)[-1]
+
+
+def test_eta_moves_with_long_stages_not_short_ones(log):
+    clock = pipeline._Clock({"data": 4.0, "gpt": 1000.0, "sae": 100.0})
+    clock.done("data", 0.9, ran=True)  # a few seconds early: the GPT estimate stands
+    clock.announce("gpt", 2, 3, {"gpt": True, "sae": True})
+    assert left_in(log.text) == "17 min 27 s"  # 1,100 s x (0.9 + 60) / (4 + 60)
+    clock.done("gpt", 2000.0, ran=True)  # twice the estimate: the rest scales up nearly as much
+    clock.announce("sae", 3, 3, {"gpt": False, "sae": True})
+    assert left_in(log.text) == "3 min 14 s"  # 100 s x (2000.9 + 60) / (1004 + 60)

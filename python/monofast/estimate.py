@@ -62,14 +62,16 @@ class Rates:
     """Per analysed token: top-k, reservoirs and histograms on the CPU."""
 
 
-# CPU: fitted to a quick run on a 2-core CPU shared with other jobs (products measured at
-# 100 GFLOP/s when it started; GPT 422 s, harvest 8.9 s, SAE 149 s, analysis 35 s), and in
-# line with the benchmarks on a quieter machine (GPT ~47% of the bf16 rate,
-# benches/bench_gpt.py; the SAE step 80-90% of its five products, benches/bench_sae.py).
-# The SAE's products are larger than the measured ones, hence a share near 1. GPU numbers
-# are assumptions (small models are bound by kernel launches) until measured on a GPU.
+# CPU: GPT training fitted to two runs on a quiet 2-core CPU (products measured at 408-430
+# GFLOP/s): quick (block 128) reached 40% of that rate and laptop (block 256, dropout)
+# 27%; the share below sits between them (both estimates within 25%). The other CPU rates
+# were fitted to a quick run on a loaded machine (products at 100 GFLOP/s; harvest 8.9 s,
+# SAE 149 s, analysis 35 s), in line with the benchmarks (the SAE step 80-90% of its five
+# products, benches/bench_sae.py). The SAE's products are larger than the measured ones,
+# hence a share near 1. GPU numbers are assumptions (small models are bound by kernel
+# launches) until measured on a GPU.
 RATES = {
-    "cpu": Rates(gpt_share=0.50, gpt_step_s=0.002, forward_share=0.40, sae_share=0.9, sae_step_s=0.002,
+    "cpu": Rates(gpt_share=0.33, gpt_step_s=0.002, forward_share=0.40, sae_share=0.9, sae_step_s=0.002,
                  harvest_row_s=5e-6, analysis_share=0.25, analysis_token_s=8e-6),
     "cuda": Rates(gpt_share=0.30, gpt_step_s=0.008, forward_share=0.20, sae_share=0.5, sae_step_s=0.0015,
                   harvest_row_s=1e-6, analysis_share=0.10, analysis_token_s=4e-6),

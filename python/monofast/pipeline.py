@@ -344,6 +344,10 @@ def _estimates(configs: Mapping[str, Any], todo: Mapping[str, bool]) -> dict[str
     return {name: e.seconds for name, e in estimate.estimate(configs, device).items()}
 
 
+ETA_PRIOR_S = 60.0
+"""How much finished-stage time it takes before their pace moves the estimate of the rest."""
+
+
 class _Clock:
     """Elapsed time and the estimate of what is left, corrected by how the finished stages
     compared with their estimates."""
@@ -364,7 +368,10 @@ class _Clock:
 
     def announce(self, name: str, number: int, count: int, todo: Mapping[str, bool]) -> None:
         left = sum(self.estimates.get(n, 0.0) for n, runs in todo.items() if runs)
-        factor = min(max(self.spent / self.expected, 0.33), 3.0) if self.expected > 1.0 else 1.0
+        # Shrunk towards 1 by a prior of ETA_PRIOR_S seconds on each side, so a stage of a
+        # few seconds finishing early (data) does not cut the estimate of a long GPT stage.
+        factor = (self.spent + ETA_PRIOR_S) / (self.expected + ETA_PRIOR_S)
+        factor = min(max(factor, 0.33), 3.0)
         logger.info("run: stage %d/%d %s · %s elapsed · about %s left (estimate)", number, count, name,
                     estimate.duration(self.elapsed()), estimate.duration(left * factor))
 
