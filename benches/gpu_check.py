@@ -56,7 +56,8 @@ from monofast.sae import SAEConfig, SparseAutoencoder  # noqa: E402
 SEED_SHAPE = (2048, 768, 1536)
 """(B, D, F): the seed recipe's SAE (batches of 2,048 on 768 MLP neurons, 2x expansion)."""
 PAPER_SHAPE = (8192, 512, 16384)
-"""(B, D, F): 512 neurons, 16,384 features, the size the issue's rate goal is set at."""
+"""(B, D, F): 512 neurons, 16,384 features, where the fused step should reach 60% of the
+card's measured bf16 matrix-product rate."""
 SMALL_SHAPES = {"seed": (64, 48, 96), "paper": (128, 32, 256)}
 """Toy stand-ins for --small (CPU)."""
 
@@ -550,19 +551,20 @@ def section_sae_train(rep: Report, device: torch.device, small: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "acts"
         build_store(store, rows, dim, "fp32")
-        weights, seconds = {}, {}
+        weights, seconds, replayed = {}, {}, {}
         for graphs in (True, False):
             cfg = sae_train.SAETrainConfig(expansion=2, batch_size=batch, device=str(device), cuda_graphs=graphs,
                                            held_out=batch, log_every=50)
             out = Path(tmp) / f"sae_{graphs}"
             t0 = time.perf_counter()
-            sae_train.train(cfg, store, out)
+            replayed[graphs] = sae_train.train(cfg, store, out)["training"]["cuda_graph"]
             seconds[graphs] = time.perf_counter() - t0
             weights[graphs] = load_file(str(out / "sae.safetensors"))
     worst = max(rel_err(weights[True][k], weights[False][k]) for k in weights[False])
-    ok = worst < 1e-4
+    # On CUDA the first run must really have replayed graphs, or the check compares eager with eager.
+    ok = worst < 1e-4 and replayed[True] == (device.type == "cuda") and not replayed[False]
     if not ok:
-        rep.failures.append("sae_train: graph replay and eager steps disagree")
+        rep.failures.append(f"sae_train: graph replay and eager steps disagree (graphs ran: {replayed})")
     steps = (rows - batch) // batch
     rep.details["sae_train"] = {"seconds": seconds, "steps": steps, "worst_rel_diff": worst}
     rep.row("sae_train", f"{steps} steps D{dim} F{2 * dim} B{batch}: graph vs eager",

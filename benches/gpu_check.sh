@@ -35,6 +35,7 @@ if [[ ! -f "${wheels[0]}" ]]; then
     exit 2
 fi
 site="$(mktemp -d)"
+trap 'rm -rf "$site"' EXIT
 python3 -m pip install --quiet --no-index --no-deps --no-compile --target "$site" "${wheels[0]}"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -d "$dir/cache" ]]; then

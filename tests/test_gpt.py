@@ -292,3 +292,42 @@ def test_cli_train_sample_and_errors(tmp_path, capsys):
     assert "monofast data" in capsys.readouterr().err
     assert cli.main(["gpt", "sample", "--run", str(tmp_path / "empty")]) == 2
     assert "gpt train" in capsys.readouterr().err
+
+
+class _BackwardFails(torch.autograd.Function):
+    """Identity forward; its backward raises, as a compiler failing at the first backward would."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward compiler failed")
+
+
+@pytest.mark.parametrize("choice", ["auto", "true"])
+def test_a_compile_failure_in_the_first_backward_falls_back_under_auto_only(choice):
+    cfg = tiny_cfg(compile=choice, dropout=0.1)
+    trainer = gpt.Trainer(cfg, 64, torch.device("cpu"), torch.float32)
+    reference = gpt.Trainer(dataclasses.replace(cfg, compile="false"), 64, torch.device("cpu"), torch.float32)
+    reference.model.load_state_dict(trainer.model.state_dict())
+    eager = trainer.forward
+
+    def broken(x, y):  # stands in for the compiled module
+        out = eager(x, y)
+        return out._replace(loss=_BackwardFails.apply(out.loss))
+
+    trainer.forward, trainer.compile_pending = broken, True
+    x = torch.randint(0, 64, (4, cfg.block_size))
+    y = torch.randint(0, 64, (4, cfg.block_size))
+    if choice == "true":
+        with pytest.raises(RuntimeError, match="backward compiler failed"):
+            trainer.step(0, x, y)
+        return
+    loss = trainer.step(0, x, y)
+    assert trainer.forward is trainer.eager_forward and not trainer.compile_pending
+    expected = reference.step(0, x, y)  # same weights, same dropout masks: the same step
+    torch.testing.assert_close(loss, expected)
+    for a, b in zip(trainer.model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(a, b)

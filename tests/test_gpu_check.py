@@ -1,6 +1,7 @@
-"""`benches/gpu_check.py`, the script a lent GPU runs, kept working here: its correctness
-sections run at toy sizes on the CPU (Triton kernels through the interpreter) and must
-report every check as passed."""
+"""`benches/gpu_check.py`, the check a CUDA machine runs, kept working without one: its
+correctness sections run at toy sizes on the CPU (Triton kernels through the interpreter)
+and must report every check as passed. (Its `sae_train` section, graph replays against
+eager steps, means something only on CUDA and is left out here.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["env", "kernels", "sae_train", "stream", "harvest"]
+SECTIONS = ["env", "kernels", "stream", "harvest"]
 
 
 def test_gpu_check_small_passes_its_checks_on_the_cpu(tmp_path):
@@ -24,7 +25,7 @@ def test_gpu_check_small_passes_its_checks_on_the_cpu(tmp_path):
     assert report["failures"] == []
     sections = {row[0] for row in report["rows"]}
     assert sections == set(SECTIONS)
-    checks = [row for row in report["rows"] if row[0] in ("kernels", "sae_train", "stream")]
+    checks = [row for row in report["rows"] if row[0] in ("kernels", "stream")]
     # Every kernel case (fp32, bf16, fp16, odd shapes, TopK) and each other check said ok.
     assert len([row for row in checks if row[0] == "kernels"]) >= 7
     assert checks and all(row[2].startswith("ok") for row in checks)

@@ -2,7 +2,7 @@
 machine with CUDA) that they compute exactly what the ordinary paths compute.
 
 The CUDA cases are skipped without a GPU; `benches/gpu_check.py` runs the same comparisons
-on a lent GPU at real sizes.
+on a CUDA machine at real sizes.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def test_graph_replays_train_the_same_weights_as_eager_steps(tmp_path, variant):
                                        device="cuda", cuda_graphs=graphs, held_out=200, log_every=5,
                                        resample_every=4)
         out = tmp_path / f"sae_{graphs}"
-        sae_train.train(cfg, store, out)
+        evaluation = sae_train.train(cfg, store, out)
+        assert evaluation["training"]["cuda_graph"] is graphs  # replays really ran (or were off)
         weights[graphs] = load_file(str(out / "sae.safetensors"))
     for name, eager in weights[False].items():
         torch.testing.assert_close(weights[True][name], eager, rtol=1e-5, atol=1e-6)

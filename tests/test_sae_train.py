@@ -69,6 +69,7 @@ def test_sweep_trains_side_by_side_and_writes_everything(store_dir, tmp_path):
     assert lines[-1]["step"] == steps and lines[0]["step"] == 5
     assert set(lines[-1]["saes"]) == {"l1_0.3", "l1_3"}
     assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(evaluation))
+    assert evaluation["training"] == {"cuda_graph": False}  # no CUDA here: plain steps
 
     top = json.loads((out / "cfg.json").read_text())  # without --target-l0, the first is published
     assert top["sweep_member"] == "l1_0.3" and top["hook_name"] == "blocks.0.mlp.hook_post"

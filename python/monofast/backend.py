@@ -150,10 +150,14 @@ def sae_step(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: t
     except (ValueError, TypeError):
         raise  # bad inputs: the same on every backend
     except Exception as err:  # a compiler or driver failure in an automatic choice
-        if forced or chosen.name == "torch":
-            raise
+        if forced or chosen.name == "torch" or _capturing(x):
+            raise  # (while a CUDA graph is captured, the capture failed, not the backend)
         fallback = _fall_back(chosen.name, x.device, f"{type(err).__name__}: {err}")
         return _call(fallback, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _call(backend: Backend, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype):

@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     command = COMMANDS[name]
     try:
-        followed = distributed.join()  # under torchrun: ranks > 0 follow rank 0 (DESIGN.md "Scaling out")
+        followed = distributed.join()  # under torchrun: ranks > 0 follow rank 0 (see monofast.distributed)
         if followed is not None:
             return followed
         impl = _instantiate(name, command)

@@ -403,8 +403,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss = self._forward_loss(x, y)
-        self.scaler.scale(loss).backward()
+        loss = self._forward_backward(step, x, y)
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -414,22 +413,31 @@ class Trainer:
         # A copy: with CUDA graphs the output's memory is rewritten by the next step.
         return loss.detach().clone()
 
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _forward_backward(self, step: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward; the loss. The first compiled step is where torch.compile
+        builds the forward, the backward (at the first `.backward()`) and, with CUDA graphs,
+        records them: under `--compile auto` a failure anywhere in it trains eagerly instead."""
         if not self.compile_pending:
-            with autocast(self.device, self.dtype):
-                return self.forward(x, y).loss
+            return self._forward_loss_backward(x, y)
         try:
-            with autocast(self.device, self.dtype):
-                loss = self.forward(x, y).loss
+            loss = self._forward_loss_backward(x, y)
         except Exception as err:  # the compiler failed on this machine
             if self.cfg.compile == "true":
                 raise
             logger.warning("gpt: torch.compile failed (%s: %s); training without it (--compile false "
-                           "skips the attempt)", type(err).__name__, str(err).splitlines()[0][:200])
+                           "skips the attempt)", type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+            self.optimizer.zero_grad(set_to_none=True)  # whatever a half-done backward left
             self.forward = self.eager_forward
-            with autocast(self.device, self.dtype):
-                loss = self.forward(x, y).loss
+            if self.cfg.dropout > 0:
+                torch.manual_seed(step_seed(self.cfg, step, self.world.rank))  # the same masks
+            loss = self._forward_loss_backward(x, y)
         self.compile_pending = False
+        return loss
+
+    def _forward_loss_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.dtype):
+            loss = self.forward(x, y).loss
+        self.scaler.scale(loss).backward()
         return loss
 
 

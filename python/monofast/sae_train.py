@@ -46,7 +46,7 @@ from monofast.sae import VARIANTS, SAEConfig, SparseAutoencoder
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -417,13 +417,14 @@ def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
     batches = TrainingBatches(store, cfg, cutoff, device)
     try:
         state = start_state(cfg, out, store, members, batches, rng, search)
-        run_steps(cfg, members, batches, store, cutoff, steps, state, rng, out, (search, probe))
+        replays = run_steps(cfg, members, batches, store, cutoff, steps, state, rng, out, (search, probe))
     finally:
         batches.close()
     if not here.is_main:
         return distributed.broadcast_object(None)  # rank 0 evaluates and writes
 
     evaluation = evaluate(members, store, cutoff, cfg.batch_size, device)
+    evaluation["training"] = replays  # {"cuda_graph": bool, ...}: how the steps ran
     if search is not None:
         evaluation["lambda_search"] = search.report()
     if ce is not None:
@@ -477,9 +478,11 @@ def set_lambdas(members: list[Member], lambdas: list[float]) -> None:
 def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatches,
               store: activations.ActivationStore, cutoff: int, steps: int, state: TrainState,
               rng: np.random.Generator, out: Path,
-              search_and_probe: tuple[Optional[sae_search.LambdaSearch], Optional[torch.Tensor]] = (None, None)) -> None:
+              search_and_probe: tuple[Optional[sae_search.LambdaSearch], Optional[torch.Tensor]] = (None, None)
+              ) -> dict[str, Any]:
     """Train from `state.step` to `steps`, logging metrics and writing checkpoints; with a
-    lambda search (and its probe rows), steer the members' lambdas at its control points."""
+    lambda search (and its probe rows), steer the members' lambdas at its control points.
+    Returns whether the steps ran as CUDA graph replays (`sae_graph.describe`)."""
     search, probe = search_and_probe
     resample_at = set(resample_steps(cfg, steps))
     window = (cfg.resample_every or max(1, steps // 4)) * cfg.batch_size  # tokens without firing = dead
@@ -530,6 +533,7 @@ def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatch
                 done = TrainState(step + 1, records, time.perf_counter() - started)
                 save_checkpoint(out, cfg, store, members, batches, rng, done, search=search)
     bar.close()
+    return sae_graph.describe(graphs)
 
 
 # ---------------------------------------------------------------------------------------
