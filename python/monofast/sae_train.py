@@ -509,8 +509,9 @@ def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatch
                 raise UserError(f"the loss became NaN/Inf at step {step} with finite inputs; lower --lr "
                                 f"(now {cfg.lr:g}) or use --compute-dtype float32. Nothing was saved.")
             if search is not None and probe is not None and search.due(step + 1):
-                l0s = probe_l0(members, probe, cfg.batch_size)  # the same on every rank: same weights, same rows
-                set_lambdas(members, search.control(step + 1, l0s))
+                l0s = probe_l0(members, probe, cfg.batch_size)  # same weights, same rows on every rank
+                # Rank 0's lambdas everywhere: devices may round the probe differently.
+                set_lambdas(members, distributed.broadcast_object(search.control(step + 1, l0s)))
                 last = search.history[-1]
                 logger.info("sae: step %d, lambda search: L0 %s at lambda %s, aiming at %s -> lambda %s", step + 1,
                             *(", ".join(f"{v:.3g}" for v in last[key])
