@@ -29,6 +29,7 @@ a speed: it prints ratios measured side by side.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -373,13 +374,25 @@ def section_stream(rep: Report, device: torch.device, small: bool) -> None:
                                               "gbps": rates}
 
 
+@contextlib.contextmanager
+def backend_env(name: str | None) -> Iterator[None]:
+    """MONOFAST_BACKEND=name inside the block (unchanged for None), restored after."""
+    saved = os.environ.get(backend.ENV)
+    if name:
+        os.environ[backend.ENV] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(backend.ENV, None)
+        else:
+            os.environ[backend.ENV] = saved
+
+
 def graphed_step(n_rows: int, d_in: int, d_sae: int, device: torch.device, force: str | None) -> Callable[[], None]:
     """monofast's full step (forward, backward, Adam, renormalisation) captured in one CUDA
     graph and replayed; `force` pins the backend (MONOFAST_BACKEND) while capturing."""
-    saved = os.environ.get(backend.ENV)
-    if force:
-        os.environ[backend.ENV] = force
-    try:
+    with backend_env(force):
         sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, compute_dtype="bfloat16"), device=device,
                                 generator=torch.Generator().manual_seed(0))
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True, capturable=True)
@@ -401,26 +414,14 @@ def graphed_step(n_rows: int, d_in: int, d_sae: int, device: torch.device, force
         opt.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
             step()
-    finally:
-        if saved is None:
-            os.environ.pop(backend.ENV, None)
-        else:
-            os.environ[backend.ENV] = saved
     return graph.replay
 
 
 def forced(fn: Callable[[], None], name: str) -> Callable[[], None]:
     """`fn` run with MONOFAST_BACKEND=name."""
     def run() -> None:
-        saved = os.environ.get(backend.ENV)
-        os.environ[backend.ENV] = name
-        try:
+        with backend_env(name):
             fn()
-        finally:
-            if saved is None:
-                os.environ.pop(backend.ENV, None)
-            else:
-                os.environ[backend.ENV] = saved
     return run
 
 
