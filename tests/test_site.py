@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monofast import pipeline
+from monofast import pipeline, report
 from monofast.analysis import output
 from monofast.analysis.config import AnalysisConfig
 from monofast.analysis.run import analyze
@@ -244,13 +244,9 @@ def test_pages_rendered_by_worker_processes_equal_the_serial_ones(site, tmp_path
         assert (tmp_path / "parallel" / "features" / page.name).read_bytes() == page.read_bytes(), page.name
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
 @pytest.mark.slow
 def test_index_renders_in_a_headless_browser_from_file_urls(site, tmp_path):
-    browser = _chromium()
+    browser = report.find_browser()
     if browser is None:
         pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
     folder, index, analysis = site
@@ -271,7 +267,7 @@ def test_index_renders_in_a_headless_browser_from_file_urls(site, tmp_path):
 
 @pytest.mark.slow
 def test_an_index_of_4096_features_renders_in_under_a_second(site, tmp_path):
-    browser = _chromium()
+    browser = report.find_browser()
     if browser is None:
         pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
     folder, _, _ = site

@@ -101,8 +101,8 @@ class GraphedSteps:
 
     def _fill(self, x: torch.Tensor, lam: float, lr: float) -> None:
         self.x.copy_(x, non_blocking=True)
-        self.coeff.copy_(torch.tensor([m.l1_coeff * lam for m in self.members], dtype=torch.float32),
-                         non_blocking=False)
+        for i, member in enumerate(self.members):  # fills from Python scalars: no host-device sync
+            self.coeff[i].fill_(member.l1_coeff * lam)
         self.lr.fill_(lr)
 
     def _body(self) -> list[Stats]:
