@@ -33,13 +33,14 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from monofast import data
+from monofast.data.prepare import build
+from monofast.data.splits import load_meta, load_split
 from monofast.analysis.config import AnalysisConfig
 from monofast.analysis.run import analyze
-from monofast.data import DataConfig
-from monofast.gpt import save_model
-from monofast.model import GPT, GPTConfig
-from monofast.sae import SAEConfig, SparseAutoencoder
+from monofast.data.prepare import DataConfig
+from monofast.gpt.weights import save_model
+from monofast.gpt.model import GPT, GPTConfig
+from monofast.sae.model import SAEConfig, SparseAutoencoder
 
 DENSITY = 0.02
 """Fraction of tokens each random feature fires on (L0 = DENSITY * d_sae)."""
@@ -79,9 +80,9 @@ def write_verse(path: Path, chars: int) -> Path:
 def make_run(root: Path, shape: Shape) -> dict[str, Path]:
     """data/ (the offline Python corpus + verse), a random GPT, a random SAE of ~2% density."""
     verse = write_verse(root / "verse.txt", shape.chars_per_source)
-    data.build(DataConfig(sources=("python", f"verse={verse}"), chars_per_source=shape.chars_per_source,
+    build(DataConfig(sources=("python", f"verse={verse}"), chars_per_source=shape.chars_per_source,
                           vocab_size=1024), root / "data")
-    vocab = data.load_meta(root / "data")["vocab_size"]
+    vocab = load_meta(root / "data")["vocab_size"]
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, block_size=shape.block_size, n_layer=shape.n_layer, n_head=2,
                           n_embd=shape.n_embd)).eval()
@@ -111,13 +112,13 @@ def floor_seconds(paths: dict[str, Path], shape: Shape) -> float:
     from monofast.analysis import contexts
     from monofast.analysis.forward import Encoder, final_residual
     from monofast.analysis.run import _autocast_dtype
-    from monofast.gpt import load_model
+    from monofast.gpt.weights import load_model
 
     cfg = AnalysisConfig(tokens=shape.tokens, device="cpu")
     model = load_model(paths["gpt"])
     dtype = _autocast_dtype(cfg.dtype, torch.device("cpu"))
     encoder = Encoder(SparseAutoencoder.load(paths["sae"]), dtype)
-    n_sources = len(data.load_meta(paths["data"])["sources"])
+    n_sources = len(load_meta(paths["data"])["sources"])
     plan = contexts.plan(paths["data"], cfg.splits, shape.block_size, cfg.tokens, n_sources, cfg.seed)
     started = time.perf_counter()
     for batch in contexts.batches(paths["data"], plan, cfg.batch_contexts):
@@ -133,11 +134,11 @@ def seed_rerun_seconds(paths: dict[str, Path], shape: Shape, features: int) -> f
     """Seconds per feature of the seed's method: a full forward over SEED_CONTEXTS contexts
     with the MLP activation replaced by the SAE reconstruction without that feature, and the
     next-token probabilities compared with the clean ones."""
-    from monofast.gpt import load_model
+    from monofast.gpt.weights import load_model
 
     model = load_model(paths["gpt"])
     sae = SparseAutoencoder.load(paths["sae"])
-    split = data.load_split(paths["data"], "val")
+    split = load_split(paths["data"], "val")
     T = shape.block_size
     n = min(SEED_CONTEXTS, (len(split.tokens) - 1) // T)
     idx = torch.from_numpy(split.tokens[: n * T].astype("int64")).view(n, T)

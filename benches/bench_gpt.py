@@ -24,7 +24,10 @@ from typing import Callable, NamedTuple
 import pytest
 import torch
 
-from monofast import gpt, presets
+from monofast.common.device import matmul_precision
+from monofast.gpt.config import GPTTrainConfig
+from monofast.gpt.trainer import Trainer, step_seed, use_compile
+from monofast.run import presets
 
 VOCAB = 1024
 SHAPES = ("quick", "laptop")
@@ -39,7 +42,7 @@ MATMUL_N = 2048
 MATMULS = {"fp32": (torch.float32, "highest"), "fp32-medium": (torch.float32, "medium"),
            "bf16": (torch.bfloat16, "highest")}
 """The denominators: (dtype, float32 matmul precision). Training runs fp32 products at the
-precision `gpt.MATMUL_PRECISION` sets ("medium" on CPU), so fp32 rows are measured against that."""
+precision `MATMUL_PRECISION` sets ("medium" on CPU), so fp32 rows are measured against that."""
 
 
 def matmul_gflops(name: str, n: int = MATMUL_N, reps: int = 8) -> float:
@@ -63,7 +66,7 @@ def matmul_gflops(name: str, n: int = MATMUL_N, reps: int = 8) -> float:
 class Case(NamedTuple):
     """One provider at one shape, ready to step."""
 
-    trainer: gpt.Trainer
+    trainer: Trainer
     x: torch.Tensor
     """(B, T) inputs."""
     y: torch.Tensor
@@ -74,9 +77,9 @@ class Case(NamedTuple):
 def make_case(shape: str, provider: str) -> Case:
     precision, mode = provider.split("-")
     values = presets.stage_values(shape, "gpt")
-    cfg = gpt.GPTTrainConfig(**values, device="cpu", dtype="float32" if precision == "fp32" else "bfloat16",
+    cfg = GPTTrainConfig(**values, device="cpu", dtype="float32" if precision == "fp32" else "bfloat16",
                              compile=mode == "compiled")
-    trainer = gpt.Trainer(cfg, VOCAB, torch.device("cpu"), PRECISION[precision])
+    trainer = Trainer(cfg, VOCAB, torch.device("cpu"), PRECISION[precision])
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (cfg.batch_size, cfg.block_size), generator=gen)  # (B, T)
     y = torch.randint(0, VOCAB, (cfg.batch_size, cfg.block_size), generator=gen)  # (B, T)
@@ -89,7 +92,7 @@ def stepper(case: Case) -> Callable[[], torch.Tensor]:
     counter = iter(range(10**9))
 
     def step() -> torch.Tensor:
-        with gpt.matmul_precision(case.trainer.device):
+        with matmul_precision(case.trainer.device):
             return case.trainer.step(next(counter), case.x, case.y)
     return step
 
@@ -99,12 +102,12 @@ def check_case(case: Case, step: Callable[[], torch.Tensor]) -> None:
     an eager fp32 forward with the same weights and dropout masks, within the error of the
     precision (and, compiled, of the compiler's own dropout random numbers)."""
     trainer = case.trainer
-    torch.manual_seed(gpt.step_seed(trainer.cfg, 0))
+    torch.manual_seed(step_seed(trainer.cfg, 0))
     with torch.no_grad():
         reference = trainer.model.train()(case.x, case.y).loss.item()  # eager fp32
     loss = step().item()
     assert abs(reference - math.log(VOCAB)) < 0.3, reference
-    exact = trainer.dtype == torch.float32 and not gpt.use_compile(trainer.cfg.compile, trainer.device)
+    exact = trainer.dtype == torch.float32 and not use_compile(trainer.cfg.compile, trainer.device)
     assert abs(loss - reference) < (1e-5 if exact else 2e-2), (loss, reference)
 
 

@@ -30,8 +30,10 @@ import numpy as np
 import pytest
 import torch
 
-from monofast import activations, data, harvest
-from monofast.model import GPT, GPTConfig
+from monofast.activations import store as activations
+from monofast.data.splits import Split
+from monofast.activations import harvest
+from monofast.gpt.model import GPT, GPTConfig
 
 VOCAB = 1024
 PROVIDERS = ("forward", "harvest")
@@ -43,9 +45,9 @@ def make_model(n_layer: int = 2, n_embd: int = 192, block_size: int = 256) -> GP
     return GPT(cfg).eval()
 
 
-def make_split(tokens: int) -> data.Split:
+def make_split(tokens: int) -> Split:
     rng = np.random.default_rng(0)
-    return data.Split(rng.integers(0, VOCAB, tokens).astype(np.uint16), (np.arange(tokens) // 5000 % 2).astype(np.uint8))
+    return Split(rng.integers(0, VOCAB, tokens).astype(np.uint16), (np.arange(tokens) // 5000 % 2).astype(np.uint8))
 
 
 def setup(model: GPT, contexts: int, positions: int = 200, batch_size: int = 32, device: str = "cpu"):
@@ -56,7 +58,7 @@ def setup(model: GPT, contexts: int, positions: int = 200, batch_size: int = 32,
     return cfg, split, plan
 
 
-def run_forward(model: GPT, split: data.Split, cfg: harvest.HarvestConfig, plan: harvest.Plan) -> int:
+def run_forward(model: GPT, split: Split, cfg: harvest.HarvestConfig, plan: harvest.Plan) -> int:
     """The bare forward passes over the harvest's batches; returns the rows they yield."""
     offsets = np.arange(plan.length)
     device = next(model.parameters()).device
@@ -70,13 +72,13 @@ def run_forward(model: GPT, split: data.Split, cfg: harvest.HarvestConfig, plan:
     return plan.rows
 
 
-def run_harvest(model: GPT, split: data.Split, cfg: harvest.HarvestConfig, plan: harvest.Plan, out: Path) -> int:
+def run_harvest(model: GPT, split: Split, cfg: harvest.HarvestConfig, plan: harvest.Plan, out: Path) -> int:
     shutil.rmtree(out, ignore_errors=True)
     result = harvest.harvest_model(model, split, cfg, plan, out, {"bench": True})
     return result.rows
 
 
-def check(model: GPT, split: data.Split, cfg: harvest.HarvestConfig, plan: harvest.Plan, out: Path) -> None:
+def check(model: GPT, split: Split, cfg: harvest.HarvestConfig, plan: harvest.Plan, out: Path) -> None:
     """Stored rows equal the forward pass at the sampled positions."""
     assert run_harvest(model, split, cfg, plan, out) == plan.rows
     store = activations.open_store(out)

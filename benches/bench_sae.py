@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from monofast.kernels import reference
-from monofast.sae import SAEConfig, SparseAutoencoder
+from monofast.sae.model import SAEConfig, SparseAutoencoder
 
 SMALL = (256, 64, 128)
 """(B, D, F) of the pytest cases: big enough to be real code paths, quick to run once."""

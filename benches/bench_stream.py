@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 import torch
 
-from monofast import activations
+from monofast.activations import store as activations
 
 DIM = 768
 BATCH = 2048

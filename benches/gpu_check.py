@@ -50,9 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_harvest  # noqa: E402
 import bench_sae  # noqa: E402
 
-from monofast import activations, backend, gpt, presets  # noqa: E402
+from monofast.activations import store as activations  # noqa: E402
+from monofast.sae import backend
+from monofast.common.device import matmul_precision
+from monofast.gpt.config import GPTTrainConfig
+from monofast.gpt.trainer import Trainer
+from monofast.run import presets
 from monofast.kernels import reference  # noqa: E402
-from monofast.sae import SAEConfig, SparseAutoencoder  # noqa: E402
+from monofast.sae.model import SAEConfig, SparseAutoencoder  # noqa: E402
 
 SEED_SHAPE = (2048, 768, 1536)
 """(B, D, F): the seed recipe's SAE (batches of 2,048 on 768 MLP neurons, 2x expansion)."""
@@ -545,7 +550,7 @@ def section_sae_train(rep: Report, device: torch.device, small: bool) -> None:
     the same weights at the end (the same arithmetic), and the time of each."""
     from safetensors.torch import load_file
 
-    from monofast import sae_train
+    from monofast.sae import train as sae_train
 
     rows, dim = (3000, 48) if small else (400_000, 768)
     batch = 128 if small else 2048
@@ -683,8 +688,8 @@ def section_gpt(rep: Report, device: torch.device, small: bool) -> None:
     out = {}
     modes = {"eager": "false", "compiled": "true", "compiled + CUDA graphs (auto)": "auto"}
     for mode, choice in modes.items():
-        cfg = gpt.GPTTrainConfig(**values, device=str(device), dtype="bfloat16", compile=choice)
-        trainer = gpt.Trainer(cfg, vocab, device, torch.bfloat16)
+        cfg = GPTTrainConfig(**values, device=str(device), dtype="bfloat16", compile=choice)
+        trainer = Trainer(cfg, vocab, device, torch.bfloat16)
         gen = torch.Generator().manual_seed(0)
         x = torch.randint(0, vocab, (cfg.batch_size, cfg.block_size), generator=gen).to(device)
         y = torch.randint(0, vocab, (cfg.batch_size, cfg.block_size), generator=gen).to(device)
@@ -694,7 +699,7 @@ def section_gpt(rep: Report, device: torch.device, small: bool) -> None:
             rep.failures.append(f"gpt {mode}: first loss {first:.3f}, expected about ln {vocab}")
 
         def step() -> None:
-            with gpt.matmul_precision(device):
+            with matmul_precision(device):
                 trainer.step(next(counter), x, y)
 
         ms = median_ms(step, device, warmup=5, reps=10 if small else 50)

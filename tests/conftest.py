@@ -14,7 +14,7 @@ SHARED_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "
 def _no_network(monkeypatch, tmp_path_factory):
     """Every test gets an empty cache and a network that refuses; tests that exercise
     downloads replace `http_get` / `pip_download` themselves."""
-    from monofast import corpus
+    from monofast.data import corpus
 
     monkeypatch.setenv("MONOFAST_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setenv("MONOFAST_PROGRESS", "0")
@@ -65,13 +65,13 @@ def two_sources(tmp_path) -> tuple[str, ...]:
 
 def build_small_data(root: Path, chars_per_source: int = 12_000, vocab_size: int = 300) -> Path:
     """`root/data/` built from a small verse file and a few code files, both local."""
-    from monofast import data
+    from monofast.data.prepare import DataConfig, build
 
     text = write_text_source(root, "verse", 16_000)
     code = write_code_source(root, files=4, lines=40)
-    cfg = data.DataConfig(sources=(f"verse={text}", f"code={code}"), chars_per_source=chars_per_source,
+    cfg = DataConfig(sources=(f"verse={text}", f"code={code}"), chars_per_source=chars_per_source,
                           vocab_size=vocab_size)
-    data.build(cfg, root / "data")
+    build(cfg, root / "data")
     return root / "data"
 
 

@@ -14,8 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from monofast import activations
-from monofast.activations import ActivationWriter, CorruptFileError, open_store
+from monofast.activations import store as activations
+from monofast.activations.store import ActivationWriter, CorruptFileError, open_store
 
 DIM = 4
 SIZES = (0, 1, 7, 64, 333, 1000)

@@ -12,17 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_small_data
-from monofast import data
+from monofast.data.splits import load_meta
 from monofast.analysis import contexts, effects, examples, output
 from monofast.analysis.config import AnalysisConfig
 from monofast.analysis.forward import Encoder, resolve_layer
 from monofast.analysis.run import analyze
 from monofast.analysis.stats import log_edges
 from monofast.analysis.streaming import CellReservoir, StreamingTopK
-from monofast.errors import UserError
-from monofast.gpt import load_model, save_model
-from monofast.model import GPT, GPTConfig
-from monofast.sae import SAEConfig, SparseAutoencoder
+from monofast.common.errors import UserError
+from monofast.gpt.weights import load_model, save_model
+from monofast.gpt.model import GPT, GPTConfig
+from monofast.sae.model import SAEConfig, SparseAutoencoder
 
 CPU = torch.device("cpu")
 CFG = AnalysisConfig(tokens=6_000, batch_contexts=16, top_k=5, window_radius=3, quantile_bins=4,
@@ -100,7 +100,7 @@ def make_run(root: Path, layer: int = 1, variant: str = "anthropic2023") -> dict
     """data/ from two local sources, a random 2-layer GPT and a random sparse-ish SAE."""
     if not (root / "data" / "meta.json").is_file():
         build_small_data(root)
-    meta = data.load_meta(root / "data")
+    meta = load_meta(root / "data")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=32, n_layer=2, n_head=2, n_embd=32))
     (root / "gpt").mkdir(exist_ok=True)
@@ -120,7 +120,7 @@ class Truth:
     """Brute force: every activation of every analysed token."""
 
     def __init__(self, paths: dict[str, Path], cfg: AnalysisConfig, layer: int):
-        meta = data.load_meta(paths["data"])
+        meta = load_meta(paths["data"])
         self.model = load_model(paths["gpt"])
         self.sae = SparseAutoencoder.load(paths["sae"])
         self.layer = layer
@@ -318,12 +318,12 @@ def test_summary_counts_and_files(analysed):
 
 
 def truth_vocab(paths):
-    return data.load_meta(paths["data"])["vocab_size"]
+    return load_meta(paths["data"])["vocab_size"]
 
 
 def test_token_table_round_trips_multibyte_text(analysed):
     paths, _, result, _ = analysed
-    from monofast import tokenizer
+    from monofast.data import tokenizer
 
     tok = tokenizer.load(paths["data"])
     text = "café — ñame, 日本 😀 <tag a='1'> & done\n\tx"

@@ -11,7 +11,7 @@ import zlib
 import pytest
 import torch
 
-from monofast import backend
+from monofast.sae import backend
 from monofast.kernels import eager, reference
 
 

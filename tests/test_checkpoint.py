@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monofast import checkpoint
-from monofast.errors import DataError, UserError
+from monofast.common import checkpoint
+from monofast.common.errors import DataError, UserError
 
 
 def test_round_trip(tmp_path):

@@ -116,12 +116,12 @@ def test_presets_lists_all(capsys):
 def test_full_disk_is_one_line(tmp_path, two_sources, monkeypatch, capsys):
     import errno
 
-    from monofast import data
+    from monofast.data import prepare
 
     def full(cfg, out):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "train.bin"))
 
-    monkeypatch.setattr(data, "build", full)
+    monkeypatch.setattr(prepare, "build", full)
     argv = ["data", "--run", str(tmp_path / "r")] + [a for s in two_sources for a in ("--source", s)]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from monofast import config
-from monofast.errors import UserError
+from monofast.common import config
+from monofast.common.errors import UserError
 
 
 @dataclass

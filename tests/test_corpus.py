@@ -9,8 +9,8 @@ import tarfile
 
 import pytest
 
-from monofast import corpus
-from monofast.errors import DataError, UserError
+from monofast.data import corpus
+from monofast.common.errors import DataError, UserError
 
 from conftest import SHARED_SHAKESPEARE
 

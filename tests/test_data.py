@@ -7,16 +7,19 @@ import json
 import numpy as np
 import pytest
 
-from monofast import data, tokenizer
-from monofast.errors import DataError, UserError
+from monofast.data import prepare
+from monofast.data.prepare import DataConfig
+from monofast.data.splits import load_meta, load_split
+from monofast.data import tokenizer
+from monofast.common.errors import DataError, UserError
 
 from conftest import write_code_source, write_text_source
 
 
 def build(tmp_path, sources, **kwargs):
-    cfg = data.DataConfig(sources=tuple(sources), **{"vocab_size": 300, **kwargs})
+    cfg = DataConfig(sources=tuple(sources), **{"vocab_size": 300, **kwargs})
     out = tmp_path / "data"
-    meta = data.build(cfg, out)
+    meta = prepare.build(cfg, out)
     return cfg, out, meta
 
 
@@ -29,7 +32,7 @@ def test_outputs_and_meta(tmp_path, two_sources):
     assert [s["id"] for s in meta["sources"]] == [0, 1]
     assert meta["token_dtype"] == "uint16" and meta["vocab_size"] == 300
     for split in ("train", "val"):
-        tokens, labels = data.load_split(out, split)
+        tokens, labels = load_split(out, split)
         assert tokens.dtype == np.uint16 and labels.dtype == np.uint8
         assert tokens.shape == labels.shape == (meta["tokens"][split],)
         assert tokens.max() < meta["vocab_size"]
@@ -48,7 +51,7 @@ def test_budget_and_split_per_source(tmp_path, two_sources):
 def test_labels_align_with_tokens(tmp_path, two_sources):
     _, out, meta = build(tmp_path, two_sources, chars_per_source=8_000)
     tok = tokenizer.load(out)
-    tokens, labels = data.load_split(out, "train")
+    tokens, labels = load_split(out, "train")
     eot = meta["eot_id"]
     # Each source's tokens are contiguous and decode to that source's own text.
     for source in meta["sources"]:
@@ -63,7 +66,7 @@ def test_labels_align_with_tokens(tmp_path, two_sources):
 
 def test_end_of_text_between_documents(tmp_path, two_sources):
     _, out, meta = build(tmp_path, two_sources, chars_per_source=100_000)
-    tokens, labels = data.load_split(out, "train")
+    tokens, labels = load_split(out, "train")
     eot = meta["eot_id"]
     code_docs = [s for s in meta["sources"] if s["name"] == "code"][0]["documents"]
     # Six code files; the train split holds at least five whole ones, each followed by EOT.
@@ -87,7 +90,7 @@ def test_round_trip_whole_split(tmp_path, two_sources):
     """Decoding the stored tokens gives back exactly the characters that went in."""
     _, out, meta = build(tmp_path, two_sources, chars_per_source=8_000)
     tok = tokenizer.load(out)
-    tokens, _ = data.load_split(out, "val")
+    tokens, _ = load_split(out, "val")
     text = tok.decode([int(t) for t in tokens], skip_special_tokens=True)
     assert len(text) == sum(s["chars"]["val"] for s in meta["sources"])
 
@@ -119,7 +122,7 @@ def test_python_stdlib_source(tmp_path):
 def test_uint32_tokens(tmp_path, two_sources):
     _, out, meta = build(tmp_path, two_sources, chars_per_source=5_000, token_dtype="uint32")
     assert meta["token_dtype"] == "uint32"
-    assert data.load_split(out, "train").tokens.dtype == np.uint32
+    assert load_split(out, "train").tokens.dtype == np.uint32
 
 
 def test_glob_source(tmp_path):
@@ -177,7 +180,7 @@ def test_unreachable_url_without_cache(tmp_path):
 ], ids=["vocab-small", "vocab-uint16", "dtype", "val", "budget", "no-sources", "dup", "bad-name"])
 def test_config_errors(kwargs, match):
     with pytest.raises((ValueError, UserError), match=match):
-        data.DataConfig(**kwargs)
+        DataConfig(**kwargs)
 
 
 def test_one_source_warns(tmp_path, caplog):
@@ -198,9 +201,9 @@ def test_truncated_split_is_named(tmp_path, two_sources):
     path = out / "train.bin"
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(DataError, match="train.bin"):
-        data.load_split(out, "train")
+        load_split(out, "train")
 
 
 def test_missing_meta(tmp_path):
     with pytest.raises(UserError, match="meta.json"):
-        data.load_meta(tmp_path)
+        load_meta(tmp_path)

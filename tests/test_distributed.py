@@ -28,19 +28,27 @@ import pytest
 import torch
 
 from conftest import write_code_source, write_text_source
-from monofast import activations, distributed, gpt, harvest, sae_train
-from monofast.errors import UserError
-from monofast.sae_train import SAETrainConfig
+from monofast.activations import store as activations
+from monofast.common import distributed
+from monofast.gpt import batches
+from monofast.gpt import config
+from monofast.gpt import train
+from monofast.gpt import trainer
+from monofast.gpt import weights
+from monofast.activations import harvest
+from monofast.sae import train as sae_train
+from monofast.common.errors import UserError
+from monofast.sae.train import SAETrainConfig
 
 WORLD = 2
 ROW_BYTES = 64 * 4 + activations.META_ROW_BYTES  # d_mlp 64, fp32
 
 
-def gpt_cfg(**overrides) -> gpt.GPTTrainConfig:
+def gpt_cfg(**overrides) -> config.GPTTrainConfig:
     values = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, dropout=0.0, batch_size=8, max_iters=12,
                   warmup_iters=2, learning_rate=3e-3, eval_interval=4, eval_batches=3, device="cpu",
                   sample_tokens=0)
-    return gpt.GPTTrainConfig(**{**values, **overrides})
+    return config.GPTTrainConfig(**{**values, **overrides})
 
 
 def harvest_cfg() -> harvest.HarvestConfig:
@@ -119,8 +127,8 @@ def make_single(root: Path) -> dict:
     shutil.copytree(root / "run", root / "cli")
     assert cli.main(["gpt", "train", *cli_flags(root / "cli")]) == 0
     data_dir = root / "run" / "data"
-    full = gpt.train(gpt_cfg(), data_dir, root / "gpt")
-    real_step = gpt.Trainer.step
+    full = train.train(gpt_cfg(), data_dir, root / "gpt")
+    real_step = trainer.Trainer.step
 
     def killed_at_step_9(self, step, x, y):
         if step == 9:
@@ -128,9 +136,9 @@ def make_single(root: Path) -> dict:
         return real_step(self, step, x, y)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gpt.Trainer, "step", killed_at_step_9)
+        patch.setattr(trainer.Trainer, "step", killed_at_step_9)
         with pytest.raises(KeyboardInterrupt):
-            gpt.train(gpt_cfg(), data_dir, root / "killed" / "gpt")
+            train.train(gpt_cfg(), data_dir, root / "killed" / "gpt")
     harvest.harvest(harvest_cfg(), data_dir, root / "gpt", root / "activations")
     store = activations.open_store(root / "activations")
     with pytest.MonkeyPatch.context() as patch:
@@ -165,10 +173,10 @@ def scenarios(rank: int, port: int, root: Path, out: Path) -> None:
         here = distributed.world()
         assert here == distributed.World(rank, WORLD, rank)
         data_dir = root / "run" / "data"
-        gpt.train(gpt_cfg(), data_dir, out / "gpt")
-        gpt.train(gpt_cfg(resume=True), data_dir, root / "killed" / "gpt")
+        train.train(gpt_cfg(), data_dir, out / "gpt")
+        train.train(gpt_cfg(resume=True), data_dir, root / "killed" / "gpt")
         with pytest.raises(UserError, match="--batch-size 7 does not split evenly over 2 processes"):
-            gpt.train(gpt_cfg(batch_size=7), data_dir, out / "refused")
+            train.train(gpt_cfg(batch_size=7), data_dir, out / "refused")
         harvest.harvest(harvest_cfg(), data_dir, root / "gpt", out / "activations")
         sae_scenarios(here, root, out)
         command_line(root, out)
@@ -246,25 +254,25 @@ def losses(records: list[dict]) -> list[float]:
 
 
 def test_gpt_losses_match_one_process_for_the_same_global_batches(single, ranks):
-    ddp = metrics(ranks / "gpt" / gpt.METRICS_FILE)
+    ddp = metrics(ranks / "gpt" / train.METRICS_FILE)
     one = single["gpt"].metrics
     assert [r["step"] for r in ddp] == [r["step"] for r in one] == [4, 8, 12]
     assert [r["lr"] for r in ddp] == [r["lr"] for r in one]
     np.testing.assert_allclose(losses(ddp), losses(one), rtol=1e-4)
-    assert (ranks / "gpt" / gpt.MODEL_FILE).is_file() and (ranks / "gpt" / gpt.CHECKPOINT_FILE).is_file()
+    assert (ranks / "gpt" / weights.MODEL_FILE).is_file() and (ranks / "gpt" / train.CHECKPOINT_FILE).is_file()
 
 
 def test_gpt_resumes_under_ddp_from_a_single_process_checkpoint(single, ranks):
-    resumed = metrics(single["root"] / "killed" / "gpt" / gpt.METRICS_FILE)
+    resumed = metrics(single["root"] / "killed" / "gpt" / train.METRICS_FILE)
     assert [r["step"] for r in resumed] == [4, 8, 12]
     np.testing.assert_allclose(losses(resumed), losses(single["gpt"].metrics), rtol=1e-4)
 
 
 def test_rank_rows_split_the_global_batch_and_the_batch_must_divide():
-    assert gpt.rank_rows(8, distributed.World(1, 2, 1)) == slice(4, 8)
-    assert gpt.rank_rows(8, distributed.SINGLE) == slice(None)
+    assert batches.rank_rows(8, distributed.World(1, 2, 1)) == slice(4, 8)
+    assert batches.rank_rows(8, distributed.SINGLE) == slice(None)
     assert distributed.check_divides(6, "--batch-size") == distributed.SINGLE
-    assert gpt.step_seed(gpt_cfg(), 7) == gpt.step_seed(gpt_cfg(), 7, rank=0) != gpt.step_seed(gpt_cfg(), 7, 1)
+    assert trainer.step_seed(gpt_cfg(), 7) == trainer.step_seed(gpt_cfg(), 7, rank=0) != trainer.step_seed(gpt_cfg(), 7, 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,7 +350,7 @@ def test_sae_resumes_under_ddp_exactly(ranks):
 def test_the_command_line_under_torchrun_trains_on_both_ranks_and_rank_0_writes(single, ranks):
     run = ranks / "run"
     assert (run / "gpt" / "manifest.json").is_file()
-    ddp, one = metrics(run / "gpt" / gpt.METRICS_FILE), metrics(single["root"] / "cli" / "gpt" / gpt.METRICS_FILE)
+    ddp, one = metrics(run / "gpt" / train.METRICS_FILE), metrics(single["root"] / "cli" / "gpt" / train.METRICS_FILE)
     assert [r["step"] for r in ddp] == [4, 8]
     np.testing.assert_allclose(losses(ddp), losses(one), rtol=1e-4)
     logs = [(ranks / f"cli-stderr-rank{r}.txt").read_text() for r in range(WORLD)]

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import pytest
 
-from monofast import estimate, pipeline, presets
+from monofast.run import estimate
+from monofast.run.resolve import resolve_config
+from monofast.run.stages import STAGES
+from monofast.run import presets
 
 CPU = estimate.Device("cpu", "CPU", 500.0, measured=False)
 
 
 def configs(preset: str, **overrides: dict) -> dict:
-    return {s.name: pipeline.resolve_config(s, preset, overrides.get(s.name, {})) for s in pipeline.STAGES}
+    return {s.name: resolve_config(s, preset, overrides.get(s.name, {})) for s in STAGES}
 
 
 def test_every_preset_gets_every_stage():
     for name in presets.names():
         got = estimate.estimate(configs(name), CPU)
-        assert list(got) == [s.name for s in pipeline.STAGES]
+        assert list(got) == [s.name for s in STAGES]
         assert all(e.seconds > 0 and e.disk_bytes > 0 for e in got.values())
 
 
@@ -45,9 +48,9 @@ def test_time_scales_with_steps_and_the_device_rate():
 
 def test_sizes_match_a_smoke_run(smoke_run):
     """Within a factor of 1.5 of the bytes the smoke run really wrote, stage by stage."""
-    cfgs = {s.name: pipeline.resolve_config(s, "smoke") for s in pipeline.STAGES}
+    cfgs = {s.name: resolve_config(s, "smoke") for s in STAGES}
     got = estimate.estimate(cfgs, CPU)
-    for stage in pipeline.STAGES:
+    for stage in STAGES:
         real = sum(p.stat().st_size for p in (smoke_run.run / stage.name).rglob("*") if p.is_file())
         assert real / 1.5 < got[stage.name].disk_bytes < real * 1.5, stage.name
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from monofast import files
-from monofast.errors import UserError
+from monofast.common import files
+from monofast.common.errors import UserError
 
 
 def test_atomic_write_replaces_whole(tmp_path):

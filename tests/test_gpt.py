@@ -11,10 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from monofast import cli, config, data, gpt
-from monofast.errors import DataError, UserError
-from monofast.model import GPT
-from monofast.pipeline import RunDir
+from monofast import cli
+from monofast.common import config
+from monofast.data.prepare import DataConfig, build
+from monofast.data.splits import load_split
+from monofast.common import device as device_
+from monofast.gpt import batches
+from monofast.gpt.config import GPTTrainConfig
+from monofast.gpt import sample as sampling
+from monofast.gpt import train
+from monofast.gpt import trainer
+from monofast.gpt import weights
+from monofast.common.errors import DataError, UserError
+from monofast.gpt.model import GPT
+from monofast.run.pipeline import RunDir
 
 WORDS = ("thou art my lord and love the king doth speak of night sweet heaven o fair "
          "death hath made me sorrow gentle heart what say you noble friend").split()
@@ -43,23 +53,23 @@ def source_specs(folder: Path) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data")
-    cfg = data.DataConfig(sources=source_specs(folder), chars_per_source=40_000, vocab_size=320)
-    data.build(cfg, folder / "data")
+    cfg = DataConfig(sources=source_specs(folder), chars_per_source=40_000, vocab_size=320)
+    build(cfg, folder / "data")
     return folder / "data"
 
 
-def tiny_cfg(**overrides) -> gpt.GPTTrainConfig:
+def tiny_cfg(**overrides) -> GPTTrainConfig:
     values = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.1, batch_size=8,
                   max_iters=20, warmup_iters=3, learning_rate=3e-3, eval_interval=5,
                   eval_batches=2, device="cpu", sample_tokens=12, num_samples=1)
     values.update(overrides)
-    return gpt.GPTTrainConfig(**values)
+    return GPTTrainConfig(**values)
 
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "gpt"
-    return out, gpt.train(tiny_cfg(), data_dir, out)
+    return out, train.train(tiny_cfg(), data_dir, out)
 
 
 def without_timing(metrics):
@@ -83,30 +93,30 @@ def test_train_writes_model_metrics_and_checkpoint(trained):
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
     cfg = tiny_cfg(max_iters=100, warmup_iters=10, learning_rate=1e-3, min_lr=1e-4)
-    lrs = [gpt.lr_at(step, cfg) for step in range(100)]
+    lrs = [trainer.lr_at(step, cfg) for step in range(100)]
     assert lrs[0] < lrs[5] < lrs[9] < lrs[10] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert gpt.lr_at(100, cfg) == pytest.approx(1e-4)
+    assert trainer.lr_at(100, cfg) == pytest.approx(1e-4)
 
 
 def test_batches_are_keyed_on_the_step(data_dir):
-    split = data.load_split(data_dir, "train")
+    split = load_split(data_dir, "train")
     cfg = tiny_cfg()
-    x, y = gpt.get_batch(split, 3, cfg, torch.device("cpu"))
+    x, y = batches.get_batch(split, 3, cfg, torch.device("cpu"))
     assert x.shape == y.shape == (cfg.batch_size, cfg.block_size) and x.dtype == torch.long
     assert torch.equal(x[:, 1:], y[:, :-1])
-    assert torch.equal(x, gpt.get_batch(split, 3, cfg, torch.device("cpu"))[0])
-    assert not torch.equal(x, gpt.get_batch(split, 4, cfg, torch.device("cpu"))[0])
+    assert torch.equal(x, batches.get_batch(split, 3, cfg, torch.device("cpu"))[0])
+    assert not torch.equal(x, batches.get_batch(split, 4, cfg, torch.device("cpu"))[0])
 
 
 def test_per_source_eval_matches_a_direct_computation(data_dir, trained):
     _, result = trained
     model, cfg = result.model, tiny_cfg()
-    split = data.load_split(data_dir, "val")
-    got = gpt.evaluate(model, split, ["shakespeare", "python"], cfg, torch.device("cpu"), torch.float32)
+    split = load_split(data_dir, "val")
+    got = batches.evaluate(model, split, ["shakespeare", "python"], cfg, torch.device("cpu"), torch.float32)
     losses: dict[int, list[float]] = {0: [], 1: []}
     with torch.no_grad():
-        for start in gpt.eval_starts(len(split.tokens), cfg):
+        for start in batches.eval_starts(len(split.tokens), cfg):
             window = torch.from_numpy(split.tokens[start:start + cfg.block_size + 1].astype(np.int64))
             logits = model(window[None, :-1]).logits[0]
             per_token = torch.nn.functional.cross_entropy(logits, window[1:], reduction="none")
@@ -124,21 +134,21 @@ def test_per_source_eval_matches_a_direct_computation(data_dir, trained):
 def test_resume_continues_exactly_like_an_uninterrupted_run(data_dir, trained, tmp_path, monkeypatch):
     full_out, full = trained
     out = tmp_path / "gpt"
-    real_step = gpt.Trainer.step
+    real_step = trainer.Trainer.step
 
     def killed_at_step_12(self, step, x, y):
         if step == 12:
             raise KeyboardInterrupt
         return real_step(self, step, x, y)
 
-    monkeypatch.setattr(gpt.Trainer, "step", killed_at_step_12)
+    monkeypatch.setattr(trainer.Trainer, "step", killed_at_step_12)
     with pytest.raises(KeyboardInterrupt):
-        gpt.train(tiny_cfg(), data_dir, out)
-    monkeypatch.setattr(gpt.Trainer, "step", real_step)
+        train.train(tiny_cfg(), data_dir, out)
+    monkeypatch.setattr(trainer.Trainer, "step", real_step)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [5, 10]  # the evaluations before the kill
 
-    resumed = gpt.train(tiny_cfg(resume=True), data_dir, out)
+    resumed = train.train(tiny_cfg(resume=True), data_dir, out)
     assert without_timing(resumed.metrics) == without_timing(full.metrics)
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -150,7 +160,7 @@ def test_resume_refuses_a_different_schedule(data_dir, trained, tmp_path):
     target.mkdir()
     (target / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
     with pytest.raises(UserError, match=r"max_iters=20 \(now 40\)"):
-        gpt.train(tiny_cfg(resume=True, max_iters=40), data_dir, target)
+        train.train(tiny_cfg(resume=True, max_iters=40), data_dir, target)
 
 
 def test_resume_of_a_finished_run_only_reexports(data_dir, trained, tmp_path):
@@ -158,14 +168,14 @@ def test_resume_of_a_finished_run_only_reexports(data_dir, trained, tmp_path):
     target = tmp_path / "gpt"
     target.mkdir()
     (target / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
-    again = gpt.train(tiny_cfg(resume=True, device="cpu", eval_batches=3), data_dir, target)
+    again = train.train(tiny_cfg(resume=True, device="cpu", eval_batches=3), data_dir, target)
     assert without_timing(again.metrics) == without_timing(full.metrics)
 
 
 def test_corrupt_checkpoint_is_a_data_error(data_dir, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match="drop --resume"):
-        gpt.train(tiny_cfg(resume=True), data_dir, tmp_path)
+        train.train(tiny_cfg(resume=True), data_dir, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,7 +185,7 @@ def test_load_model_round_trips(trained):
     out, result = trained
     idx = torch.randint(0, result.model.config.vocab_size, (2, 10))
     for folder in (out, out.parent):  # the stage folder or the run directory
-        model = gpt.load_model(folder)
+        model = weights.load_model(folder)
         assert isinstance(model, GPT) and not model.training
         assert model.config == result.model.config
         assert model.lm_head.weight is model.wte.weight
@@ -184,22 +194,22 @@ def test_load_model_round_trips(trained):
 
 def test_load_model_errors_name_the_file(trained, tmp_path):
     with pytest.raises(UserError, match="gpt train"):
-        gpt.load_model(tmp_path)
+        weights.load_model(tmp_path)
     out, _ = trained
     broken = tmp_path / "gpt"
     broken.mkdir()
     (broken / "config.json").write_text((out / "config.json").read_text())
     (broken / "model.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(DataError, match="model.safetensors is unreadable"):
-        gpt.load_model(broken)
+        weights.load_model(broken)
     (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
     cfg = json.loads((out / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**cfg, "n_embd": cfg["n_embd"] * 2}))
     with pytest.raises(DataError, match="does not match"):
-        gpt.load_model(broken)
+        weights.load_model(broken)
     (broken / "config.json").write_text("{")
     with pytest.raises(UserError, match="corrupt"):
-        gpt.load_model(broken)
+        weights.load_model(broken)
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,49 +225,49 @@ def test_load_model_errors_name_the_file(trained, tmp_path):
 ], ids=["indivisible-heads", "warmup-too-long", "min-lr-above-lr", "bad-dtype", "bad-device", "no-batch"])
 def test_config_errors_name_the_fix(overrides, match):
     with pytest.raises(UserError, match=match):
-        config.build(gpt.GPTTrainConfig, dataclasses.asdict(tiny_cfg()), overrides)
+        config.build(GPTTrainConfig, dataclasses.asdict(tiny_cfg()), overrides)
 
 
 def test_block_size_larger_than_the_data(data_dir, tmp_path):
     with pytest.raises(DataError, match="lower --block-size"):
-        gpt.train(tiny_cfg(block_size=10**6), data_dir, tmp_path)
+        train.train(tiny_cfg(block_size=10**6), data_dir, tmp_path)
 
 
 def test_missing_data_stage(tmp_path):
     with pytest.raises(UserError, match="monofast data"):
-        gpt.run_stage(tiny_cfg(), RunDir(tmp_path))
+        train.run_stage(tiny_cfg(), RunDir(tmp_path))
 
 
 def test_device_and_dtype_selection(monkeypatch):
     cpu = torch.device("cpu")
-    assert gpt.pick_dtype("float32", cpu) is torch.float32
+    assert device_.pick_dtype("float32", cpu) is torch.float32
     with pytest.raises(UserError, match="bfloat16 or float32"):
-        gpt.pick_dtype("float16", cpu)
-    monkeypatch.setattr(gpt, "_cpu_has_bf16", lambda: False)
-    assert gpt.pick_dtype("auto", cpu) is torch.float32
-    monkeypatch.setattr(gpt, "_cpu_has_bf16", lambda: True)
-    assert gpt.pick_dtype("auto", cpu) is torch.bfloat16
+        device_.pick_dtype("float16", cpu)
+    monkeypatch.setattr(device_, "native_bf16", lambda device: False)
+    assert device_.pick_dtype("auto", cpu) is torch.float32
+    monkeypatch.setattr(device_, "native_bf16", lambda device: device.type == "cpu")
+    assert device_.pick_dtype("auto", cpu) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert gpt.pick_device("auto") == cpu
+    assert device_.pick_device("auto") == cpu
     with pytest.raises(UserError, match="no CUDA GPU"):
-        gpt.pick_device("cuda")
+        device_.pick_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert gpt.pick_device("auto") == torch.device("cuda")
+    assert device_.pick_device("auto") == torch.device("cuda")
 
 
 # ---------------------------------------------------------------------------------------
 # Sampling
 
 def test_sampling_is_deterministic_for_a_seed(data_dir, trained):
-    from monofast import tokenizer
+    from monofast.data import tokenizer
 
     _, result = trained
     tok = tokenizer.load(data_dir)
-    a = gpt.sample(result.model, tok, "def run", 40, seed=3)
+    a = sampling.sample(result.model, tok, "def run", 40, seed=3)
     assert a.startswith("def run")
-    assert a == gpt.sample(result.model, tok, "def run", 40, seed=3)
-    assert a != gpt.sample(result.model, tok, "def run", 40, seed=4)
+    assert a == sampling.sample(result.model, tok, "def run", 40, seed=3)
+    assert a != sampling.sample(result.model, tok, "def run", 40, seed=4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,8 +319,8 @@ class _BackwardFails(torch.autograd.Function):
 @pytest.mark.parametrize("choice", ["auto", "true"])
 def test_a_compile_failure_in_the_first_backward_falls_back_under_auto_only(choice):
     cfg = tiny_cfg(compile=choice, dropout=0.1)
-    trainer = gpt.Trainer(cfg, 64, torch.device("cpu"), torch.float32)
-    reference = gpt.Trainer(dataclasses.replace(cfg, compile="false"), 64, torch.device("cpu"), torch.float32)
+    trainer = trainer.Trainer(cfg, 64, torch.device("cpu"), torch.float32)
+    reference = trainer.Trainer(dataclasses.replace(cfg, compile="false"), 64, torch.device("cpu"), torch.float32)
     reference.model.load_state_dict(trainer.model.state_dict())
     eager = trainer.forward
 

@@ -15,9 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from monofast import activations, cli, data, files, gpt, harvest
-from monofast.errors import UserError
-from monofast.model import GPT, GPTConfig
+from monofast import cli
+from monofast.activations import store as activations
+from monofast.data.prepare import DataConfig, build
+from monofast.data.splits import load_meta, load_split
+from monofast.common import files
+from monofast.gpt.weights import load_model, save_model
+from monofast.activations import harvest
+from monofast.common.errors import DataError, UserError
+from monofast.gpt.model import GPT, GPTConfig
 
 ROW_BYTES = 64 * 4 + activations.META_ROW_BYTES  # d_mlp 64, fp32
 
@@ -43,12 +49,12 @@ def source_specs(folder: Path) -> tuple[str, str]:
 def inputs(tmp_path_factory) -> tuple[Path, Path]:
     """(data folder, gpt folder): a small corpus and an untrained 2-layer GPT (d_mlp 64)."""
     root = tmp_path_factory.mktemp("inputs")
-    data.build(data.DataConfig(sources=source_specs(root), chars_per_source=30_000, vocab_size=300),
+    build(DataConfig(sources=source_specs(root), chars_per_source=30_000, vocab_size=300),
                root / "data")
     torch.manual_seed(0)
-    vocab = data.load_meta(root / "data")["vocab_size"]
+    vocab = load_meta(root / "data")["vocab_size"]
     model = GPT(GPTConfig(vocab_size=vocab, block_size=32, n_layer=2, n_head=2, n_embd=16))
-    gpt.save_model(root / "gpt", model)
+    save_model(root / "gpt", model)
     return root / "data", root / "gpt"
 
 
@@ -89,7 +95,7 @@ def test_contexts_cover_the_data_without_repeats(caplog):
     assert len(more) == 130 and more.max() <= 10_050 - 100
     assert set(np.arange(100) * 100) <= set(more)
     assert "only 100 non-overlapping contexts" in caplog.text
-    with pytest.raises(data.DataError, match="fewer than one context"):
+    with pytest.raises(DataError, match="fewer than one context"):
         harvest.choose_contexts(50, 100, 1, seed=0)
 
 
@@ -121,8 +127,8 @@ def test_rows_match_a_direct_forward_pass(inputs, tmp_path, dtype):
     starts = store.contexts()
     assert starts is not None and len(starts) == 40
 
-    split = data.load_split(data_dir, "train")
-    model = gpt.load_model(gpt_dir)
+    split = load_split(data_dir, "train")
+    model = load_model(gpt_dir)
     rows = np.random.default_rng(0).choice(480, size=50, replace=False)
     batch = store.take(rows, to_float32=True)
     window = torch.from_numpy(np.stack([split.tokens[s:s + 32].astype(np.int64) for s in starts[batch.context_id]]))
@@ -141,7 +147,8 @@ def test_rows_match_a_direct_forward_pass(inputs, tmp_path, dtype):
 KILLER = """
 import json, os, signal, sys, time
 from pathlib import Path
-from monofast import activations, harvest
+from monofast.activations import store as activations
+from monofast.activations import harvest
 
 data_dir, gpt_dir, out, kill_after, cfg = sys.argv[1:]
 journal = Path(out) / "journal.json"

@@ -17,9 +17,15 @@ from typing import ClassVar
 import pytest
 
 from conftest import monofast_env
-from monofast import activations, cli, files, pipeline
-from monofast.data import DataConfig
-from monofast.errors import UserError
+from monofast import cli
+from monofast.activations import store as activations
+from monofast.common import files
+from monofast.run.manifest import ATTEMPT, run_stage, up_to_date
+from monofast.run.pipeline import _Clock, run_all
+from monofast.run.resolve import resolve_config
+from monofast.run.stages import RunDir, STAGES, Stage, stage_fields, stage_named
+from monofast.data.prepare import DataConfig
+from monofast.common.errors import UserError
 
 CALLS: list[str] = []
 
@@ -32,7 +38,7 @@ class ToyConfig:
     """Raise half-way, as a killed process would stop."""
 
 
-def toy_stage(cfg: ToyConfig, run: pipeline.RunDir) -> None:
+def toy_stage(cfg: ToyConfig, run: RunDir) -> None:
     CALLS.append("toy")
     data = run.require("data")
     out = run.stage("toy")
@@ -42,106 +48,106 @@ def toy_stage(cfg: ToyConfig, run: pipeline.RunDir) -> None:
     (out / "part2.txt").write_text("done")
 
 
-TOY = pipeline.Stage("toy", "test_pipeline:ToyConfig", "test_pipeline:toy_stage", ("data",), "toy")
-DATA = pipeline.stage_named("data")
+TOY = Stage("toy", "test_pipeline:ToyConfig", "test_pipeline:toy_stage", ("data",), "toy")
+DATA = stage_named("data")
 
 
 @pytest.fixture
 def run(tmp_path, two_sources):
     CALLS.clear()
-    r = pipeline.RunDir(tmp_path / "run")
+    r = RunDir(tmp_path / "run")
     return r, DataConfig(sources=two_sources, chars_per_source=4_000, vocab_size=300)
 
 
 def test_skip_when_unchanged(run):
     r, cfg = run
-    assert pipeline.run_stage(DATA, cfg, r) is True
+    assert run_stage(DATA, cfg, r) is True
     manifest = (r.stage("data") / "manifest.json").read_text()
     assert "train.bin" in manifest and "tokenizer.json" in manifest
-    assert pipeline.run_stage(DATA, cfg, r) is False
-    assert pipeline.run_stage(DATA, cfg, r, force=True) is True
+    assert run_stage(DATA, cfg, r) is False
+    assert run_stage(DATA, cfg, r, force=True) is True
 
 
 def test_config_change_reruns(run):
     r, cfg = run
-    pipeline.run_stage(DATA, cfg, r)
+    run_stage(DATA, cfg, r)
     cfg2 = DataConfig(sources=cfg.sources, chars_per_source=4_000, vocab_size=301)
-    assert pipeline.run_stage(DATA, cfg2, r) is True
+    assert run_stage(DATA, cfg2, r) is True
 
 
 def test_tampered_output_reruns(run):
     r, cfg = run
-    pipeline.run_stage(DATA, cfg, r)
+    run_stage(DATA, cfg, r)
     (r.stage("data") / "val.bin").write_bytes(b"\x00\x01")
-    assert pipeline.up_to_date(DATA, cfg, r) is False
-    assert pipeline.run_stage(DATA, cfg, r) is True
-    assert pipeline.up_to_date(DATA, cfg, r) is True
+    assert up_to_date(DATA, cfg, r) is False
+    assert run_stage(DATA, cfg, r) is True
+    assert up_to_date(DATA, cfg, r) is True
 
 
 def test_downstream_follows_upstream(run):
     r, cfg = run
-    pipeline.run_stage(DATA, cfg, r)
-    assert pipeline.run_stage(TOY, ToyConfig(), r) is True
-    assert pipeline.run_stage(TOY, ToyConfig(), r) is False
-    pipeline.run_stage(DATA, DataConfig(sources=cfg.sources, chars_per_source=5_000, vocab_size=300), r)
-    assert pipeline.up_to_date(TOY, ToyConfig(), r) is False
-    assert pipeline.run_stage(TOY, ToyConfig(), r) is True
+    run_stage(DATA, cfg, r)
+    assert run_stage(TOY, ToyConfig(), r) is True
+    assert run_stage(TOY, ToyConfig(), r) is False
+    run_stage(DATA, DataConfig(sources=cfg.sources, chars_per_source=5_000, vocab_size=300), r)
+    assert up_to_date(TOY, ToyConfig(), r) is False
+    assert run_stage(TOY, ToyConfig(), r) is True
 
 
 def test_killed_stage_is_not_trusted(run):
     r, cfg = run
-    pipeline.run_stage(DATA, cfg, r)
-    pipeline.run_stage(TOY, ToyConfig(), r)
+    run_stage(DATA, cfg, r)
+    run_stage(TOY, ToyConfig(), r)
     with pytest.raises(RuntimeError):
-        pipeline.run_stage(TOY, ToyConfig(explode=True), r)
+        run_stage(TOY, ToyConfig(explode=True), r)
     assert not (r.stage("toy") / "manifest.json").exists()
-    assert pipeline.up_to_date(TOY, ToyConfig(), r) is False
-    assert pipeline.run_stage(TOY, ToyConfig(), r) is True
+    assert up_to_date(TOY, ToyConfig(), r) is False
+    assert run_stage(TOY, ToyConfig(), r) is True
 
 
 def test_corrupt_manifest_reruns(run):
     r, cfg = run
-    pipeline.run_stage(DATA, cfg, r)
+    run_stage(DATA, cfg, r)
     (r.stage("data") / "manifest.json").write_text("{truncated")
-    assert pipeline.run_stage(DATA, cfg, r) is True
+    assert run_stage(DATA, cfg, r) is True
 
 
 def test_missing_upstream_names_the_command(tmp_path):
-    r = pipeline.RunDir(tmp_path / "empty")
+    r = RunDir(tmp_path / "empty")
     with pytest.raises(UserError, match="monofast data"):
-        pipeline.run_stage(TOY, ToyConfig(), r)
+        run_stage(TOY, ToyConfig(), r)
 
 
 def test_resolve_config_preset_then_layers():
-    cfg = pipeline.resolve_config(DATA, "smoke", {"vocab_size": 400})
+    cfg = resolve_config(DATA, "smoke", {"vocab_size": 400})
     assert cfg.vocab_size == 400
     assert cfg.chars_per_source == 40_000  # from the smoke preset
     with pytest.raises(UserError, match="unknown preset"):
-        pipeline.resolve_config(DATA, "huge")
+        resolve_config(DATA, "huge")
 
 
 def test_incompatible_manifest_is_refused(run):
     r, cfg = run
-    pipeline.run_stage(DATA, cfg, r)
+    run_stage(DATA, cfg, r)
     path = r.stage("data") / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest.update(format=99, versions={"monofast": "9.0.0"})
     path.write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=r"written by monofast 9\.0\.0 \(manifest format 99.*--from data.*--name NAME"):
-        pipeline.up_to_date(DATA, cfg, r)
+        up_to_date(DATA, cfg, r)
     with pytest.raises(UserError, match="manifest format 99"):  # a stage reading it refuses it too
-        pipeline.run_stage(TOY, ToyConfig(), r)
-    assert pipeline.run_stage(DATA, cfg, r, force=True) is True  # --force redoes it in the new format
-    assert pipeline.run_stage(TOY, ToyConfig(), r) is True
+        run_stage(TOY, ToyConfig(), r)
+    assert run_stage(DATA, cfg, r, force=True) is True  # --force redoes it in the new format
+    assert run_stage(TOY, ToyConfig(), r) is True
 
 
 def test_manifest_records_versions_and_timing(run):
     r, cfg = run
-    pipeline.run_stage(DATA, cfg, r)
+    run_stage(DATA, cfg, r)
     manifest = json.loads((r.stage("data") / "manifest.json").read_text())
     assert {"monofast", "python", "platform", "torch", "numpy", "tokenizers"} <= set(manifest["versions"])
     assert manifest["finished"] >= manifest["started"] and manifest["seconds"] >= 0
-    assert not (r.stage("data") / pipeline.ATTEMPT).exists()
+    assert not (r.stage("data") / ATTEMPT).exists()
 
 
 def test_leftover_temporaries_are_removed_and_never_outputs(run):
@@ -150,7 +156,7 @@ def test_leftover_temporaries_are_removed_and_never_outputs(run):
     (folder / ".features.x1.tmp").mkdir(parents=True)
     (folder / ".features.x1.tmp" / "3.html").write_text("half")
     (folder / ".train.bin.abc.tmp").write_text("half")
-    pipeline.run_stage(DATA, cfg, r)
+    run_stage(DATA, cfg, r)
     assert not list(folder.glob("*.tmp"))
     outputs = json.loads((folder / "manifest.json").read_text())["outputs"]
     assert not [name for name in outputs if ".tmp" in name]
@@ -167,7 +173,7 @@ class ResumableConfig:
     """Continue from checkpoint.txt."""
 
 
-def resumable_stage(cfg: ResumableConfig, run: pipeline.RunDir) -> None:
+def resumable_stage(cfg: ResumableConfig, run: RunDir) -> None:
     out = run.stage("counter")
     done = int((out / "checkpoint.txt").read_text()) if cfg.resume else 0
     CALLS.append(f"start {done}")
@@ -178,28 +184,28 @@ def resumable_stage(cfg: ResumableConfig, run: pipeline.RunDir) -> None:
     (out / "result.txt").write_text("done")
 
 
-COUNTER = pipeline.Stage("counter", "test_pipeline:ResumableConfig", "test_pipeline:resumable_stage", (),
+COUNTER = Stage("counter", "test_pipeline:ResumableConfig", "test_pipeline:resumable_stage", (),
                          "a stage that checkpoints", resume_file="checkpoint.txt")
 
 
 def test_an_interrupted_stage_continues_only_with_the_same_config(tmp_path):
     CALLS.clear()
-    r = pipeline.RunDir(tmp_path)
+    r = RunDir(tmp_path)
     with pytest.raises(RuntimeError):
-        pipeline.run_stage(COUNTER, ResumableConfig(die_at=2), r)
-    assert (r.stage("counter") / pipeline.ATTEMPT).is_file()
-    assert pipeline.run_stage(COUNTER, ResumableConfig(), r)  # die_at is part of the identity: starts over
+        run_stage(COUNTER, ResumableConfig(die_at=2), r)
+    assert (r.stage("counter") / ATTEMPT).is_file()
+    assert run_stage(COUNTER, ResumableConfig(), r)  # die_at is part of the identity: starts over
     assert CALLS == ["start 0", "start 0"]
     CALLS.clear()
     (r.stage("counter") / "manifest.json").unlink()
     with pytest.raises(RuntimeError):
-        pipeline.run_stage(COUNTER, ResumableConfig(steps=5, die_at=3), r)
+        run_stage(COUNTER, ResumableConfig(steps=5, die_at=3), r)
     with pytest.raises(RuntimeError):  # same config: it continues from the checkpoint
-        pipeline.run_stage(COUNTER, ResumableConfig(steps=5, die_at=3), r)
+        run_stage(COUNTER, ResumableConfig(steps=5, die_at=3), r)
     assert CALLS == ["start 0", "start 3"]
     CALLS.clear()
     with pytest.raises(RuntimeError):
-        pipeline.run_stage(COUNTER, ResumableConfig(steps=5, die_at=3), r, force=True)
+        run_stage(COUNTER, ResumableConfig(steps=5, die_at=3), r, force=True)
     assert CALLS == ["start 0"]  # --force starts over
 
 
@@ -252,7 +258,7 @@ def _digests(folder: Path) -> dict[str, str]:
 
 def test_smoke_run_writes_every_artifact(smoke_run):
     reference = smoke_run.run
-    for stage in pipeline.STAGES:
+    for stage in STAGES:
         manifest = json.loads((reference / stage.name / "manifest.json").read_text())
         assert manifest["stage"] == stage.name and manifest["outputs"]
         for rel, record in manifest["outputs"].items():
@@ -279,7 +285,7 @@ def test_smoke_run_writes_every_artifact(smoke_run):
 @pytest.fixture
 def log(caplog):
     """The monofast logger's records (it does not propagate to pytest's handler)."""
-    from monofast.log import logger, setup
+    from monofast.common.log import logger, setup
 
     setup()  # first, so that the level caplog restores afterwards is the CLI's
     caplog.set_level(logging.INFO, logger="monofast")
@@ -294,12 +300,12 @@ def test_skip_when_unchanged_and_rerun_from_a_change(smoke_run, tmp_path, capsys
     shutil.copytree(reference, run)
     assert cli.main(args + ["--run", str(run)]) == 0
     assert "0 of 6 stages ran, 6 up to date" in log.text and "GPT validation loss" in capsys.readouterr().out
-    before = {stage.name: _digests(run / stage.name) for stage in pipeline.STAGES}
+    before = {stage.name: _digests(run / stage.name) for stage in STAGES}
     layers = {"data": [cli.file_layer(Path(args[args.index("--config") + 1]), "data",
-                                      set(pipeline.stage_fields(DATA)))],
+                                      set(stage_fields(DATA)))],
               "activations": [{"shard_mb": 0.125, "device": "cpu"}], "gpt": [{"device": "cpu"}],
               "sae": [{"device": "cpu", "l1_coeff": "3"}], "analysis": [{"device": "cpu"}]}
-    ran = pipeline.run_all("smoke", pipeline.RunDir(run), layers)
+    ran = run_all("smoke", RunDir(run), layers)
     assert ran == {"data": False, "gpt": False, "activations": False, "sae": True, "analysis": True,
                    "site": True}
     assert _digests(run / "gpt") == before["gpt"]
@@ -318,7 +324,7 @@ def test_skip_when_unchanged_and_rerun_from_a_change(smoke_run, tmp_path, capsys
 def test_sigkill_in_each_stage_then_rerun(smoke_run, tmp_path, stage, bar, after, log):
     reference, args = smoke_run.run, smoke_run.args
     run = tmp_path / "run"
-    names = [s.name for s in pipeline.STAGES]
+    names = [s.name for s in STAGES]
     for earlier in names[:names.index(stage)]:
         shutil.copytree(reference / earlier, run / earlier)
     argv = args + ["--run", str(run), "--to", stage]
@@ -327,14 +333,14 @@ def test_sigkill_in_each_stage_then_rerun(smoke_run, tmp_path, stage, bar, after
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not (run / stage / "manifest.json").exists()  # nothing half-done is trusted
     for earlier in names[:names.index(stage)]:
-        assert pipeline.up_to_date(pipeline.stage_named(earlier),
-                                   pipeline.resolve_config(pipeline.stage_named(earlier), "smoke",
-                                                           *_layers(args, earlier)), pipeline.RunDir(run))
+        assert up_to_date(stage_named(earlier),
+                                   resolve_config(stage_named(earlier), "smoke",
+                                                           *_layers(args, earlier)), RunDir(run))
 
     assert cli.main(argv) == 0
     if stage in ("gpt", "sae"):
         assert "continuing the interrupted run" in log.text
-    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name == pipeline.ATTEMPT]
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name == ATTEMPT]
     got, want = _digests(run / stage), _digests(reference / stage)
     assert set(got) == set(want)
     for rel, digest in got.items():
@@ -352,7 +358,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 def _layers(args: list[str], stage: str) -> list[dict]:
     """The override layers `monofast run args` gives `stage` (config file, then --set)."""
-    fields = set(pipeline.stage_fields(pipeline.stage_named(stage)))
+    fields = set(stage_fields(stage_named(stage)))
     layers = [cli.file_layer(Path(args[args.index("--config") + 1]), stage, fields)]
     for i, word in enumerate(args):
         if word == "--set" and args[i + 1].startswith(f"{stage}."):
@@ -366,7 +372,7 @@ def left_in(text: str) -> str:
 
 
 def test_eta_moves_with_long_stages_not_short_ones(log):
-    clock = pipeline._Clock({"data": 4.0, "gpt": 1000.0, "sae": 100.0})
+    clock = _Clock({"data": 4.0, "gpt": 1000.0, "sae": 100.0})
     clock.done("data", 0.9, ran=True)  # a few seconds early: the GPT estimate stands
     clock.announce("gpt", 2, 3, {"gpt": True, "sae": True})
     assert left_in(log.text) == "17 min 27 s"  # 1,100 s x (0.9 + 60) / (4 + 60)

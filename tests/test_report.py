@@ -7,7 +7,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from monofast import cli, report
+from monofast import cli
+from monofast.run import report
 
 
 def test_purity_svg_is_standalone_and_shows_both_bases():

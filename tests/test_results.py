@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from monofast import results
+from monofast.run import results
 
 
 def test_results_of_a_smoke_run(smoke_run):

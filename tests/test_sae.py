@@ -9,9 +9,11 @@ import json
 import pytest
 import torch
 
-from monofast.errors import DataError, UserError
-from monofast.sae import (SAEConfig, SAEOutput, SparseAutoencoder, geometric_median,
-                          reset_adam_state, resolve_compute_dtype)
+from monofast.common.device import pick_dtype
+
+from monofast.common.errors import DataError, UserError
+from monofast.sae.model import (SAEConfig, SAEOutput, SparseAutoencoder, geometric_median,
+                          reset_adam_state)
 
 D_IN, D_SAE = 16, 48
 
@@ -62,8 +64,8 @@ def test_config_errors_name_the_fix(fields, message):
 
 
 def test_compute_dtype_resolution():
-    assert resolve_compute_dtype("float32", torch.device("cpu")) == torch.float32
-    assert resolve_compute_dtype("auto", torch.device("meta")) is None
+    assert pick_dtype("float32", torch.device("cpu"), otherwise=None) == torch.float32
+    assert pick_dtype("auto", torch.device("meta"), otherwise=None) is None
 
 
 # ------------------------------------------------------------------------- forward and training

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_small_data
-from monofast import data, sae_eval
-from monofast.errors import DataError
-from monofast.gpt import save_model
-from monofast.model import GPT, GPTConfig
-from monofast.sae import SAEConfig, SparseAutoencoder
+from monofast.data.splits import load_meta, load_split
+from monofast.sae import evaluate as sae_eval
+from monofast.common.errors import DataError
+from monofast.gpt.weights import save_model
+from monofast.gpt.model import GPT, GPTConfig
+from monofast.sae.model import SAEConfig, SparseAutoencoder
 
 LAYER = 1
 LENGTH = 16
@@ -26,7 +27,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("ce")
     build_small_data(root)
     torch.manual_seed(0)
-    meta = data.load_meta(root / "data")
+    meta = load_meta(root / "data")
     model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=LENGTH, n_layer=2, n_head=2, n_embd=16))
     with torch.no_grad():
         for block in model.h:
@@ -48,7 +49,7 @@ def explicit_losses(model, tokens, hook=None):
 
 def test_held_out_windows_are_shifted_spread_and_labelled(tiny):
     root, _ = tiny
-    split = data.load_split(root / "data", "val")
+    split = load_split(root / "data", "val")
     tokens = sae_eval.held_out_tokens(root / "data", LENGTH, 500)
     n = tokens.idx.shape[0]
     assert tokens.idx.shape == tokens.targets.shape == tokens.sources.shape == (math.ceil(500 / LENGTH), LENGTH)

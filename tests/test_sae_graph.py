@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from monofast import activations, sae_graph, sae_train
+from monofast.activations import store as activations
+from monofast.sae import graph as sae_graph
+from monofast.sae import train as sae_train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

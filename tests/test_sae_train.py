@@ -10,13 +10,16 @@ import pytest
 import torch
 
 from conftest import build_small_data
-from monofast import activations, config, data, sae_train
-from monofast.errors import DataError, UserError
-from monofast.gpt import save_model
-from monofast.harvest import HarvestConfig, harvest
-from monofast.model import GPT, GPTConfig
-from monofast.sae import SparseAutoencoder
-from monofast.sae_train import SAETrainConfig
+from monofast.activations import store as activations
+from monofast.common import config
+from monofast.data.splits import load_meta
+from monofast.sae import train as sae_train
+from monofast.common.errors import DataError, UserError
+from monofast.gpt.weights import save_model
+from monofast.activations.harvest import HarvestConfig, harvest
+from monofast.gpt.model import GPT, GPTConfig
+from monofast.sae.model import SparseAutoencoder
+from monofast.sae.train import SAETrainConfig
 
 DIM = 16
 
@@ -153,7 +156,7 @@ def harvested(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     build_small_data(root)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=data.load_meta(root / "data")["vocab_size"], block_size=16, n_layer=1,
+    model = GPT(GPTConfig(vocab_size=load_meta(root / "data")["vocab_size"], block_size=16, n_layer=1,
                           n_head=2, n_embd=16))
     (root / "gpt").mkdir()
     save_model(root / "gpt", model)

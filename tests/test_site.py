@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monofast import pipeline, report
+from monofast.run.manifest import run_stage
+from monofast.run.resolve import resolve_config
+from monofast.run.stages import RunDir, Stage
+from monofast.run import report
 from monofast.analysis import output
 from monofast.analysis.config import AnalysisConfig
 from monofast.analysis.run import analyze
@@ -288,9 +291,9 @@ def test_an_index_of_4096_features_renders_in_under_a_second(site, tmp_path):
 # ---------------------------------------------------------------------------------------
 # Through the pipeline, as the stages are registered
 
-ANALYSIS = pipeline.Stage("analysis", "monofast.analysis.config:AnalysisConfig", "monofast.analysis.run:run_stage",
+ANALYSIS = Stage("analysis", "monofast.analysis.config:AnalysisConfig", "monofast.analysis.run:run_stage",
                           ("data", "gpt", "sae"), "feature statistics, examples and effects")
-SITE = pipeline.Stage("site", "monofast.site.config:SiteConfig", "monofast.site.build:run_stage",
+SITE = Stage("site", "monofast.site.config:SiteConfig", "monofast.site.build:run_stage",
                       ("sae", "analysis"), "static feature browser")
 
 
@@ -298,12 +301,12 @@ def test_analysis_and_site_run_as_pipeline_stages(tmp_path):
     make_run(tmp_path)
     for name in ("data", "gpt", "sae"):  # stand-ins for the manifests of the earlier stages
         (tmp_path / name / "manifest.json").write_text(json.dumps({"format": 1, "outputs": {}}))
-    run = pipeline.RunDir(tmp_path)
-    cfg = pipeline.resolve_config(ANALYSIS, "smoke", {"device": "cpu"})
+    run = RunDir(tmp_path)
+    cfg = resolve_config(ANALYSIS, "smoke", {"device": "cpu"})
     assert cfg.tokens == 4096  # the smoke preset's value
-    assert pipeline.run_stage(ANALYSIS, cfg, run)
-    assert not pipeline.run_stage(ANALYSIS, cfg, run)  # up to date: skipped
-    assert pipeline.run_stage(SITE, pipeline.resolve_config(SITE, "smoke"), run)
+    assert run_stage(ANALYSIS, cfg, run)
+    assert not run_stage(ANALYSIS, cfg, run)  # up to date: skipped
+    assert run_stage(SITE, resolve_config(SITE, "smoke"), run)
     assert (tmp_path / "site" / "index.html").is_file()
     manifest = json.loads((tmp_path / "site" / "manifest.json").read_text())
     assert "features/0.html" in manifest["outputs"] and "index.html" in manifest["outputs"]

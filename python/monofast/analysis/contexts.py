@@ -15,9 +15,9 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from monofast import data
-from monofast.errors import DataError
-from monofast.log import logger
+from monofast.data.splits import load_meta, load_split
+from monofast.common.errors import DataError
+from monofast.common.log import logger
 
 
 class ContextPlan(NamedTuple):
@@ -56,10 +56,10 @@ def _tiles(n_tokens: int, size: int) -> np.ndarray:
 def plan(data_dir: str | Path, splits: tuple[str, ...], size: int, budget: int, n_sources: int,
          seed: int) -> ContextPlan:
     """Up to `budget` tokens of contexts, the same number from each source, shuffled."""
-    meta = data.load_meta(data_dir)
+    meta = load_meta(data_dir)
     per_source: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n_sources)]
     for i, name in enumerate(splits):
-        split = data.load_split(data_dir, name, meta)
+        split = load_split(data_dir, name, meta)
         starts = _tiles(len(split.tokens), size)
         owner = np.asarray(split.sources[starts]) if len(starts) else np.zeros(0, np.uint8)  # (n,)
         for sid in range(n_sources):
@@ -90,8 +90,8 @@ def plan(data_dir: str | Path, splits: tuple[str, ...], size: int, budget: int, 
 
 def batches(data_dir: str | Path, plan_: ContextPlan, batch_contexts: int) -> Iterator[Batch]:
     """The plan's contexts, `batch_contexts` at a time, read from the memory-mapped splits."""
-    meta = data.load_meta(data_dir)
-    loaded = [data.load_split(data_dir, name, meta) for name in plan_.splits]
+    meta = load_meta(data_dir)
+    loaded = [load_split(data_dir, name, meta) for name in plan_.splits]
     span = np.arange(plan_.size + 1)  # (T + 1,)
     for first in range(0, len(plan_.start), batch_contexts):
         rows = slice(first, first + batch_contexts)

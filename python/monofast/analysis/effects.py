@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from monofast.model import GPT
+from monofast.gpt.model import GPT
 
 PAIR_CHUNK = 4096
 """(token, feature) pairs whose ablated logits are held at once: 4096 x V floats (16 MB at V 1,024)."""

@@ -16,10 +16,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from monofast import files
-from monofast.errors import DataError, UserError
-from monofast.model import GPT
-from monofast.sae import SparseAutoencoder
+from monofast.common import files
+from monofast.common.errors import DataError, UserError
+from monofast.gpt.model import GPT
+from monofast.sae.model import SparseAutoencoder
 
 
 def _recorded_layer(sae_dir: Path, activations_dir: Optional[Path]) -> Optional[int]:

@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from monofast import files
-from monofast.errors import DataError
+from monofast.common import files
+from monofast.common.errors import DataError
 
 FORMAT = 1
 SUMMARY, FEATURES, NEURONS, EXAMPLES, TOKENS = ("summary.json", "features.npz", "neurons.npz",

@@ -14,8 +14,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from monofast import config as config_mod
-from monofast import data, tokenizer
+from monofast.common import config as config_mod
+from monofast.data.splits import load_meta
+from monofast.data import tokenizer
 from monofast.analysis import contexts, effects, examples, output
 from monofast.analysis.config import AnalysisConfig
 from monofast.analysis.forward import Encoder, check_shapes, resolve_layer
@@ -23,10 +24,11 @@ from monofast.analysis.scan import Scan
 from monofast.analysis.stats import bin_bounds, source_shares
 from monofast.analysis.summary import summarize
 from monofast.analysis.vocab import token_table
-from monofast.errors import UserError
-from monofast.gpt import load_model, pick_device, pick_dtype
-from monofast.log import logger, progress
-from monofast.sae import SparseAutoencoder
+from monofast.common.errors import UserError
+from monofast.common.device import pick_device, pick_dtype
+from monofast.gpt.weights import load_model
+from monofast.common.log import logger, progress
+from monofast.sae.model import SparseAutoencoder
 
 
 def run_stage(cfg: AnalysisConfig, run: Any) -> None:
@@ -39,25 +41,14 @@ def run_stage(cfg: AnalysisConfig, run: Any) -> None:
             activations if activations.is_dir() else None)
 
 
-def _autocast_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "float32":
-        return torch.float32
-    if name == "bfloat16":
-        return torch.bfloat16
-    return pick_dtype("auto", device)
-
-
 def analyze(cfg: AnalysisConfig, data_dir: str | Path, gpt_dir: str | Path, sae_dir: str | Path,
             out: str | Path, activations_dir: Optional[Path] = None) -> dict[str, Any]:
     """Run the analysis and write `out`; returns the summary written to summary.json."""
     started = time.perf_counter()
     data_dir, sae_dir, out = Path(data_dir), Path(sae_dir), Path(out)
-    try:
-        device = pick_device(cfg.device)
-    except ValueError as err:
-        raise UserError(f"--device: {err}") from None
-    dtype = _autocast_dtype(cfg.dtype, device)
-    meta = data.load_meta(data_dir)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    meta = load_meta(data_dir)
     names = [s["name"] for s in sorted(meta["sources"], key=lambda s: s["id"])]
     model = load_model(gpt_dir, device)
     sae = SparseAutoencoder.load(sae_dir, device)
@@ -114,7 +105,7 @@ def analyze(cfg: AnalysisConfig, data_dir: str | Path, gpt_dir: str | Path, sae_
 
 def _sweep_member(sae_dir: Path) -> str:
     """The SAE's name within its training sweep (cfg.json metadata), '' when not recorded."""
-    from monofast import files
+    from monofast.common import files
 
     raw = files.read_json(sae_dir / "cfg.json", "SAE config")
     name = raw.get("sweep_member") or raw.get("metadata", {}).get("sweep_member") or ""

@@ -20,7 +20,7 @@ from monofast.analysis.contexts import Batch
 from monofast.analysis.forward import Encoder, final_residual
 from monofast.analysis.stats import FeatureStats, NeuronStats, firings, log_edges
 from monofast.analysis.streaming import CellReservoir, StreamingTopK
-from monofast.model import GPT
+from monofast.gpt.model import GPT
 
 
 class TokenStore:

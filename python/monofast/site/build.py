@@ -22,9 +22,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from monofast import files
+from monofast.common import files
 from monofast.analysis import output
-from monofast.log import logger, progress
+from monofast.common.log import logger, progress
 from monofast.site import pages
 from monofast.site.config import SiteConfig
 from monofast.site.text import Vocab

@@ -1,0 +1,78 @@
+"""What every stage command shares: one-line argparse errors, the run options (`--preset`,
+`--run` / `--name`, `--config`, `--force`), and the stage command itself, whose `--help`
+shows the value each option will take with the preset (and config file) given."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from monofast.cli.flags import add_arguments, cli_overrides
+from monofast.run import presets
+from monofast.run.manifest import run_stage
+from monofast.run.resolve import explain, file_layer, resolve_config
+from monofast.run.stages import RunDir, Stage, run_dir, stage_named
+
+DEFAULT_PRESET = "quick"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (usage lines of stage commands run to dozens of
+    flags): `monofast data: error: unrecognized arguments: --nope; see `monofast data --help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """`--preset`, `--run` / `--name`, `--config`, `--force`: the options every stage command shares."""
+    group = parser.add_argument_group("run options")
+    group.add_argument("--preset", default=DEFAULT_PRESET, choices=presets.names(),
+                       help=f"preset whose values are the starting point (default: {DEFAULT_PRESET})")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument("--run", type=Path, default=None, metavar="DIR",
+                       help="run directory holding one folder per stage (default: runs/<preset>)")
+    where.add_argument("--name", default=None, metavar="NAME",
+                       help="run directory runs/NAME ($MONOFAST_RUNS/NAME where set)")
+    group.add_argument("--config", type=Path, default=None, metavar="FILE",
+                       help="TOML or JSON file of option values, flat or grouped by stage")
+    group.add_argument("--force", action="store_true",
+                       help="redo from scratch, even when the outputs are up to date (an interrupted "
+                            "GPT or SAE stage starts over instead of continuing from its checkpoint)")
+
+
+def args_run_dir(args: argparse.Namespace) -> RunDir:
+    """The run directory the parsed run options name."""
+    return run_dir(args.run, getattr(args, "name", None), args.preset)
+
+
+def peek_run_options(argv: Sequence[str]) -> tuple[str, Path | None]:
+    """The `--preset` and `--config` of a command line before it is parsed: the help of
+    every option shows the value they give it. An unknown preset reads as the default (the
+    parser then names it)."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--preset", default=DEFAULT_PRESET)
+    peek.add_argument("--config", type=Path, default=None)
+    known, _ = peek.parse_known_args(list(argv))
+    preset = known.preset if known.preset in presets.names() else DEFAULT_PRESET
+    return preset, known.config
+
+
+class StageCommand:
+    """`monofast <stage>`: resolve the stage's config and run it (skipped when up to date)."""
+
+    def __init__(self, stage: str, argv: Sequence[str] = ()):
+        self.stage: Stage = stage_named(stage)
+        self.preset, self.config_file = peek_run_options(argv)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_run_options(parser)
+        origins = explain(self.stage, self.preset, self.config_file)
+        add_arguments(parser, self.stage.config_cls(), f"{self.stage.name} options", origins)
+
+    def main(self, args: argparse.Namespace) -> int:
+        cfg = resolve_config(self.stage, args.preset, file_layer(args.config, self.stage.name),
+                             cli_overrides(self.stage.config_cls(), args))
+        run_stage(self.stage, cfg, args_run_dir(args), force=args.force)
+        return 0

@@ -1,0 +1,41 @@
+"""Resume checkpoints: one atomically written torch file per stage, and one way to read
+it back that refuses a damaged file or one made with other options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from monofast.common import files
+from monofast.common.errors import DataError, UserError
+
+
+def save(path: Path, payload: dict[str, Any]) -> None:
+    """Write `payload` (tensors, optimizer states, plain values) to `path` atomically."""
+    import torch
+
+    with files.atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
+
+
+def load(path: Path, fmt: int, identity_key: str, now: dict[str, Any]) -> dict[str, Any]:
+    """Read a checkpoint of format `fmt` whose `payload[identity_key]` must equal `now`.
+
+    A damaged file or another format is a `DataError`; a checkpoint made with other
+    options (or other data) is a `UserError` listing each difference.
+    """
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many classes for a damaged file
+        raise DataError(f"{path} is unreadable ({err}); drop --resume to start over") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise DataError(f"{path} is not a monofast checkpoint of format {fmt}; drop --resume to start over")
+    saved = payload.get(identity_key) or {}
+    changed = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k)]
+    if changed:
+        raise UserError(f"{path} was made with other options or data: {', '.join(changed)}; resume "
+                        f"with the same options, or drop --resume to start over")
+    return payload

@@ -1,0 +1,105 @@
+"""Options of the GPT stage (`monofast gpt train`): the model's shape, the optimizer and
+its schedule, the evaluation, the samples, and how it runs (device, precision, compile)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from monofast.common.device import DTYPE_CHOICES, parse_device
+from monofast.gpt.model import GPTConfig, GPTShape
+
+COMPILE_CHOICES = ("auto", "true", "false")
+
+
+@dataclass
+class GPTTrainConfig(GPTShape):
+    """Options of the GPT stage. The defaults are the seed laptop recipe.
+
+    The model's shape fields (n_layer, n_head, n_embd, block_size, dropout, bias) and
+    their checks come from `GPTShape`; the vocabulary comes from the data stage."""
+
+    # Options that change how a run executes or what it writes after training, not which
+    # steps it takes: a run may resume with other values of these (the manifest ignores them).
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({
+        "device", "dtype", "compile", "resume", "eval_batches", "sample_prompts",
+        "sample_tokens", "num_samples", "temperature", "top_k"})
+
+    dropout: float = 0.2
+    """Dropout probability during training (0 for none)."""
+    batch_size: int = 24
+    """Training windows per step."""
+    max_iters: int = 7500
+    """Optimizer steps; the cosine schedule decays over exactly this many."""
+    learning_rate: float = 1e-3
+    """Peak learning rate, reached after the warm-up."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_iters: int = 100
+    """Steps of linear warm-up from 0 to learning_rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to weight matrices and embeddings only (not to biases or norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2 (0.99 rather than 0.999 suits small models and small batches)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 turns clipping off)."""
+    eval_interval: int = 250
+    """Evaluate on the validation split, write metrics and save a checkpoint every this many
+    steps (and at the end)."""
+    eval_batches: int = 20
+    """Validation batches per evaluation (each of batch_size windows, spread evenly over the
+    split)."""
+    device: str = "auto"
+    """Device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """Autocast precision: auto (bfloat16 where it is faster), float32, bfloat16 or float16
+    (CUDA/MPS only)."""
+    compile: str = "auto"
+    """torch.compile the model: auto (on CUDA only, and in one process with CUDA graphs,
+    torch.compile's reduce-overhead mode: the small models here are launch-bound there; on
+    CPU compiling measured 0.9-1.1x eager after 10-40 s), true (the default mode, any
+    device) or false."""
+    resume: bool = False
+    """Continue from gpt/checkpoint.pt (a killed run) on the same schedule instead of starting over."""
+    seed: int = 1337
+    """Seed of the initial weights, the training windows, dropout and the samples."""
+    sample_prompts: tuple[str, ...] = field(default=("def run", "ROMEO:"), metadata={"metavar": "PROMPT,..."})
+    """Prompts for samples.txt, comma-separated: by default one Python and one Shakespeare prompt."""
+    sample_tokens: int = 200
+    """Tokens generated per sample in samples.txt (0 writes no samples)."""
+    num_samples: int = 2
+    """Samples per prompt in samples.txt."""
+    temperature: float = 0.8
+    """Sampling temperature for samples.txt (0 is greedy)."""
+    top_k: int = 50
+    """Sample only among the k likeliest tokens (0 for no limit)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if not 0.0 < self.learning_rate:
+            raise ValueError(f"learning_rate={self.learning_rate} must be positive, e.g. 1e-3")
+        if not 0.0 <= self.min_lr <= self.learning_rate:
+            raise ValueError(f"min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
+        if not 0 <= self.warmup_iters < self.max_iters:
+            raise ValueError(f"warmup_iters={self.warmup_iters} must be in [0, max_iters={self.max_iters}); "
+                             f"lower --warmup-iters or raise --max-iters")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(f"beta1={self.beta1} and beta2={self.beta2} must be in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be non-negative (0 turns them off)")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype={self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+        self.compile = str(self.compile).lower()
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile={self.compile!r}; choose auto, true or false")
+        parse_device(self.device)
+        if self.sample_tokens < 0 or self.num_samples < 0 or self.top_k < 0 or self.temperature < 0:
+            raise ValueError("sample_tokens, num_samples, top_k and temperature must be non-negative")
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, **self.shape())

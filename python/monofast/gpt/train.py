@@ -1,0 +1,254 @@
+"""Stage 2: train the tiny GPT (`monofast gpt train`).
+
+Reads `data/` (through `monofast.data.splits`) and writes `gpt/`:
+
+- `model.safetensors`, `config.json`: the weights and their `GPTConfig` (`monofast.gpt.weights`)
+- `metrics.jsonl`: one line per evaluation: step, learning rate, train loss, validation
+  loss overall and per source (Python vs Shakespeare), tokens/s, and the precision used
+- `samples.txt`: a few samples from each of the configured prompts (`monofast.gpt.sample`)
+- `checkpoint.pt`: weights, optimizer state, step and metrics so far, for `--resume`
+
+Every random choice of a training step (its batch windows and its dropout masks) is keyed
+on (seed, step) rather than drawn from a stream, so a run resumed from a checkpoint takes
+exactly the steps the uninterrupted run would have taken.
+
+Under torchrun (`monofast.common.distributed`) the model is wrapped in
+DistributedDataParallel: every rank draws the same global batch of `batch_size` windows and
+trains on its own `batch_size / world` consecutive rows of it, so the global batch, the
+schedule and the checkpoints are those of a single process (a run may resume with another
+number of processes). Evaluation is split over the ranks; rank 0 writes every file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from monofast.common import checkpoint, config, distributed, files
+from monofast.common.device import matmul_precision, pick_device, pick_dtype
+from monofast.common.log import logger, progress
+from monofast.data import tokenizer
+from monofast.data.splits import Split, load_meta, load_split
+from monofast.gpt.batches import check_data, evaluate, get_batch, rank_rows
+from monofast.gpt.config import GPTTrainConfig
+from monofast.gpt.model import GPT
+from monofast.gpt.sample import SAMPLES_FILE, write_samples
+from monofast.gpt.trainer import Trainer, lr_at
+from monofast.gpt.weights import CONFIG_FILE, MODEL_FILE, save_model
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+LOG_EVERY = 10
+"""Steps between progress-bar refreshes: each one reads the loss back from the device,
+which on a GPU is a synchronisation point, so it is not done every step."""
+
+
+# ---------------------------------------------------------------------------------------
+# Files: checkpoint, metrics
+
+
+class TrainState(NamedTuple):
+    """Where a run stands: steps done and the metrics logged so far."""
+
+    step: int
+    metrics: list[dict[str, Any]]
+
+
+def _schedule_dict(cfg: GPTTrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict(cfg).items() if k not in GPTTrainConfig.RUNTIME}
+
+
+def save_checkpoint(folder: Path, trainer: Trainer, state: TrainState) -> None:
+    """Weights, optimizer state, step and metrics in one atomically written file."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "step": state.step,
+        "config": _schedule_dict(trainer.cfg),
+        "model": {k: v.detach().to("cpu") for k, v in trainer.model.state_dict().items()},
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "metrics": state.metrics,
+    }
+    checkpoint.save(folder / CHECKPOINT_FILE, payload)
+
+
+def load_checkpoint(folder: Path, trainer: Trainer) -> TrainState:
+    """Restore a checkpoint made with the same schedule; refuse one from other options."""
+    payload = checkpoint.load(folder / CHECKPOINT_FILE, CHECKPOINT_FORMAT, "config", _schedule_dict(trainer.cfg))
+    trainer.model.load_state_dict(payload["model"])
+    trainer.optimizer.load_state_dict(payload["optimizer"])
+    trainer.scaler.load_state_dict(payload["scaler"])
+    return TrainState(int(payload["step"]), list(payload["metrics"]))
+
+
+def write_metrics(folder: Path, metrics: list[dict[str, Any]]) -> None:
+    files.write_text(folder / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop
+
+class TrainResult(NamedTuple):
+    """What `train` returns."""
+
+    model: GPT
+    """The trained model (eval mode)."""
+    metrics: list[dict[str, Any]]
+    """Every evaluation, as written to metrics.jsonl."""
+    seconds: float
+    """Wall time of this call (a resumed run counts only its own part)."""
+
+
+def _is_eval_step(step: int, cfg: GPTTrainConfig) -> bool:
+    return step % cfg.eval_interval == 0 or step == cfg.max_iters
+
+
+def _log_eval(bar: Any, record: dict[str, Any]) -> None:
+    per_source = ", ".join(f"{k} {v:.3f}" for k, v in record["val_loss_by_source"].items())
+    message = (f"gpt: step {record['step']}: train {record['train_loss']:.3f}, "
+               f"val {record['val_loss']:.3f} ({per_source}), {record['tokens_per_s']:.0f} tok/s")
+    with bar.external_write_mode(file=sys.stderr):
+        logger.info(message)
+
+
+def train(cfg: GPTTrainConfig, data_dir: str | Path, out: str | Path) -> TrainResult:
+    """Train on `data_dir`'s splits, writing model, metrics and checkpoints into `out`."""
+    data_dir, out = Path(data_dir), Path(out)
+    meta = load_meta(data_dir)
+    train_split = load_split(data_dir, "train", meta)
+    val_split = load_split(data_dir, "val", meta)
+    check_data(cfg, meta, train_split, val_split)
+    sources = [s["name"] for s in sorted(meta["sources"], key=lambda s: s["id"])]
+    here = distributed.check_divides(cfg.batch_size, "--batch-size")
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with matmul_precision(device):
+        trainer = Trainer(cfg, meta["vocab_size"], device, dtype)
+        state = _start_state(cfg, out, trainer)
+        logger.info("gpt: %.2fM parameters, %s, %s autocast, steps %d..%d of batch %d x %d%s",
+                    trainer.model.num_params() / 1e6, device, str(dtype).removeprefix("torch."),
+                    state.step, cfg.max_iters, cfg.batch_size, cfg.block_size,
+                    f" over {here.size} processes" if here.size > 1 else "")
+        state = _train_loop(trainer, state, train_split, val_split, sources, out)
+    trainer.model.eval()
+    distributed.barrier()  # rank 0's files are written when any rank returns
+    return TrainResult(trainer.model, state.metrics, time.perf_counter() - started)
+
+
+def _start_state(cfg: GPTTrainConfig, out: Path, trainer: Trainer) -> TrainState:
+    """The checkpoint's state under --resume, else step 0 with the stale outputs removed
+    (the pipeline hashes every file in the folder, so none may outlive the run it came from)."""
+    stale = [SAMPLES_FILE]
+    if cfg.resume and distributed.broadcast_object((out / CHECKPOINT_FILE).is_file()):
+        state = load_checkpoint(out, trainer)
+        logger.info("gpt: resuming from %s at step %d", out / CHECKPOINT_FILE, state.step)
+    else:
+        if cfg.resume:
+            logger.warning("gpt: --resume given but %s does not exist; starting from step 0",
+                           out / CHECKPOINT_FILE)
+        state = TrainState(0, [])
+        stale += [CHECKPOINT_FILE, MODEL_FILE, CONFIG_FILE, METRICS_FILE]
+    distributed.barrier()  # every rank has read the checkpoint before rank 0 removes anything
+    if trainer.world.is_main:
+        for name in stale:
+            (out / name).unlink(missing_ok=True)
+    return state
+
+
+class _Window:
+    """Training-loss and throughput accounting between two evaluations."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss_sum += loss
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+
+    def mean_loss(self) -> float:
+        return self.loss_sum.item() / max(self.steps, 1)  # a device sync
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def _train_loop(trainer: Trainer, state: TrainState, train_split: Split, val_split: Split,
+                sources: list[str], out: Path) -> TrainState:
+    cfg = trainer.cfg
+    step, metrics = state
+    window = _Window(trainer.device)
+    shown: dict[str, str] = {}
+    bar: Any = progress(total=cfg.max_iters, initial=step, desc="gpt", unit="step")  # a tqdm
+    rows = rank_rows(cfg.batch_size, trainer.world)
+    try:
+        while step < cfg.max_iters:
+            tick = time.perf_counter()
+            x, y = get_batch(train_split, step, cfg, trainer.device, rows)
+            window.add(trainer.step(step, x, y), x.numel() * trainer.world.size)
+            step += 1
+            if step % LOG_EVERY == 0:
+                shown["loss"] = f"{window.mean_loss():.3f}"  # a device sync, timed with the step
+            window.seconds += time.perf_counter() - tick
+            shown["tok/s"] = f"{window.tokens_per_s():.0f}"
+            bar.update(1)
+            if _is_eval_step(step, cfg):
+                record = _evaluate_and_save(trainer, step, window, val_split, sources, out, metrics)
+                metrics = metrics + [record]
+                shown["val"] = f"{record['val_loss']:.3f}"
+                _log_eval(bar, record)
+                window = _Window(trainer.device)
+            if step % LOG_EVERY == 0:
+                bar.set_postfix(shown, refresh=False)
+    finally:
+        bar.close()
+    if trainer.world.is_main:
+        save_model(out, trainer.model)  # also after a resume that had nothing left to do
+        write_metrics(out, metrics)
+    return TrainState(step, metrics)
+
+
+def _evaluate_and_save(trainer: Trainer, step: int, window: _Window, val_split: Split,
+                       sources: list[str], out: Path, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Evaluate, then write the model, the metrics so far and a checkpoint (rank 0; the
+    training loss is the mean over the ranks, the throughput rank 0's measure of all of them)."""
+    cfg = trainer.cfg
+    result = evaluate(trainer.model, val_split, sources, cfg, trainer.device, trainer.dtype)
+    train_loss, = distributed.mean([window.mean_loss()])
+    record = {"step": step, "lr": lr_at(step - 1, cfg), "train_loss": train_loss,
+              "val_loss": result.loss, "val_loss_by_source": result.by_source,
+              "tokens_per_s": window.tokens_per_s()}
+    if trainer.world.is_main:
+        save_model(out, trainer.model)
+        write_metrics(out, metrics + [record])
+        save_checkpoint(out, trainer, TrainState(step, metrics + [record]))
+    return record
+
+
+# ---------------------------------------------------------------------------------------
+# Entry points
+
+def run_stage(cfg: GPTTrainConfig, run: Any) -> None:
+    """Pipeline entry point: train `gpt/` from `data/` inside the run directory."""
+    data_dir = run.require("data")
+    out = run.stage("gpt")
+    result = train(cfg, data_dir, out)
+    last = result.metrics[-1]
+    by_source = ", ".join(f"{k} {v:.3f}" for k, v in last["val_loss_by_source"].items())
+    logger.info("gpt: %d steps in %.1f s; val loss %.3f (%s)", last["step"], result.seconds,
+                last["val_loss"], by_source)
+    if cfg.sample_tokens and cfg.num_samples and cfg.sample_prompts and distributed.is_main():
+        started = time.perf_counter()
+        device = next(result.model.parameters()).device
+        write_samples(out, result.model, tokenizer.load(data_dir), cfg, device)
+        logger.info("gpt: wrote %s in %.1f s", out / SAMPLES_FILE, time.perf_counter() - started)
+
+

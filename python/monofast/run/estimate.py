@@ -1,0 +1,305 @@
+"""Rough time and disk estimates of a run, from its configs and this machine's speed.
+
+The model is deliberately simple, and everything that shows its numbers calls them
+estimates. Each stage's work is counted in floating-point operations (GPT training:
+6N + 12·L·T·C per token, PaLM's count; an SAE step: five (B, D) × (D, F) sized products
+per SAE; harvest and analysis: forward passes), divided by the device's matrix-product
+rate (measured in a fraction of a second when asked) times the share of that rate the
+stage reaches, plus a fixed cost per step (kernel launches, the Python loop) and per
+item for the parts that are not matrix products (tokenizing, writing rows and pages).
+The shares and per-item costs were measured on the `quick` preset on a 2-core CPU; on
+other machines, and for shapes far from `quick`, expect errors of 2× or more.
+
+Disk use is counted from what each stage keeps: tokens, weights and optimizer state,
+activation rows × dimension × bytes per value, example windows and pages.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, NamedTuple
+
+# Bytes per stored activation value, by the harvest's dtype.
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+ROW_META_BYTES = 13
+"""Per activation row: context id, token id, position (int32 each) and source id (uint8)."""
+
+
+class Device(NamedTuple):
+    """Where the matrix products of a run happen, and how fast."""
+
+    kind: str
+    """cpu, cuda or mps."""
+    name: str
+    """For people: "CPU, 2 threads", "NVIDIA H100 80GB HBM3"."""
+    gflops: float
+    """Best matrix-product rate of fp32 and bf16, GFLOP/s."""
+    measured: bool
+    """False when `gflops` is an assumption (nothing could be measured)."""
+
+
+@dataclass(frozen=True)
+class Rates:
+    """How one kind of device spends its time, besides the matrix products it measures."""
+
+    gpt_share: float
+    """Share of the matrix-product rate GPT training reaches."""
+    gpt_step_s: float
+    """Fixed cost of a GPT training step (launches, optimizer, Python)."""
+    forward_share: float
+    """Share reached by inference forward passes (harvest, CE-loss evaluation)."""
+    sae_share: float
+    """Share reached by the SAE step."""
+    sae_step_s: float
+    """Fixed cost of an SAE step."""
+    harvest_row_s: float
+    """Per stored activation row: gathering, converting and writing it."""
+    analysis_share: float
+    """Share reached by the analysis pass (forward, encoder and the per-feature bookkeeping)."""
+    analysis_token_s: float
+    """Per analysed token: top-k, reservoirs and histograms on the CPU."""
+
+
+# CPU: GPT training fitted to two runs on a quiet 2-core CPU (products measured at 408-430
+# GFLOP/s): quick (block 128) reached 40% of that rate and laptop (block 256, dropout)
+# 27%; the share below sits between them (both estimates within 25%). The other CPU rates
+# were fitted to a quick run on a loaded machine (products at 100 GFLOP/s; harvest 8.9 s,
+# SAE 149 s, analysis 35 s), in line with the benchmarks (the SAE step 80-90% of its five
+# products, benches/bench_sae.py). The SAE's products are larger than the measured ones,
+# hence a share near 1. GPU numbers are assumptions (small models are bound by kernel
+# launches) until measured on a GPU.
+RATES = {
+    "cpu": Rates(gpt_share=0.33, gpt_step_s=0.002, forward_share=0.40, sae_share=0.9, sae_step_s=0.002,
+                 harvest_row_s=5e-6, analysis_share=0.25, analysis_token_s=8e-6),
+    "cuda": Rates(gpt_share=0.30, gpt_step_s=0.008, forward_share=0.20, sae_share=0.5, sae_step_s=0.0015,
+                  harvest_row_s=1e-6, analysis_share=0.10, analysis_token_s=4e-6),
+    "mps": Rates(gpt_share=0.30, gpt_step_s=0.015, forward_share=0.20, sae_share=0.4, sae_step_s=0.004,
+                 harvest_row_s=3e-6, analysis_share=0.10, analysis_token_s=10e-6),
+}
+ASSUMED_GFLOPS = {"cpu": 200.0, "cuda": 100_000.0, "mps": 5_000.0}
+
+DATA_CHAR_S = 2e-6
+"""Reading, normalising and tokenizing one character (2M characters: 3-4.5 s)."""
+PAGE_S = 0.01
+"""Writing one feature page (2,048 pages: 15-30 s)."""
+WRITE_BYTES_S = 1.0e9
+"""Sustained file writing, bytes per second."""
+
+
+class StageEstimate(NamedTuple):
+    seconds: float
+    disk_bytes: int
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring the device
+
+def measure_device(name: str = "auto") -> Device:
+    """Time a few square matrix products in fp32 and bf16 on the device `name` (as the
+    stages choose it: auto prefers CUDA, then MPS, then the CPU). Takes well under a second."""
+    import torch
+
+    from monofast.common.device import pick_device
+
+    device = pick_device(name)
+    n = 1536 if device.type == "cpu" else 8192  # 1,024 under-reports a 2-core CPU by ~30%
+    best = 0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            a = torch.randn(n, n, device=device).to(dtype)
+            b = torch.randn(n, n, device=device).to(dtype)
+            seconds = math.inf
+            for _ in range(3):  # the first product pays for the kernel choice
+                _sync(device)
+                start = time.perf_counter()
+                a @ b
+                _sync(device)
+                seconds = min(seconds, time.perf_counter() - start)
+            best = max(best, 2 * n**3 / seconds / 1e9)
+        except (RuntimeError, TypeError):  # a dtype this device cannot multiply
+            continue
+    kind = device.type if device.type in RATES else "cpu"
+    measured = best > 0
+    return Device(kind, _device_name(device), best if measured else ASSUMED_GFLOPS[kind], measured)
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _device_name(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------------------------------
+# The model of each stage
+
+def chars_per_token(vocab_size: int) -> float:
+    """Characters per byte-level BPE token on the Shakespeare + Python mix: 1.5 at a
+    vocabulary of 320 and 2.3 at 1,024 (measured), logarithmic in between and beyond."""
+    return max(1.0, 2.33 + 0.70 * math.log(vocab_size / 1024))
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes the estimates need, derived from the stages' configs."""
+
+    tokens: float
+    """Tokens in both splits."""
+    vocab: int
+    n_layer: int
+    n_embd: int
+    block: int
+    d_sae: int
+
+    @property
+    def d_mlp(self) -> int:
+        return 4 * self.n_embd
+
+    def gpt_params(self) -> float:
+        """Weights without the position embedding, tied token embedding counted once."""
+        return 12 * self.n_layer * self.n_embd**2 + self.vocab * self.n_embd
+
+    def forward_flops(self, layers: int | None = None, head: bool = True) -> float:
+        """Forward FLOPs per token through `layers` blocks (all by default) and the head."""
+        layers = self.n_layer if layers is None else layers
+        flops = 2 * 12 * layers * self.n_embd**2 + 2 * 2 * layers * self.block * self.n_embd
+        return flops + (2 * self.vocab * self.n_embd if head else 0)
+
+
+def shapes(configs: Mapping[str, Any]) -> Shapes:
+    d, g, s = configs.get("data"), configs.get("gpt"), configs.get("sae")
+    chars = len(getattr(d, "sources", ("a", "b"))) * getattr(d, "chars_per_source", 1_000_000)
+    vocab = getattr(d, "vocab_size", 1024)
+    n_embd = getattr(g, "n_embd", 192)
+    d_mlp = 4 * n_embd
+    d_sae = (getattr(s, "d_sae", 0) or getattr(s, "expansion", 8) * d_mlp) if s is not None else 0
+    return Shapes(tokens=chars / chars_per_token(vocab), vocab=vocab, n_layer=getattr(g, "n_layer", 2),
+                  n_embd=n_embd, block=getattr(g, "block_size", 256), d_sae=d_sae)
+
+
+def _data(cfg: Any, sh: Shapes, device: Device, rates: Rates) -> StageEstimate:
+    chars = len(cfg.sources) * cfg.chars_per_source
+    token_bytes = 2 if sh.vocab <= 65_536 else 4
+    disk = sh.tokens * (token_bytes + 1) + 60 * sh.vocab + 4_096
+    return StageEstimate(chars * DATA_CHAR_S + 0.5, int(disk))
+
+
+def _gpt(cfg: Any, sh: Shapes, device: Device, rates: Rates) -> StageEstimate:
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    train_flops = (6 * sh.gpt_params() + 12 * sh.n_layer * sh.block * sh.n_embd) * tokens_per_step
+    evals = cfg.max_iters // cfg.eval_interval + 1
+    eval_flops = evals * cfg.eval_batches * tokens_per_step * sh.forward_flops()
+    sample_flops = (len(cfg.sample_prompts) * cfg.num_samples * cfg.sample_tokens
+                    * sh.block * sh.forward_flops())  # no KV cache: each new token re-reads its context
+    rate = device.gflops * 1e9
+    seconds = (cfg.max_iters * (train_flops / (rate * rates.gpt_share) + rates.gpt_step_s)
+               + (eval_flops + sample_flops) / (rate * rates.forward_share) + 1.0)
+    disk = 16 * (sh.gpt_params() + sh.block * sh.n_embd)  # weights 4 B + checkpoint (weights, Adam) 12 B
+    return StageEstimate(seconds, int(disk))
+
+
+def _activations(cfg: Any, sh: Shapes, device: Device, rates: Rates) -> StageEstimate:
+    length = cfg.context_length or sh.block
+    layers = (cfg.layer % sh.n_layer) + 1 if sh.n_layer else 1
+    rows = cfg.contexts * cfg.positions_per_context
+    row_bytes = sh.d_mlp * DTYPE_BYTES.get(cfg.dtype, 4) + ROW_META_BYTES
+    flops = cfg.contexts * length * sh.forward_flops(layers, head=False)
+    seconds = (flops / (device.gflops * 1e9 * rates.forward_share) + rows * rates.harvest_row_s
+               + rows * row_bytes / WRITE_BYTES_S + 0.5)
+    return StageEstimate(seconds, int(rows * row_bytes + 8 * cfg.contexts))
+
+
+def _sae(cfg: Any, sh: Shapes, device: Device, rates: Rates, rows: int) -> StageEstimate:
+    members = len(cfg.k) if cfg.variant == "topk" else len(cfg.l1_coeff)
+    held = min(cfg.held_out, rows // 10)
+    steps = math.ceil(max(rows - held, 0) * cfg.epochs / cfg.batch_size)
+    products = 3 if cfg.variant == "topk" else 5  # TopK decodes k rows per token, not all F
+    step_flops = members * products * 2 * cfg.batch_size * sh.d_mlp * sh.d_sae
+    ce_flops = 3 * cfg.ce_eval_tokens * (sh.forward_flops() + members * 4 * sh.d_mlp * sh.d_sae)
+    rate = device.gflops * 1e9
+    seconds = (steps * (step_flops / (rate * rates.sae_share) + rates.sae_step_s)
+               + ce_flops / (rate * rates.forward_share) + 1.0)
+    weights = 4 * (2 * sh.d_mlp * sh.d_sae + sh.d_sae + sh.d_mlp)
+    return StageEstimate(seconds, int((members + 1) * weights))
+
+
+def _analysis(cfg: Any, sh: Shapes, device: Device, rates: Rates) -> StageEstimate:
+    tokens = min(cfg.tokens, sh.tokens)
+    flops = tokens * (sh.forward_flops() + 2 * sh.d_mlp * sh.d_sae)
+    seconds = flops / (device.gflops * 1e9 * rates.analysis_share) + tokens * rates.analysis_token_s + 1.0
+    width = 2 * cfg.window_radius + 1
+    samples = cfg.quantile_bins * cfg.quantile_samples
+    per_unit = cfg.top_k * (width * 12 + 20) + samples * (width * 8 + 24) + 900
+    disk = sh.d_sae * per_unit + sh.d_mlp * 500 + 40 * sh.vocab
+    return StageEstimate(seconds, int(disk))
+
+
+def _site(cfg: Any, sh: Shapes, analysis: Any) -> StageEstimate:
+    pages = min(cfg.max_pages or sh.d_sae, sh.d_sae)
+    width = 2 * getattr(analysis, "window_radius", 12) + 1
+    slots = (getattr(analysis, "top_k", 20)
+             + getattr(analysis, "quantile_bins", 12) * getattr(analysis, "quantile_samples", 5)) * width
+    disk = pages * (15_000 + 16 * slots) + sh.d_sae * 150 + 50_000  # 18 kB a smoke page, 46 kB a quick one
+    return StageEstimate(pages * PAGE_S + 0.5, int(disk))
+
+
+def estimate(configs: Mapping[str, Any], device: Device) -> dict[str, StageEstimate]:
+    """An estimate for every stage in `configs` (stage name -> resolved config). Stages
+    the model does not know get none."""
+    sh = shapes(configs)
+    rates = RATES.get(device.kind, RATES["cpu"])
+    out: dict[str, StageEstimate] = {}
+    harvest = configs.get("activations")
+    rows = harvest.contexts * harvest.positions_per_context if harvest is not None else 0
+    for name, cfg in configs.items():
+        if name == "data":
+            out[name] = _data(cfg, sh, device, rates)
+        elif name == "gpt":
+            out[name] = _gpt(cfg, sh, device, rates)
+        elif name == "activations":
+            out[name] = _activations(cfg, sh, device, rates)
+        elif name == "sae":
+            out[name] = _sae(cfg, sh, device, rates, rows)
+        elif name == "analysis":
+            out[name] = _analysis(cfg, sh, device, rates)
+        elif name == "site":
+            out[name] = _site(cfg, sh, configs.get("analysis"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Formatting
+
+def duration(seconds: float) -> str:
+    """3 s, 2 min 05 s, 1 h 02 min."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        m, s = divmod(round(seconds), 60)
+        return f"{m} min {s:02d} s"
+    h, m = divmod(round(seconds / 60), 60)
+    return f"{h} h {m:02d} min"
+
+
+def size(nbytes: float) -> str:
+    """1.2 MB, 630 MB, 4.3 GB (powers of 1,000)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{nbytes:.0f} B"

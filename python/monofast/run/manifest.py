@@ -1,0 +1,185 @@
+"""Manifests: how a stage is recorded as finished, and when it is up to date.
+
+Each stage reads only earlier stages' files and, when done, writes `manifest.json` last:
+its resolved config, the digests of the inputs it read, the digests of its outputs,
+versions and timing. A stage whose manifest matches its config and inputs, and whose
+outputs are intact, is skipped. The manifest is removed before a stage starts, so a
+stage killed half-way is never mistaken for a finished one.
+
+While a stage runs, `.attempt.json` in its folder records the config identity and
+inputs it started with. A stage with a resume file (the GPT's and the SAE's
+checkpoints) that was killed continues from it when it is run again with the same
+config and inputs; `--force` starts it over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from monofast import __version__
+from monofast.common import config, distributed, files
+from monofast.common.errors import UserError
+from monofast.common.log import logger
+from monofast.run.stages import MANIFEST, RunDir, Stage
+
+
+
+MANIFEST_FORMAT = 1
+"""Bumped when a manifest's meaning changes; a folder with another format is refused."""
+
+
+ATTEMPT = ".attempt.json"
+
+
+def _outputs(folder: Path) -> list[Path]:
+    """Every finished file of a stage folder (manifest, attempt record and temporary files
+    excluded)."""
+    out = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if (path.is_file() and path.name not in (MANIFEST, ATTEMPT)
+                and not any(part.endswith(".tmp") for part in rel.parts)):
+            out.append(path)
+    return out
+
+
+def _remove_temporaries(folder: Path) -> None:
+    """Delete what a killed process was writing: atomic writers give every file (and folder)
+    a name ending in .tmp until it is complete, so any left when a stage starts is garbage."""
+    for path in sorted(folder.rglob("*.tmp")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The folder's manifest; None when it has none or a corrupt one (the stage re-runs).
+    A manifest of another format (another monofast version) is a `UserError`."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = files.read_json(path, "manifest")
+    except UserError:
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise incompatible(folder, manifest)
+    return manifest
+
+
+def incompatible(folder: Path, manifest: dict[str, Any]) -> UserError:
+    """The error for a stage folder written by a monofast whose manifests this one cannot read."""
+    writer = (manifest.get("versions") or {}).get("monofast", "an unknown version")
+    stage = folder.name
+    return UserError(
+        f"{folder} was written by monofast {writer} (manifest format {manifest.get('format')!r}; "
+        f"this monofast {__version__} reads format {MANIFEST_FORMAT}): redo it with "
+        f"`monofast run --run {folder.parent} --from {stage}` (or `--force`), "
+        f"or start a fresh run directory with --name NAME or --run DIR")
+
+
+def _input_digests(stage: Stage, run: RunDir) -> dict[str, str]:
+    """Current digests of every file the stage reads, keyed `stage/relative/path`."""
+    digests: dict[str, str] = {}
+    for name in stage.inputs:
+        folder = run.require(name)
+        manifest = _read_manifest(folder) or {}
+        for rel, record in manifest.get("outputs", {}).items():
+            digest = files.current_digest(folder / rel, record)
+            if digest is None:
+                raise UserError(
+                    f"{folder / rel} is missing but stage {name!r} recorded it; "
+                    f"re-run it with `monofast run --run {run.root} --from {name}`"
+                )
+            digests[f"{name}/{rel}"] = digest
+    return digests
+
+
+def up_to_date(stage: Stage, cfg: Any, run: RunDir) -> bool:
+    """True when the stage finished with this config and these inputs, outputs intact."""
+    folder = run.stage(stage.name)
+    manifest = _read_manifest(folder)
+    if manifest is None or manifest.get("format") != MANIFEST_FORMAT:
+        return False
+    if manifest.get("identity") != config.identity(cfg):
+        return False
+    if manifest.get("inputs") != _input_digests(stage, run):
+        return False
+    for rel, record in manifest.get("outputs", {}).items():
+        if files.current_digest(folder / rel, record) != record.get("digest"):
+            return False
+    return True
+
+
+def run_stage(stage: Stage, cfg: Any, run: RunDir, force: bool = False) -> bool:
+    """Run one stage unless it is up to date. Returns True when it ran."""
+    folder = run.stage(stage.name)
+    if not force and up_to_date(stage, cfg, run):
+        logger.info("%s: up to date in %s (use --force to redo)", stage.name, folder)
+        return False
+    inputs = _input_digests(stage, run)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    _remove_temporaries(folder)
+    attempt = {"identity": config.identity(cfg), "inputs": inputs}
+    if not force:
+        cfg = _continue_interrupted(stage, cfg, folder, attempt)
+    files.write_json(folder / ATTEMPT, attempt)
+    started = time.time()
+    distributed.run_shared(stage, cfg, run, stage.run_fn())  # under torchrun, every rank's part is done after it
+    finished = time.time()
+    (folder / ATTEMPT).unlink(missing_ok=True)
+    outputs = {p.relative_to(folder).as_posix(): files.file_record(p) for p in _outputs(folder)}
+    files.write_json(folder / MANIFEST, {
+        "format": MANIFEST_FORMAT,
+        "stage": stage.name,
+        "config": config.to_dict(cfg),
+        "identity": config.identity(cfg),
+        "inputs": inputs,
+        "outputs": outputs,
+        "versions": versions(),
+        "started": started,
+        "finished": finished,
+        "seconds": round(finished - started, 3),
+    })
+    logger.info("%s: done in %.1f s -> %s", stage.name, finished - started, folder)
+    return True
+
+
+def _continue_interrupted(stage: Stage, cfg: Any, folder: Path, attempt: dict[str, Any]) -> Any:
+    """`cfg` with `resume=True` when the stage can continue a killed attempt that started
+    with the same config and inputs and left its resume file; else `cfg` unchanged."""
+    if not stage.resume_file or getattr(cfg, "resume", True) or not (folder / stage.resume_file).is_file():
+        return cfg
+    try:
+        previous = files.read_json(folder / ATTEMPT, "attempt record")
+    except UserError:
+        return cfg  # no record (or a torn one): the checkpoint's provenance is unknown
+    if previous != attempt:
+        return cfg
+    logger.info("%s: continuing the interrupted run from %s (--force starts over)", stage.name,
+                folder / stage.resume_file)
+    return dataclasses.replace(cfg, resume=True)
+
+
+VERSIONED = ("torch", "numpy", "tokenizers", "safetensors", "triton")
+
+
+def versions() -> dict[str, str]:
+    """Versions of monofast, Python, the platform and the installed libraries stages use."""
+    out = {"monofast": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out

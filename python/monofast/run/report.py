@@ -1,0 +1,223 @@
+"""`monofast report RUN --out DIR`: the figures and tables the README shows, from a run.
+
+Writes into DIR:
+
+    results.md               the metrics table and the time of each stage (markdown)
+    purity.svg               purity of SAE features against MLP neurons (written by hand:
+                             no plotting library)
+    feature-<source>.png     a screenshot of one feature page per source: of the features at
+                             least 98% that source (else more than the analysis's pure share),
+                             the one that fires most often (headless Chromium; skipped, with a
+                             warning, where no Chromium is installed)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from monofast.common import files
+from monofast.run import results
+from monofast.run.stages import STAGES
+from monofast.common.errors import UserError
+from monofast.common.log import logger
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+SHOWCASE_PURITY = 0.98
+"""Features this one-sided are shown first: a feature just past 90% often mixes in the other
+source's most common tokens."""
+SCREEN = (1000, 1400)
+"""Screenshot size in CSS pixels: the feature's facts, source share, token lists and the
+first top-activation windows."""
+
+
+def write_report(run: Path, out: Path, features: Optional[Sequence[int]] = None) -> list[Path]:
+    """Write the report of `run` into `out`; returns the files written."""
+    if not (run / "analysis" / "summary.json").is_file():
+        raise UserError(f"{run} has no finished analysis (analysis/summary.json); run "
+                        f"`monofast run --run {run}` first")
+    res = results.collect(run)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.md", out / "purity.svg"]
+    files.write_text(written[0], "\n\n".join([
+        f"<!-- written by `monofast report {run} --out {out}` -->",
+        results.markdown(res),
+        results.timings_markdown(res, [s.name for s in STAGES]),
+    ]) + "\n")
+    files.write_text(written[1], purity_svg(res.summary or {}))
+    if res.site_index is None:
+        logger.warning("report: %s has no finished site; no screenshots", run)
+        return written
+    browser = find_browser()
+    if browser is None:
+        logger.warning("report: no Chromium found (%s); no screenshots", ", ".join(BROWSERS))
+        return written
+    picks = (list(enumerate(features)) if features else
+             [(s, f) for s, f in showcase(run / "analysis") if f is not None])
+    if not picks:
+        logger.warning("report: no feature is more than %.0f%% one source; no screenshots (choose "
+                       "pages with --feature N)", 100 * (res.summary or {}).get("purity", {}).get("pure_share", 0.9))
+    names = (res.summary or {}).get("sources", [])
+    for source, feature in picks:
+        page = res.site_index.parent / "features" / f"{feature}.html"
+        if not page.is_file():
+            raise UserError(f"{page} does not exist: the site has no page for feature {feature}")
+        label = names[source] if not features and source < len(names) else str(feature)
+        target = out / f"feature-{label}.png"
+        screenshot(browser, page, target)
+        written.append(target)
+    return written
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing and photographing feature pages
+
+def showcase(analysis_dir: Path) -> list[tuple[int, Optional[int]]]:
+    """(source id, feature) per source: of the features at least `SHOWCASE_PURITY` that
+    source (else more than the analysis's `pure_share`), the one that fires most often;
+    None where a source has no pure feature."""
+    import numpy as np
+
+    summary = files.read_json(analysis_dir / "summary.json", "analysis summary")
+    pure = summary["purity"]["pure_share"]
+    with np.load(analysis_dir / "features.npz") as z:
+        fires, purity, dominant = z["fires"], z["purity"], z["dominant"]
+    picks: list[tuple[int, Optional[int]]] = []
+    for s in range(len(summary["sources"])):
+        mine = (dominant == s) & (fires > 0)
+        candidates = np.flatnonzero(mine & (purity >= SHOWCASE_PURITY))
+        if not len(candidates):
+            candidates = np.flatnonzero(mine & (purity > pure))
+        best = int(candidates[np.argmax(fires[candidates])]) if len(candidates) else None
+        picks.append((s, best))
+    return picks
+
+
+def find_browser() -> Optional[str]:
+    """A headless-capable Chromium: $MONOFAST_CHROMIUM, else the first of `BROWSERS` on PATH."""
+    env = os.environ.get("MONOFAST_CHROMIUM")
+    if env:
+        found = shutil.which(env)
+        if found is None:
+            raise UserError(f"MONOFAST_CHROMIUM={env} is not an executable; point it at a Chromium "
+                            f"or unset it")
+        return found
+    for name in BROWSERS:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def screenshot(browser: str, page: Path, target: Path) -> None:
+    """A PNG of the top of `page` (a file:// URL, so the page's scripts run as in a browser)."""
+    tmp = target.with_name(f".{target.name}.tmp.png")
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            f"--window-size={SCREEN[0]},{SCREEN[1]}", f"--screenshot={tmp}", page.resolve().as_uri()]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"{browser} could not take a screenshot of {page}: {tail[0]}")
+    os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------------------
+# The purity figure, as a standalone SVG
+
+W, H = 760, 290
+FEATURE_COLOR, NEURON_COLOR = "#d9480f", "#1c7ed6"
+FONT = "font-family:system-ui,-apple-system,Segoe UI,sans-serif"
+
+
+def _text(x: float, y: float, body: str, size: int = 12, anchor: str = "start", extra: str = "") -> str:
+    from html import escape
+
+    return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" '
+            f'fill="#222" {extra}>{escape(body)}</text>')
+
+
+def purity_svg(summary: dict[str, Any]) -> str:
+    """Left: the purity distribution of alive SAE features and MLP neurons (share of each
+    per bin). Right: per source, the share that is more than `pure_share` that source."""
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+             f'style="{FONT};background:#fff">', f'<rect width="{W}" height="{H}" fill="#fff"/>']
+    hist = summary.get("purity_histogram")
+    if not hist:
+        parts.append(_text(W / 2, H / 2, "no analysis summary", anchor="middle"))
+        return "".join(parts) + "</svg>\n"
+    parts += _histogram_panel(hist, x0=50, y0=40, w=380, h=200)
+    parts += _bars_panel(summary, x0=500, y0=40, w=240, h=200)
+    parts += [_legend(50 + 380 - 150, 44), "</svg>"]
+    return "\n".join(parts) + "\n"
+
+
+def _legend(x: float, y: float) -> str:
+    return "".join([
+        f'<rect x="{x}" y="{y}" width="12" height="12" fill="{FEATURE_COLOR}"/>',
+        _text(x + 17, y + 10, "SAE features", 12),
+        f'<rect x="{x}" y="{y + 18}" width="12" height="12" fill="{NEURON_COLOR}"/>',
+        _text(x + 17, y + 28, "MLP neurons", 12),
+    ])
+
+
+def _axes(x0: float, y0: float, w: float, h: float, y_max: float, title: str, xlabel: str) -> list[str]:
+    out = [_text(x0, y0 - 16, title, 14, extra='font-weight="600"'),
+           f'<line x1="{x0}" y1="{y0 + h}" x2="{x0 + w}" y2="{y0 + h}" stroke="#888"/>',
+           f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y0 + h}" stroke="#888"/>',
+           _text(x0 + w / 2, y0 + h + 34, xlabel, 12, "middle")]
+    for frac in (0.0, 0.5, 1.0):
+        y = y0 + h - h * frac
+        out.append(_text(x0 - 5, y + 4, f"{y_max * frac:.0%}", 11, "end"))
+        if frac:
+            out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + w}" y2="{y:.1f}" stroke="#eee"/>')
+    return out
+
+
+def _histogram_panel(hist: dict[str, Any], x0: float, y0: float, w: float, h: float) -> list[str]:
+    edges = hist["edges"]
+    f_counts, n_counts = hist["features"], hist["neurons"]
+    first = next((i for i in range(len(f_counts)) if f_counts[i] or n_counts[i]), 0)
+    edges, f_counts, n_counts = edges[first:], f_counts[first:], n_counts[first:]
+    f_share = [c / max(sum(f_counts), 1) for c in f_counts]
+    n_share = [c / max(sum(n_counts), 1) for c in n_counts]
+    y_max = max(f_share + n_share + [1e-9])
+    y_max = min(1.0, (int(y_max * 10) + 1) / 10)  # round up to the next 10%
+    out = _axes(x0, y0, w, h, y_max, "Purity of alive features and neurons",
+                "purity: the largest one-source share of activation mass")
+    bins = len(f_counts)
+    bw = w / max(bins, 1)
+    for b in range(bins):
+        for i, (share, color) in enumerate(((f_share[b], FEATURE_COLOR), (n_share[b], NEURON_COLOR))):
+            bh = h * share / y_max
+            x = x0 + b * bw + 1 + i * (bw - 2) / 2
+            out.append(f'<rect x="{x:.1f}" y="{y0 + h - bh:.1f}" width="{(bw - 2) / 2:.1f}" height="{bh:.1f}" '
+                       f'fill="{color}"/>')
+    for b in range(0, bins + 1, 2):
+        out.append(_text(x0 + b * bw, y0 + h + 15, f"{edges[b]:.1f}", 11, "middle"))
+    return out
+
+
+def _bars_panel(summary: dict[str, Any], x0: float, y0: float, w: float, h: float) -> list[str]:
+    pure = summary["purity"]["pure_share"]
+    features = summary["pure_by_source"]["features"]
+    neurons = summary["pure_by_source"]["neurons"]
+    names = list(features)
+    y_max = max(list(features.values()) + list(neurons.values()) + [1e-9])
+    y_max = min(1.0, (int(y_max * 10) + 1) / 10)
+    out = _axes(x0, y0, w, h, y_max, f"More than {pure:.0%} one source", "source")
+    group = w / max(len(names), 1)
+    bar = min(40.0, group / 3)
+    for i, name in enumerate(names):
+        cx = x0 + group * (i + 0.5)
+        for j, (share, color) in enumerate(((features[name], FEATURE_COLOR), (neurons.get(name, 0.0), NEURON_COLOR))):
+            bh = h * share / y_max
+            x = cx - bar + j * bar
+            out.append(f'<rect x="{x:.1f}" y="{y0 + h - bh:.1f}" width="{bar - 2:.1f}" height="{bh:.1f}" '
+                       f'fill="{color}"/>')
+            out.append(_text(x + (bar - 2) / 2, y0 + h - bh - 4, f"{share:.1%}", 10, "middle"))
+        out.append(_text(cx, y0 + h + 15, name, 12, "middle"))
+    return out

@@ -1,0 +1,160 @@
+"""The headline numbers of a run, read back from its stages' output files.
+
+`monofast run` prints them when it ends and `monofast report` writes them as markdown:
+GPT validation loss (overall and per source), the published SAE's L0, FVU, CE-loss
+recovered and dead / dense shares, the share of features (and, for comparison, MLP
+neurons) that are more than 90% one source, and where the feature browser is. A stage
+that has not finished contributes no rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+from monofast.common import files
+
+MANIFEST = "manifest.json"
+
+
+class Row(NamedTuple):
+    label: str
+    value: str
+    detail: str = ""
+    """Per-source numbers or a comparison, shown after the value."""
+
+
+class Results(NamedTuple):
+    """What a finished (or partly finished) run directory holds."""
+
+    run: Path
+    gpt: Optional[dict[str, Any]]
+    """The last evaluation of gpt/metrics.jsonl."""
+    sae_name: str
+    sae: Optional[dict[str, Any]]
+    """The published SAE's entry of sae/eval.json."""
+    sae_shape: tuple[int, int]
+    """(d_in, d_sae) of the published SAE, (0, 0) when unknown."""
+    summary: Optional[dict[str, Any]]
+    """analysis/summary.json."""
+    site_index: Optional[Path]
+    seconds: dict[str, float]
+    """Seconds each finished stage took, from its manifest."""
+
+
+def _finished(run: Path, stage: str) -> Optional[Path]:
+    folder = run / stage
+    return folder if (folder / MANIFEST).is_file() else None
+
+
+def _last_eval(path: Path) -> Optional[dict[str, Any]]:
+    last = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if "val_loss" in record:
+                last = record
+    return last
+
+
+def collect(run: str | Path) -> Results:
+    """Read the numbers of every finished stage of `run`."""
+    run = Path(run)
+    gpt_dir, sae_dir = _finished(run, "gpt"), _finished(run, "sae")
+    analysis_dir, site_dir = _finished(run, "analysis"), _finished(run, "site")
+    gpt = _last_eval(gpt_dir / "metrics.jsonl") if gpt_dir and (gpt_dir / "metrics.jsonl").is_file() else None
+    sae_name, sae, shape = "", None, (0, 0)
+    if sae_dir and (sae_dir / "eval.json").is_file():
+        evaluation = files.read_json(sae_dir / "eval.json", "SAE evaluation")
+        cfg = files.read_json(sae_dir / "cfg.json", "SAE config") if (sae_dir / "cfg.json").is_file() else {}
+        members = evaluation.get("saes", {})
+        sae_name = cfg.get("sweep_member") or next(iter(members), "")
+        sae = members.get(sae_name)
+        shape = (int(cfg.get("d_in", 0)), int(cfg.get("d_sae", 0)))
+    summary = None
+    if analysis_dir and (analysis_dir / "summary.json").is_file():
+        summary = files.read_json(analysis_dir / "summary.json", "analysis summary")
+    site_index = site_dir / "index.html" if site_dir and (site_dir / "index.html").is_file() else None
+    seconds = {}
+    for folder in sorted(p for p in run.iterdir() if p.is_dir()) if run.is_dir() else []:
+        if (folder / MANIFEST).is_file():
+            try:
+                seconds[folder.name] = float(json.loads((folder / MANIFEST).read_text())["seconds"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return Results(run, gpt, sae_name, sae, shape, summary, site_index, seconds)
+
+
+# ---------------------------------------------------------------------------------------
+# Rows
+
+def _by_source(values: Optional[dict[str, float]], fmt: str) -> str:
+    if not values:
+        return ""
+    return ", ".join(f"{name} {format(v, fmt)}" for name, v in values.items())
+
+
+def rows(res: Results) -> list[Row]:
+    """The results as (label, value, detail) rows, in reading order."""
+    out: list[Row] = []
+    if res.gpt is not None:
+        out.append(Row("GPT validation loss", f"{res.gpt['val_loss']:.3f}",
+                       _by_source(res.gpt.get("val_loss_by_source"), ".3f")))
+    if res.sae is not None:
+        d_in, d_sae = res.sae_shape
+        shape = f"{d_sae:,} features on {d_in:,} MLP neurons" if d_sae else ""
+        out.append(Row("SAE", res.sae_name, shape))
+        out.append(Row("L0 (features firing per token)", f"{res.sae['l0']:.1f}"))
+        out.append(Row("FVU (variance unexplained)", f"{res.sae['fvu']:.3f}"))
+        if res.sae.get("ce_loss_recovered") is not None:
+            out.append(Row("CE-loss recovered", f"{res.sae['ce_loss_recovered']:.1%}",
+                           _by_source(res.sae.get("ce_loss_recovered_by_source"), ".1%")))
+        out.append(Row("dead / dense features",
+                       f"{res.sae['dead_fraction']:.1%} / {res.sae['dense_fraction']:.1%}",
+                       "dense: firing on more than 10% of tokens"))
+    if res.summary is not None:
+        pure = res.summary["purity"]["pure_share"]
+        features = res.summary["pure_by_source"]["features"]
+        neurons = res.summary["pure_by_source"]["neurons"]
+        for name, share in features.items():
+            out.append(Row(f"features > {pure:.0%} {name}", f"{share:.1%}",
+                           f"MLP neurons {neurons.get(name, 0.0):.1%}"))
+        f_all = res.summary["purity"]["features"].get("pure_fraction")
+        n_all = res.summary["purity"]["neurons"].get("pure_fraction")
+        if f_all is not None and n_all is not None:
+            out.append(Row(f"features > {pure:.0%} one source", f"{f_all:.1%}", f"MLP neurons {n_all:.1%}"))
+    return out
+
+
+def text(res: Results) -> str:
+    """The table `monofast run` prints at the end."""
+    body = rows(res)
+    lines = [f"results of {res.run}"]
+    width = max([len(r.label) for r in body] + [10])
+    value_width = max([len(r.value) for r in body] + [5])
+    for r in body:
+        detail = f"  ({r.detail})" if r.detail else ""
+        lines.append(f"  {r.label.ljust(width)}  {r.value.rjust(value_width)}{detail}")
+    if res.site_index is not None:
+        lines.append(f"  {'feature browser'.ljust(width)}  {res.site_index}")
+    return "\n".join(lines)
+
+
+def markdown(res: Results) -> str:
+    """The same rows as a markdown table."""
+    lines = ["| metric | value | detail |", "|---|---|---|"]
+    lines += [f"| {r.label} | {r.value} | {r.detail} |" for r in rows(res)]
+    return "\n".join(lines)
+
+
+def timings_markdown(res: Results, stages: list[str]) -> str:
+    """Seconds per stage (from the manifests) as a markdown table."""
+    lines = ["| stage | time |", "|---|---|"]
+    total = 0.0
+    for name in stages:
+        if name in res.seconds:
+            total += res.seconds[name]
+            lines.append(f"| {name} | {res.seconds[name]:.1f} s |")
+    lines.append(f"| all stages | {total:.0f} s |")
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""The stages of a run and the run directory that holds one folder per stage.
+
+Stages, in order (the same names for the folder, the preset key and the command):
+
+1. `data`         corpus and tokenizer          `monofast data`
+2. `gpt`          the tiny GPT                   `monofast gpt train`
+3. `activations`  MLP activation shards          `monofast activations harvest` (alias `harvest`)
+4. `sae`          sparse autoencoders            `monofast sae train`
+5. `analysis`     feature statistics, examples   `monofast analysis` (alias `analyze`)
+6. `site`         the static feature browser     `monofast site`
+
+Stages are named by import paths, so listing them (for `--help`) imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from monofast.common.errors import UserError
+
+MANIFEST = "manifest.json"
+"""Written last by a finished stage (`monofast.run.manifest`): a folder without one is unfinished."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage, named by import paths so that listing stages imports nothing heavy."""
+
+    name: str
+    """Folder name inside the run directory, and the key in presets."""
+    config: str
+    """`module:Class` of the stage's config dataclass."""
+    runner: str
+    """`module:function` called as `function(cfg, run: RunDir)`; writes into `run.stage(name)`."""
+    inputs: tuple[str, ...]
+    """Names of the earlier stages whose outputs it reads."""
+    about: str
+    """One line for `--help` and the results table."""
+    command: str = ""
+    """The CLI command that runs it alone, when it differs from the name (`gpt train`)."""
+    aliases: tuple[str, ...] = ()
+    """Other commands that run it alone (`harvest`, the seed recipe's word)."""
+    resume_file: str = ""
+    """A file the stage leaves behind when killed and continues from under `resume=True`
+    (its config must have a `resume` field); empty when it always starts over."""
+    distributed: bool = False
+    """Under torchrun every rank runs it, each on its part of the work (`monofast.distributed`);
+    other stages run on rank 0 alone."""
+
+    def cli(self) -> str:
+        return f"monofast {self.command or self.name}"
+
+    def config_cls(self) -> type:
+        return _load(self.config)
+
+    def run_fn(self) -> Callable[[Any, "RunDir"], None]:
+        return _load(self.runner)
+
+
+def _load(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "monofast.data.prepare:DataConfig", "monofast.data.prepare:run_stage", (),
+          "corpus and byte-level BPE tokenizer"),
+    Stage("gpt", "monofast.gpt.config:GPTTrainConfig", "monofast.gpt.train:run_stage", ("data",),
+          "train the tiny GPT whose MLP activations the SAEs decompose", command="gpt train",
+          resume_file="checkpoint.pt", distributed=True),
+    Stage("activations", "monofast.activations.harvest:HarvestConfig", "monofast.activations.harvest:run_stage", ("data", "gpt"),
+          "harvest the GPT's MLP activations into memory-mapped shards", command="activations harvest",
+          aliases=("harvest",), distributed=True),
+    Stage("sae", "monofast.sae.train:SAETrainConfig", "monofast.sae.train:run_stage", ("data", "activations", "gpt"),
+          "train sparse autoencoders on the activations", command="sae train",
+          resume_file="checkpoint.pt", distributed=True),
+    Stage("analysis", "monofast.analysis.config:AnalysisConfig", "monofast.analysis.run:run_stage",
+          ("data", "gpt", "sae"), "feature statistics, top-k and quantile examples, ablation effects",
+          aliases=("analyze",)),
+    Stage("site", "monofast.site.config:SiteConfig", "monofast.site.build:run_stage", ("sae", "analysis"),
+          "static feature browser that opens from file://"),
+)
+
+
+def stage_named(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise UserError(f"unknown stage {name!r}; stages are: {', '.join(s.name for s in STAGES)}")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory: `root/<stage>/` per stage."""
+
+    root: Path
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def require(self, name: str) -> Path:
+        """The folder of a finished earlier stage, or a `UserError` saying how to make it."""
+        folder = self.stage(name)
+        if not (folder / MANIFEST).is_file():
+            raise UserError(
+                f"stage {name!r} has not finished in {self.root} (no {name}/{MANIFEST}); "
+                f"run `{stage_named(name).cli()} --run {self.root}` or `monofast run --run {self.root}` first"
+            )
+        return folder
+
+
+def stage_fields(stage: Stage) -> list[str]:
+    return [f.name for f in dataclasses.fields(stage.config_cls())]
+
+
+def default_run_dir(preset: str) -> Path:
+    return Path(os.environ.get("MONOFAST_RUNS", "runs")) / preset
+
+
+
+def run_dir(run: Path | None, name: str | None, preset: str) -> RunDir:
+    """The run directory of a command: `--run DIR`, else `runs/NAME` (`--name`), else
+    `runs/<preset>`; `MONOFAST_RUNS` moves `runs/`."""
+    if run is not None:
+        return RunDir(run)
+    if name is not None:
+        if not name or name in (".", "..") or "/" in name or os.sep in name:
+            raise UserError(f"--name {name!r}: give a plain folder name such as quick-2; "
+                            f"use --run DIR for a path")
+        return RunDir(default_run_dir(name))
+    return RunDir(default_run_dir(preset))

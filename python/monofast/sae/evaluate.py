@@ -1,0 +1,235 @@
+"""CE-loss recovered: how much of the GPT's next-token loss survives an SAE spliced in.
+
+On held-out tokens (windows of the data's validation split) the GPT's next-token loss is
+measured three ways at the hooked MLP layer:
+
+    clean         the activation as it is
+    spliced       the activation replaced by the SAE's reconstruction
+    zero-ablated  the activation replaced by zeros
+
+and CE-loss recovered = (zero - spliced) / (zero - clean): 1 for a perfect reconstruction,
+0 for one no better than deleting the layer's MLP output. Every number is given overall
+and per source, a token counting for the source of the token it predicts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from monofast.data.splits import load_meta, load_split
+from monofast.common.errors import DataError
+from monofast.gpt.model import GPT, MLPHook
+from monofast.sae.model import SparseAutoencoder
+
+TOKENS_PER_FORWARD = 16_384
+"""Tokens per forward pass of the evaluation (bounds the (B, T, vocab) logits in memory)."""
+
+
+class HeldOutTokens(NamedTuple):
+    """Windows of the validation split, evenly spread over it (so every source is in)."""
+
+    idx: torch.Tensor
+    """(N, T) int64 input token ids."""
+    targets: torch.Tensor
+    """(N, T) int64 next-token ids."""
+    sources: torch.Tensor
+    """(N, T) int64 source id of each target token."""
+    source_names: tuple[str, ...]
+    """Name of each source id."""
+
+
+class SourceLoss(NamedTuple):
+    """One quantity overall and per source."""
+
+    overall: float
+    """Over every evaluated token."""
+    by_source: dict[str, float]
+    """Per source name (sources without evaluated tokens are left out)."""
+
+
+class CEResult(NamedTuple):
+    """Next-token losses and CE-loss recovered for every hook evaluated."""
+
+    tokens: int
+    """Target tokens evaluated."""
+    clean: SourceLoss
+    """Mean next-token loss of the unmodified GPT."""
+    zero: SourceLoss
+    """Mean next-token loss with the MLP activation zero-ablated."""
+    spliced: dict[str, SourceLoss]
+    """Mean next-token loss with each named replacement spliced in."""
+    recovered: dict[str, SourceLoss]
+    """(zero - spliced) / (zero - clean) of each named replacement (NaN where zero == clean)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Held-out tokens
+
+
+def held_out_tokens(data_dir: str | Path, length: int, max_tokens: int) -> HeldOutTokens:
+    """Up to `max_tokens` target tokens in non-overlapping windows of `length` tokens, taken
+    evenly spaced across the validation split of `data_dir`."""
+    meta = load_meta(data_dir)
+    split = load_split(data_dir, "val", meta)
+    windows = (len(split.tokens) - 1) // length  # each window needs one extra token as its last target
+    if windows < 1:
+        raise DataError(f"the validation split of {data_dir} has {len(split.tokens)} tokens, fewer than one "
+                        f"window of {length + 1}; build more data or set --ce-eval-tokens 0 to skip the "
+                        f"CE-loss evaluation")
+    count = min(windows, max(1, -(-max_tokens // length)))
+    starts = (np.arange(count) * windows // count) * length  # (N,) evenly spaced windows
+    offsets = np.arange(length + 1)  # (T + 1,)
+    positions = starts[:, None] + offsets[None, :]  # (N, T + 1)
+    tokens = torch.from_numpy(np.asarray(split.tokens[positions], dtype=np.int64))  # (N, T + 1)
+    sources = torch.from_numpy(np.asarray(split.sources[positions[:, 1:]], dtype=np.int64))  # (N, T)
+    names = tuple(s["name"] for s in sorted(meta["sources"], key=lambda s: s["id"]))
+    return HeldOutTokens(tokens[:, :-1], tokens[:, 1:], sources, names)
+
+
+# ---------------------------------------------------------------------------------------
+# Hooks
+
+
+def zero_hook(act: torch.Tensor) -> torch.Tensor:
+    """Zero-ablation: (B, T, d_mlp) zeros in place of the activation."""
+    return torch.zeros_like(act)
+
+
+def splice_hook(sae: SparseAutoencoder) -> MLPHook:
+    """Replace the activation (B, T, d_mlp) with `sae`'s reconstruction of it. `encode` and
+    `decode` work in the activation's own units whether the input scale is folded into the
+    weights (a loaded SAE) or kept beside them (one still in training)."""
+
+    def hook(act: torch.Tensor) -> torch.Tensor:
+        flat = act.reshape(-1, act.shape[-1])  # (B * T, d_mlp)
+        x_hat = sae.decode(sae.encode(flat))  # (B * T, d_mlp)
+        return x_hat.view(act.shape).to(act.dtype)  # (B, T, d_mlp)
+
+    return hook
+
+
+# ---------------------------------------------------------------------------------------
+# Losses
+
+
+@torch.no_grad()
+def token_losses(model: GPT, layer: int, hook: Optional[MLPHook], tokens: HeldOutTokens) -> torch.Tensor:
+    """(N * T,) float64 next-token loss of every held-out token, with `hook` on `layer`'s MLP."""
+    device = next(model.parameters()).device
+    per_forward = max(1, TOKENS_PER_FORWARD // tokens.idx.shape[1])
+    losses = []
+    for first in range(0, tokens.idx.shape[0], per_forward):
+        idx = tokens.idx[first:first + per_forward].to(device)  # (B, T)
+        targets = tokens.targets[first:first + per_forward].to(device)  # (B, T)
+        if hook is None:
+            logits = model(idx).logits
+        else:
+            with model.hook_mlp(layer, hook):
+                logits = model(idx).logits  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B * T,)
+        losses.append(loss.double().cpu())
+    return torch.cat(losses)
+
+
+def by_source(losses: torch.Tensor, tokens: HeldOutTokens) -> SourceLoss:
+    """Mean of per-token `losses` (N * T,) overall and per source of the target token."""
+    sources = tokens.sources.flatten()  # (N * T,)
+    per = {name: float(losses[sources == i].mean()) for i, name in enumerate(tokens.source_names)
+           if bool((sources == i).any())}
+    return SourceLoss(float(losses.mean()), per)
+
+
+def recovered_fraction(clean: float, spliced: float, zero: float) -> float:
+    """(zero - spliced) / (zero - clean); NaN when zero-ablation changes nothing."""
+    gap = zero - clean
+    return (zero - spliced) / gap if gap != 0 else float("nan")
+
+
+def recovered(clean: SourceLoss, spliced: SourceLoss, zero: SourceLoss) -> SourceLoss:
+    per = {name: recovered_fraction(clean.by_source[name], spliced.by_source[name], zero.by_source[name])
+           for name in spliced.by_source}
+    return SourceLoss(recovered_fraction(clean.overall, spliced.overall, zero.overall), per)
+
+
+def evaluate_hooks(model: GPT, layer: int, hooks: Mapping[str, MLPHook], tokens: HeldOutTokens) -> CEResult:
+    """Clean, zero-ablated and spliced losses, and CE-loss recovered, of every named hook."""
+    was_training = model.training
+    model.eval()
+    try:
+        clean = by_source(token_losses(model, layer, None, tokens), tokens)
+        zero = by_source(token_losses(model, layer, zero_hook, tokens), tokens)
+        spliced = {name: by_source(token_losses(model, layer, hook, tokens), tokens) for name, hook in hooks.items()}
+    finally:
+        model.train(was_training)
+    return CEResult(tokens.targets.numel(), clean, zero, spliced,
+                    {name: recovered(clean, s, zero) for name, s in spliced.items()})
+
+
+def evaluate_saes(model: GPT, layer: int, saes: Mapping[str, SparseAutoencoder],
+                  tokens: HeldOutTokens) -> CEResult:
+    """`evaluate_hooks` with each SAE's reconstruction spliced in (SAEs in eval mode)."""
+    modes = {name: sae.training for name, sae in saes.items()}
+    for sae in saes.values():
+        sae.eval()
+    try:
+        return evaluate_hooks(model, layer, {name: splice_hook(sae) for name, sae in saes.items()}, tokens)
+    finally:
+        for name, sae in saes.items():
+            sae.train(modes[name])
+
+
+# ---------------------------------------------------------------------------------------
+# eval.json
+
+
+def summary(result: CEResult) -> dict[str, float | int | dict[str, float]]:
+    """The numbers shared by every SAE, for the top level of eval.json."""
+    return {"ce_eval_tokens": result.tokens,
+            "ce_loss_clean": result.clean.overall, "ce_loss_clean_by_source": result.clean.by_source,
+            "ce_loss_zero_ablated": result.zero.overall, "ce_loss_zero_ablated_by_source": result.zero.by_source}
+
+
+def per_sae(result: CEResult, name: str) -> dict[str, float | dict[str, float]]:
+    """One SAE's numbers, for its entry under "saes" in eval.json."""
+    spliced, rec = result.spliced[name], result.recovered[name]
+    return {"ce_loss_spliced": spliced.overall, "ce_loss_spliced_by_source": spliced.by_source,
+            "ce_loss_recovered": rec.overall, "ce_loss_recovered_by_source": rec.by_source}
+
+
+class CEEvaluation(NamedTuple):
+    """What the SAE stage needs to measure CE-loss recovered after training."""
+
+    model: GPT
+    """The GPT in eval mode, on the training device."""
+    layer: int
+    """The hooked MLP layer (the one the activation store was harvested from)."""
+    tokens: HeldOutTokens
+    """The held-out windows."""
+
+    def run(self, saes: Mapping[str, SparseAutoencoder]) -> CEResult:
+        return evaluate_saes(self.model, self.layer, saes, self.tokens)
+
+
+def prepare(gpt_dir: str | Path, data_dir: str | Path, layer: int, d_in: int, max_tokens: int,
+            device: torch.device, length: Optional[int] = None) -> CEEvaluation:
+    """Load the GPT and the held-out windows of `length` tokens (the harvest's context length;
+    None: the GPT's block size), checking the layer and width match the activation store."""
+    from monofast.gpt.weights import load_model
+
+    model = load_model(gpt_dir, device)
+    model.eval()
+    try:
+        model.block(layer)
+    except ValueError as err:
+        raise DataError(f"the activation store was harvested at layer {layer} but the GPT in {gpt_dir}: "
+                        f"{err}; re-run the harvest") from None
+    if model.config.d_mlp != d_in:
+        raise DataError(f"the activation store rows have width {d_in} but the GPT in {gpt_dir} has MLP width "
+                        f"{model.config.d_mlp}; re-run the harvest with this GPT")
+    length = min(length or model.config.block_size, model.config.block_size)
+    return CEEvaluation(model, layer, held_out_tokens(data_dir, length, max_tokens))
