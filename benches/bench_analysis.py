@@ -111,12 +111,12 @@ def floor_seconds(paths: dict[str, Path], shape: Shape) -> float:
     analysis reads, in the precision it uses, with nothing accumulated."""
     from monofast.analysis import contexts
     from monofast.analysis.forward import Encoder, final_residual
-    from monofast.analysis.run import _autocast_dtype
+    from monofast.common.device import pick_dtype
     from monofast.gpt.weights import load_model
 
     cfg = AnalysisConfig(tokens=shape.tokens, device="cpu")
     model = load_model(paths["gpt"])
-    dtype = _autocast_dtype(cfg.dtype, torch.device("cpu"))
+    dtype = pick_dtype(cfg.dtype, torch.device("cpu"))
     encoder = Encoder(SparseAutoencoder.load(paths["sae"]), dtype)
     n_sources = len(load_meta(paths["data"])["sources"])
     plan = contexts.plan(paths["data"], cfg.splits, shape.block_size, cfg.tokens, n_sources, cfg.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -109,3 +110,55 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
                           capture_output=True, text=True, timeout=600, env=monofast_env(root))
     assert proc.returncode == 0, proc.stderr
     return SmokeRun(run, args, proc.stdout, proc.stderr)
+
+
+def make_run(root: Path, layer: int = 1, variant: str = "anthropic2023") -> dict[str, Path]:
+    """data/ from two local sources, a random 2-layer GPT and a random sparse-ish SAE: the
+    inputs of the analysis and site stages."""
+    import torch
+
+    from monofast.data.splits import load_meta
+    from monofast.gpt.model import GPT, GPTConfig
+    from monofast.gpt.weights import save_model
+    from monofast.sae.model import SAEConfig, SparseAutoencoder
+
+    if not (root / "data" / "meta.json").is_file():
+        build_small_data(root)
+    meta = load_meta(root / "data")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=32, n_layer=2, n_head=2, n_embd=32))
+    (root / "gpt").mkdir(exist_ok=True)
+    save_model(root / "gpt", model)
+    sae = SparseAutoencoder(SAEConfig(d_in=128, d_sae=48, variant=variant, k=6),
+                            generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a spread of densities, from dead to dense
+        sae.b_enc.copy_(torch.linspace(-0.3, 0.02, 48))
+        sae.b_enc[0] = -10.0
+    sae_dir = root / "sae"
+    sae_dir.mkdir(exist_ok=True)
+    sae.save(sae_dir, hook_layer=layer)
+    return {"data": root / "data", "gpt": root / "gpt", "sae": sae_dir, "analysis": root / "analysis"}
+
+
+@dataclass
+class Toy:
+    """A config dataclass with a field of every kind the flags and files handle."""
+
+    n_embd: int = 64
+    """Width of the model."""
+    lr: float = 1e-3
+    """Learning rate, peak."""
+    compile: bool = False
+    """Use torch.compile."""
+    name: str = "toy"
+    """A name with 100% coverage."""
+    widths: tuple[int, ...] = (1, 2)
+    """Several widths."""
+    limit: int | None = None
+    """Optional limit."""
+    tags: tuple[str, ...] = field(default=("a",), metadata={"flag": "--tag", "repeat": True})
+    """Repeatable tag."""
+
+    def __post_init__(self):
+        if self.n_embd <= 0:
+            raise ValueError("n_embd must be positive; use e.g. --n-embd 64")

@@ -102,3 +102,59 @@ def tile_ids(n_m, n_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.c
 def grid_1d(n_m: int, n_n: int) -> Callable[[dict[str, Any]], tuple[int]]:
     """Launch grid for `tile_ids`: one program per output tile."""
     return lambda meta: (triton.cdiv(n_m, meta["BLOCK_M"]) * triton.cdiv(n_n, meta["BLOCK_N"]),)
+
+
+@triton.jit
+def tile_offsets(n_m, n_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """(o_m, o_n, m_m, m_n): the row and column offsets of this program's output tile (in
+    `tile_ids` order) and their masks, the in-bounds rows (< n_m) and columns (< n_n)."""
+    i_m, i_n = tile_ids(n_m, n_n, BLOCK_M, BLOCK_N, GROUP)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return o_m, o_n, o_m < n_m, o_n < n_n
+
+
+@triton.jit
+def gemm_tile(
+    a_ptr,  # [M, K] as read: A[i, k] at a_ptr + i * stride_am + k * stride_ak
+    b_ptr,  # [K, N] as read: B[k, j] at b_ptr + k * stride_bk + j * stride_bn
+    bias_ptr,  # [K] when BIAS == "k", [M] when BIAS == "m": subtracted from A; else unread
+    stride_am, stride_ak, stride_bk, stride_bn,
+    o_m, o_n,  # [BLOCK_M], [BLOCK_N] the output tile's rows and columns (`tile_offsets`)
+    m_m, m_n,  # [BLOCK_M], [BLOCK_N] their masks
+    n_k,  # K, the length of the reduction
+    BIAS: tl.constexpr,  # None, "k" (one bias per column of A) or "m" (one per row of A)
+    UPCAST: tl.constexpr,  # multiply in float32 (the interpreter's bf16 dot is wrong)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The [BLOCK_M, BLOCK_N] float32 tile (A - bias)[o_m, :] @ B[:, o_n] of every product
+    in the step, a K-loop of masked blocks into `tl.dot`. Strides let one loop read an
+    operand row-major or transposed (w_dec^T, a^T of the weight gradients) in place, and
+    the bias centres A (x - b_dec) as each block is loaded, with no [B, D] temporary.
+    Rows and columns outside the masks come out as garbage or zero: the caller masks them."""
+    if BIAS == "m":
+        # Constant along the reduction: loaded once.
+        b_bias_m = tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for k0 in range(0, n_k, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < n_k
+        p_a = a_ptr + o_m[:, None] * stride_am + o_k[None, :] * stride_ak
+        b_a = tl.load(p_a, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        p_b = b_ptr + o_k[:, None] * stride_bk + o_n[None, :] * stride_bn
+        b_b = tl.load(p_b, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        if BIAS == "k":
+            # Padded columns stay zero: both loads there give 0.
+            b_bias_k = tl.load(bias_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)
+            b_a = b_a.to(tl.float32) - b_bias_k[None, :]
+        if BIAS == "m":
+            # Padded columns (reduction steps) must stay zero after centring, or they would add -bias.
+            b_a = tl.where(m_k[None, :], b_a.to(tl.float32) - b_bias_m[:, None], 0.0).to(b_a.dtype)
+        if UPCAST:
+            b_a = b_a.to(tl.float32)
+            b_b = b_b.to(tl.float32)
+        else:
+            # A centred block is float32: multiply in B's dtype (a no-op cast otherwise).
+            b_a = b_a.to(b_b.dtype)
+        acc = tl.dot(b_a, b_b, acc)
+    return acc

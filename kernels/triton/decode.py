@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import GROUP_M, autotune, block_sum, gemm_configs, grid_1d, launch_meta, tile_ids
+from .common import GROUP_M, autotune, block_sum, gemm_configs, gemm_tile, grid_1d, launch_meta, tile_offsets
 from .wgrad import weight_grad
 
 
@@ -34,21 +34,10 @@ def _decode_kernel(
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i_m, i_n = tile_ids(n_rows, d_in, BLOCK_M, BLOCK_N, GROUP)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_m = o_m < n_rows
-    m_n = o_n < d_in
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for k0 in range(0, d_sae, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < d_sae
-        b_f = tl.load(feats_ptr + o_m[:, None] * d_sae + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(w_dec_ptr + o_k[:, None] * d_in + o_n[None, :], mask=m_k[:, None] & m_n[None, :], other=0.0)
-        if UPCAST:
-            b_f = b_f.to(tl.float32)
-            b_w = b_w.to(tl.float32)
-        acc = tl.dot(b_f, b_w, acc)
+    o_m, o_n, m_m, m_n = tile_offsets(n_rows, d_in, BLOCK_M, BLOCK_N, GROUP)
+    # feats @ w_dec, both row-major.
+    acc = gemm_tile(feats_ptr, w_dec_ptr, feats_ptr, d_sae, 1, d_in, 1, o_m, o_n, m_m, m_n, d_sae,
+                    None, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     m_out = m_m[:, None] & m_n[None, :]
     acc += tl.load(b_dec_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     b_xh = acc.to(x_hat_ptr.dtype.element_ty)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import GROUP_M, autotune, block_sum, gemm_configs, grid_1d, launch_meta, tile_ids
+from .common import GROUP_M, autotune, block_sum, gemm_configs, gemm_tile, grid_1d, launch_meta, tile_offsets
 from .wgrad import weight_grad
 
 
@@ -42,24 +42,10 @@ def _encode_kernel(
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i_m, i_n = tile_ids(n_rows, d_sae, BLOCK_M, BLOCK_N, GROUP)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_m = o_m < n_rows
-    m_n = o_n < d_sae
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < d_in
-        b_x = tl.load(x_ptr + o_m[:, None] * d_in + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_bd = tl.load(b_dec_ptr + o_k, mask=m_k, other=0.0)
-        b_w = tl.load(w_enc_ptr + o_k[:, None] * d_sae + o_n[None, :], mask=m_k[:, None] & m_n[None, :], other=0.0)
-        b_xc = b_x.to(tl.float32) - b_bd.to(tl.float32)[None, :]
-        if UPCAST:
-            b_w = b_w.to(tl.float32)
-        else:
-            b_xc = b_xc.to(b_w.dtype)
-        acc = tl.dot(b_xc, b_w, acc)
+    o_m, o_n, m_m, m_n = tile_offsets(n_rows, d_sae, BLOCK_M, BLOCK_N, GROUP)
+    # (x - b_dec) @ w_enc, both row-major.
+    acc = gemm_tile(x_ptr, w_enc_ptr, b_dec_ptr, d_in, 1, d_sae, 1, o_m, o_n, m_m, m_n, d_in,
+                    "k", UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     m_out = m_m[:, None] & m_n[None, :]
     b_pre = acc + tl.load(b_enc_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     if RELU:
@@ -90,23 +76,10 @@ def _encode_grad_kernel(
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i_m, i_n = tile_ids(n_rows, d_sae, BLOCK_M, BLOCK_N, GROUP)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_m = o_m < n_rows
-    m_n = o_n < d_sae
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < d_in
-        b_g = tl.load(g_ptr + o_m[:, None] * d_in + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-        # w_dec^T block [BLOCK_K, BLOCK_N], read across the rows of w_dec.
-        p_w = w_dec_ptr + o_n[None, :] * d_in + o_k[:, None]
-        b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        if UPCAST:
-            b_g = b_g.to(tl.float32)
-            b_w = b_w.to(tl.float32)
-        acc = tl.dot(b_g, b_w, acc)
+    o_m, o_n, m_m, m_n = tile_offsets(n_rows, d_sae, BLOCK_M, BLOCK_N, GROUP)
+    # g @ w_dec^T: the [D, F] transpose read in place, across the rows of w_dec.
+    acc = gemm_tile(g_ptr, w_dec_ptr, g_ptr, d_in, 1, 1, d_in, o_m, o_n, m_m, m_n, d_in,
+                    None, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     m_out = m_m[:, None] & m_n[None, :]
     acc += tl.load(l1_w_ptr + o_n, mask=m_n, other=0.0)[None, :]
     if HAS_G_FEATS:

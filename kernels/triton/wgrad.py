@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import GROUP_M, autotune, gemm_configs, grid_1d, launch_meta, tile_ids
+from .common import GROUP_M, autotune, gemm_configs, gemm_tile, grid_1d, launch_meta, tile_offsets
 
 
 @autotune(gemm_configs(), key=["n_rows", "m", "n"])
@@ -37,29 +37,11 @@ def _weight_grad_kernel(
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i_m, i_n = tile_ids(m, n, BLOCK_M, BLOCK_N, GROUP)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_m = o_m < m
-    m_n = o_n < n
-    if SUB_BIAS:
-        b_bias = tl.load(a_bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for k0 in range(0, n_rows, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < n_rows
-        # a^T block [BLOCK_M, BLOCK_K], read down the columns of a.
-        p_a = a_ptr + o_k[None, :] * m + o_m[:, None]
-        b_a = tl.load(p_a, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        p_b = b_ptr + o_k[:, None] * n + o_n[None, :]
-        b_b = tl.load(p_b, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        if SUB_BIAS:
-            # Padded batch rows must stay zero after centring, or they would add -bias.
-            b_a = tl.where(m_k[None, :], b_a.to(tl.float32) - b_bias[:, None], 0.0).to(b_a.dtype)
-        if UPCAST:
-            b_a = b_a.to(tl.float32)
-            b_b = b_b.to(tl.float32)
-        acc = tl.dot(b_a, b_b, acc)
+    o_m, o_n, m_m, m_n = tile_offsets(m, n, BLOCK_M, BLOCK_N, GROUP)
+    # (a - a_bias)^T @ b: the transpose of a read in place, down its columns; the bias
+    # follows the rows of a^T.
+    acc = gemm_tile(a_ptr, b_ptr, a_bias_ptr, 1, m, n, 1, o_m, o_n, m_m, m_n, n_rows,
+                    "m" if SUB_BIAS else None, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     m_out = m_m[:, None] & m_n[None, :]
     if ADD_ROWS:
         b_scale = tl.load(row_scale_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)

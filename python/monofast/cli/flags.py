@@ -11,7 +11,7 @@ import typing
 from typing import Any, Mapping
 
 from monofast.common.config import coerce_type, type_hints, unwrap_optional, field_docs, flag, parse_value
-from monofast.run.resolve import Origin
+from monofast.run.resolve import Origin, defaults
 
 
 class _Unset:
@@ -24,13 +24,14 @@ class _Unset:
 UNSET = _Unset()
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
-                  origins: Mapping[str, Origin]) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None,
+                  origins: Mapping[str, Origin] | None = None) -> None:
     """Add one `--kebab-case` flag per field of `cls`; its help ends with the value the
     command will use without the flag and where that comes from (`origins`: the default,
     the preset or the config file). Defaults stay `UNSET` so that only flags the user typed
     override the preset and config file."""
-    group = parser.add_argument_group(title)
+    group = parser.add_argument_group(title or f"{cls.__name__} options")
+    origins = origins or defaults(cls)
     docs = field_docs(cls)
     hints = type_hints(cls)
     for f in dataclasses.fields(cls):

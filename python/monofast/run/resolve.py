@@ -54,17 +54,23 @@ class Origin(NamedTuple):
     """`default`, `<preset> preset` or `config FILE`."""
 
 
-def explain(stage: Stage, preset: str, config_file: Path | None = None) -> dict[str, Origin]:
-    """Every field's value before the command line, and where it comes from: what `--help`
-    shows. The layers are read as `resolve_config` reads them; a config file that cannot be
-    read is left out here (the command itself then reports it)."""
-    cls = stage.config_cls()
+def defaults(cls: type) -> dict[str, Origin]:
+    """Every field of a config dataclass at its default."""
     out: dict[str, Origin] = {}
     for f in dataclasses.fields(cls):
         if f.init:
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
             out[f.name] = Origin(default, "default")
+    return out
+
+
+def explain(stage: Stage, preset: str, config_file: Path | None = None) -> dict[str, Origin]:
+    """Every field's value before the command line, and where it comes from: what `--help`
+    shows. The layers are read as `resolve_config` reads them; a config file that cannot be
+    read is left out here (the command itself then reports it)."""
+    cls = stage.config_cls()
+    out = defaults(cls)
     layers = [(f"{preset} preset", presets.stage_values(preset, stage.name))]
     if config_file is not None:
         try:

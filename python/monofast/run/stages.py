@@ -76,7 +76,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("activations", "monofast.activations.harvest:HarvestConfig", "monofast.activations.harvest:run_stage", ("data", "gpt"),
           "harvest the GPT's MLP activations into memory-mapped shards", command="activations harvest",
           aliases=("harvest",), distributed=True),
-    Stage("sae", "monofast.sae.train:SAETrainConfig", "monofast.sae.train:run_stage", ("data", "activations", "gpt"),
+    Stage("sae", "monofast.sae.config:SAETrainConfig", "monofast.sae.train:run_stage", ("data", "activations", "gpt"),
           "train sparse autoencoders on the activations", command="sae train",
           resume_file="checkpoint.pt", distributed=True),
     Stage("analysis", "monofast.analysis.config:AnalysisConfig", "monofast.analysis.run:run_stage",

@@ -1,7 +1,14 @@
-"""CE-loss recovered: how much of the GPT's next-token loss survives an SAE spliced in.
+"""Every metric of the SAE stage: training curves, held-out reconstruction, CE-loss recovered.
 
-On held-out tokens (windows of the data's validation split) the GPT's next-token loss is
-measured three ways at the hooked MLP layer:
+metrics.jsonl (`log_record`, every --log-every steps): each SAE's loss, MSE, L1, L0 and
+AuxK loss on the step's batch, its dead features, the lambda and learning rate, rows/s.
+
+eval.json, on the held-out rows of the activation store (`held_out_metrics`, in the
+store's own units): MSE, fraction of variance unexplained, L0, dead and dense fractions
+and the log10 feature-density histogram of every SAE.
+
+eval.json, CE-loss recovered: on held-out tokens (windows of the data's validation split)
+the GPT's next-token loss is measured three ways at the hooked MLP layer:
 
     clean         the activation as it is
     spliced       the activation replaced by the SAE's reconstruction
@@ -14,17 +21,24 @@ and per source, a token counting for the source of the token it predicts.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from monofast.data.splits import load_meta, load_split
+from monofast.activations.store import ActivationStore
 from monofast.common.errors import DataError
+from monofast.data.splits import load_meta, load_split
 from monofast.gpt.model import GPT, MLPHook
+from monofast.sae.batches import check_finite
 from monofast.sae.model import SparseAutoencoder
+from monofast.sae.sweep import Member
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
 
 TOKENS_PER_FORWARD = 16_384
 """Tokens per forward pass of the evaluation (bounds the (B, T, vocab) logits in memory)."""
@@ -65,6 +79,89 @@ class CEResult(NamedTuple):
     """Mean next-token loss with each named replacement spliced in."""
     recovered: dict[str, SourceLoss]
     """(zero - spliced) / (zero - clean) of each named replacement (NaN where zero == clean)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Training curves
+
+
+def log_record(members: list[Member], stats: list[dict[str, Any]], step: int, batch_size: int,
+               lam: float, lr: float, started: float) -> dict[str, Any]:
+    """One line of metrics.jsonl: each SAE's step statistics (`stats`, on the step's batch),
+    dead features and L1 coefficient, after `step` steps of `batch_size` rows."""
+    seconds = time.perf_counter() - started
+    saes = {}
+    for m, s in zip(members, stats):
+        saes[m.name] = {key: round(float(value), 6) for key, value in s.items()}
+        saes[m.name]["dead"] = int(m.sae.dead_mask().sum())
+        saes[m.name]["l1_coeff"] = m.l1_coeff
+    return {"step": step, "rows": step * batch_size, "seconds": round(seconds, 3),
+            "rows_per_s": round(step * batch_size / max(seconds, 1e-9), 1),
+            "lr": lr, "l1_scale": lam, "saes": saes}
+
+
+@torch.no_grad()
+def probe_l0(members: list[Member], rows: torch.Tensor, batch_size: int) -> list[float]:
+    """Each member's mean L0 on `rows`, through the inference encoder the evaluation uses."""
+    result = []
+    for m in members:
+        device = m.sae.W_enc.device
+        fired = sum(float((m.sae.encode(chunk.to(device)) > 0).sum()) for chunk in rows.split(batch_size))
+        result.append(fired / rows.shape[0])
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Held-out rows
+
+
+@torch.no_grad()
+def held_out_metrics(members: list[Member], store: ActivationStore, cutoff: int, batch_size: int,
+                     device: torch.device) -> dict[str, Any]:
+    """Held-out MSE, fraction of variance unexplained, L0, dead / dense fractions and the
+    log10 feature-density histogram of every SAE (errors in the store's own units)."""
+    rows = store.rows - cutoff
+    if rows == 0:
+        return {"rows": 0, "saes": {}}
+    totals: dict[str, dict[str, Any]] = {m.name: {"sq_err": 0.0, "l0": 0.0, "fired": 0} for m in members}
+    sum_x = torch.zeros(store.dim, dtype=torch.float64)
+    sum_sq = 0.0
+    for m in members:
+        m.sae.eval()
+    for begin in range(cutoff, store.rows, batch_size):
+        x = store.take(np.arange(begin, min(begin + batch_size, store.rows)), to_float32=True).tensor().to(device)
+        check_finite(x, "a held-out batch")
+        sum_x += x.double().sum(0).cpu()
+        sum_sq += float(x.double().square().sum())
+        for m in members:
+            feats = m.sae.encode(x)
+            x_hat = m.sae.decode(feats)
+            t = totals[m.name]
+            t["sq_err"] += float((x_hat.double() - x.double()).square().sum())
+            firing = feats > 0
+            t["l0"] += float(firing.sum())
+            t["fired"] = t["fired"] + firing.sum(0).cpu().long()
+    for m in members:
+        m.sae.train()
+    variance = sum_sq - float(sum_x.square().sum()) / rows  # sum over rows of |x - mean|^2
+    result: dict[str, Any] = {"rows": rows, "saes": {}}
+    for m in members:
+        t = totals[m.name]
+        density = t["fired"].double() / rows
+        log_density = torch.log10(density.clamp_min(1e-10))
+        edges = [-10.0] + [x / 2 for x in range(-16, 1)]  # -10 catches the dead, then half-decades
+        counts = torch.histogram(log_density.float(), bins=torch.tensor(edges))[0]
+        result["saes"][m.name] = {
+            "l1_coeff": m.l1_coeff,
+            "k": m.sae.cfg.top_k,
+            "mse": t["sq_err"] / rows,
+            "fvu": t["sq_err"] / variance if variance > 0 else float("nan"),
+            "l0": t["l0"] / rows,
+            "dead_fraction": float((density == 0).double().mean()),
+            "dense_fraction": float((density > 0.1).double().mean()),
+            "log10_density_histogram": {"edges": edges, "counts": [int(c) for c in counts]},
+        }
+    return result
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,3 +330,28 @@ def prepare(gpt_dir: str | Path, data_dir: str | Path, layer: int, d_in: int, ma
                         f"{model.config.d_mlp}; re-run the harvest with this GPT")
     length = min(length or model.config.block_size, model.config.block_size)
     return CEEvaluation(model, layer, held_out_tokens(data_dir, length, max_tokens))
+
+
+# ---------------------------------------------------------------------------------------
+# CE-loss recovered in the SAE stage
+
+
+def prepare_ce(store: ActivationStore, max_tokens: int, gpt_dir: str | Path | None,
+               data_dir: str | Path | None, device: torch.device) -> Optional[CEEvaluation]:
+    """The GPT of `gpt_dir` and up to `max_tokens` held-out tokens of `data_dir` for CE-loss
+    recovered at the layer `store` was harvested from, or None when it is not measured."""
+    if max_tokens == 0 or gpt_dir is None or data_dir is None:
+        return None
+    layer = store.index.extra.get("gpt", {}).get("layer")
+    if layer is None:
+        raise DataError(f"the activation store {store.folder} does not record the GPT layer it was harvested "
+                        f"from; re-run the harvest, or set --ce-eval-tokens 0")
+    length = store.index.extra.get("contexts", {}).get("length")  # the contexts the SAE's rows came from
+    return prepare(gpt_dir, data_dir, int(layer), store.dim, max_tokens, device, length)
+
+
+def add_ce(evaluation: dict[str, Any], result: CEResult) -> None:
+    """Put CE-loss recovered into eval.json: the shared losses at the top, each SAE's in its entry."""
+    evaluation.update(summary(result))
+    for name in result.spliced:
+        evaluation["saes"].setdefault(name, {}).update(per_sae(result, name))

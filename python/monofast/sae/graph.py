@@ -28,7 +28,7 @@ import torch
 from monofast.common.log import logger
 
 if TYPE_CHECKING:
-    from monofast.sae.train import Member
+    from monofast.sae.sweep import Member
 
 WARMUP_STEPS = 3
 """Eager steps before the capture."""

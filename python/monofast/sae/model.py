@@ -1,6 +1,6 @@
 """Sparse autoencoders: the config, the module, the decoder constraint, resampling, files.
 
-Three variants share one module and one fused step (`monofast.backend.sae_step`):
+Three variants share one module and one fused step (`monofast.sae.backend.sae_step`):
 
 - `anthropic2023` (Towards Monosemanticity): f = ReLU((x - b_dec) W_enc + b_enc),
   x_hat = f W_dec + b_dec; decoder rows kept at unit norm, with the gradient component

@@ -12,7 +12,7 @@ Two facts about L1 sparse autoencoders drive the method:
 
 So, every `CONTROL_EVERY` of the steps (10%) up to `LAST_CONTROL` (80%):
 
-1. Each member's L0 is measured on a fixed probe of rows (the caller's; `sae_train` uses
+1. Each member's L0 is measured on a fixed probe of rows (the caller's; the SAE stage uses
    held-out rows, the same rows its final evaluation reads).
 2. The slope d log L0 / d log lambda is fitted through the members' points (one member,
    or members too close to fit, keep the last slope; the first is -1), clamped to

@@ -3,6 +3,7 @@ SIGKILL, the disk-space check and the CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -81,6 +82,26 @@ def test_positions_are_distinct_sorted_and_keyed_on_the_context():
     # Spread over the whole context, position 0 excluded.
     counts = np.bincount(harvest.sample_positions(1, np.arange(2000), 32, 4, 1).ravel(), minlength=32)
     assert counts[0] == 0 and counts[1:].min() > 150
+
+
+def test_positions_are_pinned():
+    """The positions decide which rows a store holds, and a resumed harvest recomputes the
+    rows it lost from them: a change here would splice rows of two samplings into one store.
+    These values were drawn by the first implementation (SplitMix64 keys in numpy)."""
+    pinned = [
+        ((0, np.arange(3), 16, 4, 0), [[0, 7, 10, 15], [6, 10, 12, 15], [0, 1, 8, 9]]),
+        ((7, np.array([100, 2**31 - 1]), 256, 5, 1), [[31, 145, 175, 212, 249], [42, 56, 147, 151, 209]]),
+        ((2**64 - 1, np.array([5]), 33, 6, 1), [[5, 14, 22, 23, 25, 30]]),
+        ((-3, np.array([0, 1]), 8, 8, 0), [list(range(8))] * 2),  # a negative seed wraps to 64 bits
+    ]
+    for args, expected in pinned:
+        pos = harvest.sample_positions(*args)
+        assert pos.dtype == np.int64 and pos.tolist() == expected, args
+    assert harvest.sample_positions(123456789, np.arange(0), 16, 4, 1).shape == (0, 4)
+    big = harvest.sample_positions(20240601, np.arange(0, 5000, 7), 128, 32, 1)  # (715, 32)
+    assert big.shape == (715, 32) and big.dtype == np.int64
+    digest = hashlib.sha256(np.ascontiguousarray(big, dtype="<i8").tobytes()).hexdigest()
+    assert digest == "37bdb991d2d0fb53bc13c52f92a88fa16960854b0b3ed0986be86af8e4a867ec"
 
 
 def test_contexts_cover_the_data_without_repeats(caplog):

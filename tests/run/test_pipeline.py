@@ -22,8 +22,8 @@ from monofast.activations import store as activations
 from monofast.common import files
 from monofast.run.manifest import ATTEMPT, run_stage, up_to_date
 from monofast.run.pipeline import _Clock, run_all
-from monofast.run.resolve import resolve_config
-from monofast.run.stages import RunDir, STAGES, Stage, stage_fields, stage_named
+from monofast.run.resolve import file_layer, resolve_config
+from monofast.run.stages import RunDir, STAGES, Stage, stage_named
 from monofast.data.prepare import DataConfig
 from monofast.common.errors import UserError
 
@@ -48,7 +48,7 @@ def toy_stage(cfg: ToyConfig, run: RunDir) -> None:
     (out / "part2.txt").write_text("done")
 
 
-TOY = Stage("toy", "test_pipeline:ToyConfig", "test_pipeline:toy_stage", ("data",), "toy")
+TOY = Stage("toy", f"{__name__}:ToyConfig", f"{__name__}:toy_stage", ("data",), "toy")
 DATA = stage_named("data")
 
 
@@ -184,7 +184,7 @@ def resumable_stage(cfg: ResumableConfig, run: RunDir) -> None:
     (out / "result.txt").write_text("done")
 
 
-COUNTER = Stage("counter", "test_pipeline:ResumableConfig", "test_pipeline:resumable_stage", (),
+COUNTER = Stage("counter", f"{__name__}:ResumableConfig", f"{__name__}:resumable_stage", (),
                          "a stage that checkpoints", resume_file="checkpoint.txt")
 
 
@@ -301,8 +301,7 @@ def test_skip_when_unchanged_and_rerun_from_a_change(smoke_run, tmp_path, capsys
     assert cli.main(args + ["--run", str(run)]) == 0
     assert "0 of 6 stages ran, 6 up to date" in log.text and "GPT validation loss" in capsys.readouterr().out
     before = {stage.name: _digests(run / stage.name) for stage in STAGES}
-    layers = {"data": [cli.file_layer(Path(args[args.index("--config") + 1]), "data",
-                                      set(stage_fields(DATA)))],
+    layers = {"data": [file_layer(Path(args[args.index("--config") + 1]), "data")],
               "activations": [{"shard_mb": 0.125, "device": "cpu"}], "gpt": [{"device": "cpu"}],
               "sae": [{"device": "cpu", "l1_coeff": "3"}], "analysis": [{"device": "cpu"}]}
     ran = run_all("smoke", RunDir(run), layers)
@@ -358,8 +357,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 def _layers(args: list[str], stage: str) -> list[dict]:
     """The override layers `monofast run args` gives `stage` (config file, then --set)."""
-    fields = set(stage_fields(stage_named(stage)))
-    layers = [cli.file_layer(Path(args[args.index("--config") + 1]), stage, fields)]
+    layers = [file_layer(Path(args[args.index("--config") + 1]), stage)]
     for i, word in enumerate(args):
         if word == "--set" and args[i + 1].startswith(f"{stage}."):
             key, _, value = args[i + 1][len(stage) + 1:].partition("=")

@@ -24,7 +24,7 @@ from monofast.site import pages
 from monofast.site.build import build
 from monofast.site.config import SiteConfig
 from monofast.site.text import Vocab, decode_window, display
-from test_analysis import make_run
+from conftest import make_run
 
 PIECES = [b"caf", b"\xc3", b"\xa9 ", b"\xe6\x97", b"\xa5\xe6\x9c\xac", b" \xf0\x9f", b"\x98\x80",
           b"<tag a=", b"\"1\" b='2'>", b" & ", b"x\n", b"\ty", b"<|endoftext|>"]

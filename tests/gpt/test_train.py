@@ -21,6 +21,7 @@ from monofast.gpt.config import GPTTrainConfig
 from monofast.gpt import sample as sampling
 from monofast.gpt import train
 from monofast.gpt import trainer
+from monofast.gpt.trainer import Trainer
 from monofast.gpt import weights
 from monofast.common.errors import DataError, UserError
 from monofast.gpt.model import GPT
@@ -319,8 +320,8 @@ class _BackwardFails(torch.autograd.Function):
 @pytest.mark.parametrize("choice", ["auto", "true"])
 def test_a_compile_failure_in_the_first_backward_falls_back_under_auto_only(choice):
     cfg = tiny_cfg(compile=choice, dropout=0.1)
-    trainer = trainer.Trainer(cfg, 64, torch.device("cpu"), torch.float32)
-    reference = trainer.Trainer(dataclasses.replace(cfg, compile="false"), 64, torch.device("cpu"), torch.float32)
+    trainer = Trainer(cfg, 64, torch.device("cpu"), torch.float32)
+    reference = Trainer(dataclasses.replace(cfg, compile="false"), 64, torch.device("cpu"), torch.float32)
     reference.model.load_state_dict(trainer.model.state_dict())
     eager = trainer.forward
 

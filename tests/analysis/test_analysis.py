@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_small_data
+from conftest import make_run
 from monofast.data.splits import load_meta
 from monofast.analysis import contexts, effects, examples, output
 from monofast.analysis.config import AnalysisConfig
@@ -20,7 +20,7 @@ from monofast.analysis.run import analyze
 from monofast.analysis.stats import log_edges
 from monofast.analysis.streaming import CellReservoir, StreamingTopK
 from monofast.common.errors import UserError
-from monofast.gpt.weights import load_model, save_model
+from monofast.gpt.weights import load_model
 from monofast.gpt.model import GPT, GPTConfig
 from monofast.sae.model import SAEConfig, SparseAutoencoder
 
@@ -95,26 +95,6 @@ def test_log_edges_are_log_spaced():
 
 # ---------------------------------------------------------------------------------------
 # A whole analysis of a tiny run
-
-def make_run(root: Path, layer: int = 1, variant: str = "anthropic2023") -> dict[str, Path]:
-    """data/ from two local sources, a random 2-layer GPT and a random sparse-ish SAE."""
-    if not (root / "data" / "meta.json").is_file():
-        build_small_data(root)
-    meta = load_meta(root / "data")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=32, n_layer=2, n_head=2, n_embd=32))
-    (root / "gpt").mkdir(exist_ok=True)
-    save_model(root / "gpt", model)
-    sae = SparseAutoencoder(SAEConfig(d_in=128, d_sae=48, variant=variant, k=6),
-                            generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # a spread of densities, from dead to dense
-        sae.b_enc.copy_(torch.linspace(-0.3, 0.02, 48))
-        sae.b_enc[0] = -10.0
-    sae_dir = root / "sae"
-    sae_dir.mkdir(exist_ok=True)
-    sae.save(sae_dir, hook_layer=layer)
-    return {"data": root / "data", "gpt": root / "gpt", "sae": sae_dir, "analysis": root / "analysis"}
-
 
 class Truth:
     """Brute force: every activation of every analysed token."""
