@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
@@ -57,3 +59,28 @@ def test_load_toml_and_json(tmp_path):
 def test_to_dict_is_json_ready():
     assert config.to_dict(Toy()) == {"n_embd": 64, "lr": 1e-3, "compile": False, "name": "toy",
                                      "widths": [1, 2], "limit": None, "tags": ["a"]}
+
+
+@dataclass
+class Runtimed:
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device", "dtype"})
+
+    width: int = 4
+    """Decides the results."""
+    device: str = "auto"
+    """Does not."""
+    dtype: str = "auto"
+    """Compute precision: runtime, like the device."""
+
+
+def test_identity_leaves_out_runtime_fields():
+    assert config.identity(Runtimed(dtype="float32")) == config.identity(Runtimed(dtype="bfloat16")) == {"width": 4}
+    assert config.same_identity({"width": 4}, Runtimed(device="cpu"))
+    assert not config.same_identity({"width": 5}, Runtimed())
+    assert not config.same_identity(None, Runtimed())
+
+
+def test_a_record_from_before_a_field_became_runtime_still_matches():
+    # written when dtype still counted as config
+    assert config.same_identity({"width": 4, "dtype": "float32"}, Runtimed(dtype="bfloat16"))
+    assert not config.same_identity({"width": 4, "dtype": "float32", "extra": 1}, Runtimed())

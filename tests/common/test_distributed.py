@@ -38,7 +38,7 @@ from monofast.gpt import weights
 from monofast.activations import harvest
 from monofast.sae import train as sae_train
 from monofast.common.errors import UserError
-from monofast.sae.train import SAETrainConfig
+from monofast.sae.config import SAETrainConfig
 
 WORLD = 2
 ROW_BYTES = 64 * 4 + activations.META_ROW_BYTES  # d_mlp 64, fp32

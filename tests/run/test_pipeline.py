@@ -21,7 +21,7 @@ from monofast import cli
 from monofast.activations import store as activations
 from monofast.common import files
 from monofast.run.manifest import ATTEMPT, run_stage, up_to_date
-from monofast.run.pipeline import _Clock, run_all
+from monofast.run.pipeline import _Clock, plan, run_all
 from monofast.run.resolve import file_layer, resolve_config
 from monofast.run.stages import RunDir, STAGES, Stage, stage_named
 from monofast.data.prepare import DataConfig
@@ -377,3 +377,21 @@ def test_eta_moves_with_long_stages_not_short_ones(log):
     clock.done("gpt", 2000.0, ran=True)  # twice the estimate: the rest scales up nearly as much
     clock.announce("sae", 3, 3, {"gpt": False, "sae": True})
     assert left_in(log.text) == "3 min 14 s"  # 100 s x (2000.9 + 60) / (1004 + 60)
+
+
+def test_compute_precision_is_runtime_storage_precision_is_config(smoke_run, tmp_path):
+    """The one precision rule (monofast.common.device): another compute precision re-runs
+    nothing; another storage precision re-runs the stage that writes it and what follows."""
+    layers = {s.name: _layers(smoke_run.args, s.name) for s in STAGES}
+    run = RunDir(smoke_run.run)
+
+    def todo(extra: dict[str, dict]) -> dict[str, bool]:
+        configs = {s.name: resolve_config(s, "smoke", *layers[s.name], extra.get(s.name, {})) for s in STAGES}
+        return plan(list(STAGES), configs, run, {s.name: False for s in STAGES})
+
+    assert not any(todo({}).values())
+    assert not any(todo({"gpt": {"dtype": "float32"}, "sae": {"compute_dtype": "bfloat16"},
+                         "analysis": {"dtype": "bfloat16"}}).values())
+    stored = todo({"activations": {"dtype": "fp16"}})
+    assert stored == {"data": False, "gpt": False, "activations": True, "sae": True, "analysis": True,
+                      "site": True}

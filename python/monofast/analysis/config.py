@@ -13,7 +13,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 class AnalysisConfig:
     """What the analysis pass reads and how much it keeps. Saved in analysis/summary.json."""
 
-    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device"})
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device", "dtype"})
     """Fields that do not change the results (the manifest ignores them)."""
 
     tokens: int = 1_000_000

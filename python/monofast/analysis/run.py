@@ -25,7 +25,7 @@ from monofast.analysis.stats import bin_bounds, source_shares
 from monofast.analysis.summary import summarize
 from monofast.analysis.vocab import token_table
 from monofast.common.errors import UserError
-from monofast.common.device import pick_device, pick_dtype
+from monofast.common.device import dtype_name, pick_device, pick_dtype
 from monofast.gpt.weights import load_model
 from monofast.common.log import logger, progress
 from monofast.sae.model import SparseAutoencoder
@@ -90,6 +90,7 @@ def analyze(cfg: AnalysisConfig, data_dir: str | Path, gpt_dir: str | Path, sae_
         "effects": "exact (last layer, from the residual stream)" if scan.last_layer else
                    f"re-run for the top {cfg.rerun_examples} windows per feature",
         "work": scan.counts._asdict(),
+        "dtype": dtype_name(dtype),
         "seconds": {"scan": round(scanned - started, 3), "finish": round(finished - scanned, 3)},
         "config": config_mod.to_dict(cfg),
     })

@@ -160,7 +160,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def identity(cfg: Any) -> dict[str, Any]:
     """The part of a config that decides a stage's results: `to_dict` without the fields the
-    class lists in its `RUNTIME` class variable (device, resume, ...), so that resuming on
-    another device does not count as a change of config."""
+    class lists in its `RUNTIME` class variable (device, compute precision, resume, ...), so
+    that resuming on another device or in another precision does not count as a change of
+    config (the rule is in `monofast.common.device`)."""
     runtime = getattr(type(cfg), "RUNTIME", frozenset())
     return {k: v for k, v in to_dict(cfg).items() if k not in runtime}
+
+
+def same_identity(recorded: Any, cfg: Any) -> bool:
+    """Does an identity recorded earlier (a manifest's, a checkpoint's) match `cfg`'s? The
+    fields `cfg`'s class now counts as runtime are left out of the recorded one too, so a
+    record written before a field became runtime still matches."""
+    if not isinstance(recorded, dict):
+        return False
+    runtime = getattr(type(cfg), "RUNTIME", frozenset())
+    return {k: v for k, v in recorded.items() if k not in runtime} == identity(cfg)

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 from monofast.common import checkpoint, config, distributed, files
-from monofast.common.device import matmul_precision, pick_device, pick_dtype
+from monofast.common.device import dtype_name, matmul_precision, pick_device, pick_dtype
 from monofast.common.log import logger, progress
 from monofast.data import tokenizer
 from monofast.data.splits import Split, load_meta, load_split
@@ -60,16 +60,12 @@ class TrainState(NamedTuple):
     metrics: list[dict[str, Any]]
 
 
-def _schedule_dict(cfg: GPTTrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict(cfg).items() if k not in GPTTrainConfig.RUNTIME}
-
-
 def save_checkpoint(folder: Path, trainer: Trainer, state: TrainState) -> None:
     """Weights, optimizer state, step and metrics in one atomically written file."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "step": state.step,
-        "config": _schedule_dict(trainer.cfg),
+        "config": config.identity(trainer.cfg),
         "model": {k: v.detach().to("cpu") for k, v in trainer.model.state_dict().items()},
         "optimizer": trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict(),
@@ -80,7 +76,7 @@ def save_checkpoint(folder: Path, trainer: Trainer, state: TrainState) -> None:
 
 def load_checkpoint(folder: Path, trainer: Trainer) -> TrainState:
     """Restore a checkpoint made with the same schedule; refuse one from other options."""
-    payload = checkpoint.load(folder / CHECKPOINT_FILE, CHECKPOINT_FORMAT, "config", _schedule_dict(trainer.cfg))
+    payload = checkpoint.load(folder / CHECKPOINT_FILE, CHECKPOINT_FORMAT, "config", config.identity(trainer.cfg))
     trainer.model.load_state_dict(payload["model"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
     trainer.scaler.load_state_dict(payload["scaler"])
@@ -127,7 +123,7 @@ def train(cfg: GPTTrainConfig, data_dir: str | Path, out: str | Path) -> TrainRe
     sources = [s["name"] for s in sorted(meta["sources"], key=lambda s: s["id"])]
     here = distributed.check_divides(cfg.batch_size, "--batch-size")
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.dtype, device, half_fallback=True)  # fp16 with a loss scaler on older GPUs
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with matmul_precision(device):
@@ -225,7 +221,7 @@ def _evaluate_and_save(trainer: Trainer, step: int, window: _Window, val_split: 
     train_loss, = distributed.mean([window.mean_loss()])
     record = {"step": step, "lr": lr_at(step - 1, cfg), "train_loss": train_loss,
               "val_loss": result.loss, "val_loss_by_source": result.by_source,
-              "tokens_per_s": window.tokens_per_s()}
+              "tokens_per_s": window.tokens_per_s(), "dtype": dtype_name(trainer.dtype)}
     if trainer.world.is_main:
         save_model(out, trainer.model)
         write_metrics(out, metrics + [record])

@@ -110,7 +110,7 @@ def up_to_date(stage: Stage, cfg: Any, run: RunDir) -> bool:
     manifest = _read_manifest(folder)
     if manifest is None or manifest.get("format") != MANIFEST_FORMAT:
         return False
-    if manifest.get("identity") != config.identity(cfg):
+    if not config.same_identity(manifest.get("identity"), cfg):
         return False
     if manifest.get("inputs") != _input_digests(stage, run):
         return False
