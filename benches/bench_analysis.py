@@ -7,7 +7,7 @@ re-ran the whole GPT once per feature to measure ablation effects.
                                                           >= 1M tokens, as a table
 
 Providers:
-    monofast        the whole `analyze` call: one batched pass over every token, the exact
+    monofast        the whole `analyze` call (`monofast analysis`): one batched pass over every token, the exact
                     last-layer ablation effects of every top-k window token and quantile sample,
                     logit weights, neighbours, summary and files
     floor           the pass's bare minimum over the same batches: the GPT forward to the hooked
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{4 * shape.n_embd}, {shape.d_sae} features, {torch.get_num_threads()} threads\n")
     print("| provider | tokens analysed | features with effects | seconds | vs seed |")
     print("|---|---|---|---|---|")
-    print(f"| monofast analyze | {summary['tokens']:,} | {shape.d_sae:,} (every top-k and sample token) | "
+    print(f"| monofast analysis | {summary['tokens']:,} | {shape.d_sae:,} (every top-k and sample token) | "
           f"{ours:.1f} (pass {summary['seconds']['scan']:.1f}) | {seed_total / ours:.1f}x faster |")
     print(f"| floor: GPT forward + SAE encoder only | {summary['tokens']:,} | none | {floor:.1f} | "
           f"pass = {summary['seconds']['scan'] / floor:.2f}x floor |")

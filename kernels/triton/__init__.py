@@ -4,7 +4,8 @@ encode.py   fused encoder forward and its backward epilogue kernel
 decode.py   fused decoder forward (with the squared error) and its weight gradient
 wgrad.py    the batch-reduction product shared by both weight gradients
 step.py     input checks, the autograd function, `sae_step`
-common.py   autotune configs (bypassed under the interpreter), tile order, block sums
+common.py   autotune configs (bypassed under the interpreter), tile order, the K-loop
+            of every product (`gemm_tile`), block sums
 """
 
 from .step import TritonStep, check_inputs, sae_step

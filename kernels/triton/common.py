@@ -1,4 +1,5 @@
-"""What the kernels share: autotuning that steps aside under the interpreter, tile order, sums.
+"""What the kernels share: autotuning that steps aside under the interpreter, tile order, the
+K-loop of every product (`gemm_tile`), sums.
 
 `@triton.autotune` times every config on a device, and the interpreter (TRITON_INTERPRET=1,
 how the tests run these kernels on a CPU) has none. Whether a kernel is interpreted is
@@ -118,20 +119,20 @@ def tile_offsets(n_m, n_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: 
 def gemm_tile(
     a_ptr,  # [M, K] as read: A[i, k] at a_ptr + i * stride_am + k * stride_ak
     b_ptr,  # [K, N] as read: B[k, j] at b_ptr + k * stride_bk + j * stride_bn
-    bias_ptr,  # [K] when BIAS == "k", [M] when BIAS == "m": subtracted from A; else unread
-    stride_am, stride_ak, stride_bk, stride_bn,
+    bias_ptr,  # [K] when BIAS == "k", [M] when BIAS == "m", subtracted from A; unread when None
     o_m, o_n,  # [BLOCK_M], [BLOCK_N] the output tile's rows and columns (`tile_offsets`)
     m_m, m_n,  # [BLOCK_M], [BLOCK_N] their masks
     n_k,  # K, the length of the reduction
+    stride_am, stride_ak, stride_bk, stride_bn,
     BIAS: tl.constexpr,  # None, "k" (one bias per column of A) or "m" (one per row of A)
     UPCAST: tl.constexpr,  # multiply in float32 (the interpreter's bf16 dot is wrong)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The [BLOCK_M, BLOCK_N] float32 tile (A - bias)[o_m, :] @ B[:, o_n] of every product
-    in the step, a K-loop of masked blocks into `tl.dot`. Strides let one loop read an
-    operand row-major or transposed (w_dec^T, a^T of the weight gradients) in place, and
-    the bias centres A (x - b_dec) as each block is loaded, with no [B, D] temporary.
-    Rows and columns outside the masks come out as garbage or zero: the caller masks them."""
+    """The float32 [BLOCK_M, BLOCK_N] tile (A - bias)[o_m, :] @ B[:, o_n]: the K-loop of every
+    product in the step. The strides let it read an operand transposed in place (w_dec^T, a^T
+    of the weight gradients), and the bias centres A (x - b_dec) as each block is loaded, so
+    no centred copy is stored. Rows and columns outside m_m, m_n hold no meaningful values
+    (padded rows are -bias @ B when BIAS == "k"): the caller's masked stores drop them."""
     if BIAS == "m":
         # Constant along the reduction: loaded once.
         b_bias_m = tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
@@ -141,14 +142,15 @@ def gemm_tile(
         m_k = o_k < n_k
         p_a = a_ptr + o_m[:, None] * stride_am + o_k[None, :] * stride_ak
         b_a = tl.load(p_a, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        p_b = b_ptr + o_k[:, None] * stride_bk + o_n[None, :] * stride_bn
-        b_b = tl.load(p_b, mask=m_k[:, None] & m_n[None, :], other=0.0)
         if BIAS == "k":
-            # Padded columns stay zero: both loads there give 0.
+            # Padded columns stay zero: both loads give 0 there.
             b_bias_k = tl.load(bias_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)
             b_a = b_a.to(tl.float32) - b_bias_k[None, :]
+        p_b = b_ptr + o_k[:, None] * stride_bk + o_n[None, :] * stride_bn
+        b_b = tl.load(p_b, mask=m_k[:, None] & m_n[None, :], other=0.0)
         if BIAS == "m":
-            # Padded columns (reduction steps) must stay zero after centring, or they would add -bias.
+            # Padded columns (batch rows of the weight gradients) must stay zero after
+            # centring, or they would add -bias.
             b_a = tl.where(m_k[None, :], b_a.to(tl.float32) - b_bias_m[:, None], 0.0).to(b_a.dtype)
         if UPCAST:
             b_a = b_a.to(tl.float32)

@@ -36,8 +36,9 @@ def _decode_kernel(
 ):
     o_m, o_n, m_m, m_n = tile_offsets(n_rows, d_in, BLOCK_M, BLOCK_N, GROUP)
     # feats @ w_dec, both row-major.
-    acc = gemm_tile(feats_ptr, w_dec_ptr, feats_ptr, d_sae, 1, d_in, 1, o_m, o_n, m_m, m_n, d_sae,
-                    None, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = gemm_tile(feats_ptr, w_dec_ptr, feats_ptr, o_m, o_n, m_m, m_n, d_sae,
+                    stride_am=d_sae, stride_ak=1, stride_bk=d_in, stride_bn=1, BIAS=None, UPCAST=UPCAST,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     m_out = m_m[:, None] & m_n[None, :]
     acc += tl.load(b_dec_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     b_xh = acc.to(x_hat_ptr.dtype.element_ty)

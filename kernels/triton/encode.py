@@ -44,8 +44,9 @@ def _encode_kernel(
 ):
     o_m, o_n, m_m, m_n = tile_offsets(n_rows, d_sae, BLOCK_M, BLOCK_N, GROUP)
     # (x - b_dec) @ w_enc, both row-major.
-    acc = gemm_tile(x_ptr, w_enc_ptr, b_dec_ptr, d_in, 1, d_sae, 1, o_m, o_n, m_m, m_n, d_in,
-                    "k", UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = gemm_tile(x_ptr, w_enc_ptr, b_dec_ptr, o_m, o_n, m_m, m_n, d_in,
+                    stride_am=d_in, stride_ak=1, stride_bk=d_sae, stride_bn=1, BIAS="k", UPCAST=UPCAST,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     m_out = m_m[:, None] & m_n[None, :]
     b_pre = acc + tl.load(b_enc_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     if RELU:
@@ -78,8 +79,9 @@ def _encode_grad_kernel(
 ):
     o_m, o_n, m_m, m_n = tile_offsets(n_rows, d_sae, BLOCK_M, BLOCK_N, GROUP)
     # g @ w_dec^T: the [D, F] transpose read in place, across the rows of w_dec.
-    acc = gemm_tile(g_ptr, w_dec_ptr, g_ptr, d_in, 1, 1, d_in, o_m, o_n, m_m, m_n, d_in,
-                    None, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = gemm_tile(g_ptr, w_dec_ptr, g_ptr, o_m, o_n, m_m, m_n, d_in,
+                    stride_am=d_in, stride_ak=1, stride_bk=1, stride_bn=d_in, BIAS=None, UPCAST=UPCAST,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     m_out = m_m[:, None] & m_n[None, :]
     acc += tl.load(l1_w_ptr + o_n, mask=m_n, other=0.0)[None, :]
     if HAS_G_FEATS:

@@ -40,8 +40,9 @@ def _weight_grad_kernel(
     o_m, o_n, m_m, m_n = tile_offsets(m, n, BLOCK_M, BLOCK_N, GROUP)
     # (a - a_bias)^T @ b: the transpose of a read in place, down its columns; the bias
     # follows the rows of a^T.
-    acc = gemm_tile(a_ptr, b_ptr, a_bias_ptr, 1, m, n, 1, o_m, o_n, m_m, m_n, n_rows,
-                    "m" if SUB_BIAS else None, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = gemm_tile(a_ptr, b_ptr, a_bias_ptr, o_m, o_n, m_m, m_n, n_rows,
+                    stride_am=1, stride_ak=m, stride_bk=n, stride_bn=1, BIAS="m" if SUB_BIAS else None,
+                    UPCAST=UPCAST, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     m_out = m_m[:, None] & m_n[None, :]
     if ADD_ROWS:
         b_scale = tl.load(row_scale_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)

@@ -9,13 +9,23 @@
 //! Batches leave as numpy arrays that own their memory: the activation array's base is a
 //! `_BatchBuffer` whose buffer goes back to the stream's pool when the array dies, so
 //! `torch.from_numpy` wraps it with no copy and the next batch reuses warm pages.
+//!
+//! `ShardWriter`, `Store` and `Stream` are the bases of the Python classes in
+//! `monofast.activations.store`, which inherit their getters as they are and add what only
+//! Python knows (the `Batch` tuple, the parsed index, stream states with their identity).
+//! The methods whose results those classes reshape carry names of their own (`finish_json`,
+//! `gather`, `next_batch`, `position`, `seek`), so that no Python method overrides one with
+//! another signature.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use half::f16;
 use numpy::ndarray::ArrayView2;
-use numpy::{IntoPyArray, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArrayMethods,
+};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyIndexError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -26,6 +36,7 @@ use crate::buffer::{AlignedBuf, Pool};
 use crate::checksum;
 use crate::error::Error;
 use crate::format::DType;
+use crate::rng;
 use crate::shuffle::Mode;
 use crate::store::{self, MetaColumns};
 use crate::stream::{self, Position, StreamConfig};
@@ -82,6 +93,26 @@ fn merge_parts(py: Python<'_>, path: PathBuf, starts: Vec<u64>, extra: &str) -> 
         .detach(|| writer::merge_parts(&path, &starts, extra))
         .map_err(to_py_err)?;
     Ok(String::from_utf8(index.to_json()).expect("serde_json writes UTF-8"))
+}
+
+/// (len(context_ids), count) int64: for each context, the `count` positions of
+/// `[skip, length)` with the smallest SplitMix64 keys of (seed, context id, position), in
+/// increasing order; computed with the GIL released.
+#[pyfunction]
+fn sample_positions<'py>(
+    py: Python<'py>,
+    seed: u64,
+    context_ids: PyReadonlyArray1<'py, u64>,
+    length: u64,
+    count: u64,
+    skip: u64,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let ids = column(&context_ids, "context_ids")?;
+    let sample = py
+        .detach(|| rng::sample_positions(seed, ids, length, count, skip))
+        .map_err(to_py_err)?;
+    // (rows * width,) -> (rows, width): a view of the same memory.
+    PyArray1::from_vec(py, sample.positions).reshape([ids.len(), sample.width])
 }
 
 fn parse_dtype(name: &str) -> PyResult<DType> {
@@ -160,7 +191,7 @@ fn column<'a, T: numpy::Element>(
 }
 
 /// Writes an activation store on a background thread (see `monofast.activations`).
-#[pyclass(module = "monofast._native")]
+#[pyclass(module = "monofast._native", subclass)]
 struct ShardWriter {
     inner: writer::Writer,
 }
@@ -266,7 +297,7 @@ impl ShardWriter {
     /// Write the last shard and `index.json` (with the JSON object `extra` merged in), or
     /// for a part its record for `merge_parts`; returns it as JSON text.
     #[pyo3(signature = (extra = "{}"))]
-    fn finish(&mut self, py: Python<'_>, extra: &str) -> PyResult<String> {
+    fn finish_json(&mut self, py: Python<'_>, extra: &str) -> PyResult<String> {
         let extra: Map<String, Value> = serde_json::from_str(extra)
             .map_err(|e| PyValueError::new_err(format!("extra must be a JSON object ({e})")))?;
         let inner = &mut self.inner;
@@ -355,7 +386,7 @@ fn batch_tuple<'py>(
 }
 
 /// An opened activation store: memory-mapped, checked shards (checksums: `verify`).
-#[pyclass(module = "monofast._native", frozen)]
+#[pyclass(module = "monofast._native", frozen, subclass)]
 struct Store {
     inner: Arc<store::Store>,
 }
@@ -411,7 +442,7 @@ impl Store {
 
     /// Rows at global indices: (activations, token_id, source_id, context_id, position, row).
     #[pyo3(signature = (indices, to_float32 = false))]
-    fn take<'py>(
+    fn gather<'py>(
         &self,
         py: Python<'py>,
         indices: PyReadonlyArray1<'py, i64>,
@@ -436,9 +467,11 @@ impl Store {
 }
 
 /// Batches of a store in a seeded order, prefetched on Rust threads.
-#[pyclass(module = "monofast._native", frozen)]
+#[pyclass(module = "monofast._native", frozen, subclass)]
 struct Stream {
     inner: Mutex<stream::Stream>,
+    /// What the activation arrays hold; fixed, so reading it never waits for the lock.
+    dtype: DType,
 }
 
 impl Stream {
@@ -488,9 +521,15 @@ impl Stream {
             threads,
             prefetch,
         };
+        let dtype = if to_float32 {
+            DType::F32
+        } else {
+            store.inner.dtype
+        };
         let inner = stream::Stream::new(Arc::clone(&store.inner), cfg).map_err(to_py_err)?;
         Ok(Stream {
             inner: Mutex::new(inner),
+            dtype,
         })
     }
 
@@ -505,11 +544,14 @@ impl Stream {
         Ok(self.lock()?.rows_per_epoch())
     }
 
-    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
+    /// What the activation arrays hold: fp32 when converting, else the store's dtype.
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.dtype.name()
     }
 
-    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    /// The next batch (as `Store.gather`), or None once the last epoch is done.
+    fn next_batch<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let mut guard = self.lock()?;
         let stream: &mut stream::Stream = &mut guard;
         let Some(batch) = py.detach(|| stream.next_batch()).map_err(to_py_err)? else {
@@ -529,13 +571,13 @@ impl Stream {
     }
 
     /// (epoch, rows of this rank's part of that epoch already consumed).
-    fn state(&self) -> PyResult<(u64, u64)> {
+    fn position(&self) -> PyResult<(u64, u64)> {
         let pos = self.lock()?.state();
         Ok((pos.epoch, pos.row))
     }
 
-    /// Continue from a `state()`; the next batch starts at exactly that row.
-    fn restore(&self, py: Python<'_>, epoch: u64, row: u64) -> PyResult<()> {
+    /// Continue from a `position()`; the next batch starts at exactly that row.
+    fn seek(&self, py: Python<'_>, epoch: u64, row: u64) -> PyResult<()> {
         let mut guard = self.lock()?;
         let stream: &mut stream::Stream = &mut guard;
         py.detach(|| stream.restore(Position { epoch, row }))
@@ -559,6 +601,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hash_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(merge_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(sample_positions, m)?)?;
     m.add_class::<ShardWriter>()?;
     m.add_class::<Store>()?;
     m.add_class::<Stream>()?;

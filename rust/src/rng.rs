@@ -1,8 +1,11 @@
-//! A small seeded generator and a keyed bijection, enough for reproducible shuffles.
+//! A small seeded generator, a keyed bijection and a keyed sample: enough for reproducible
+//! shuffles and for the positions a harvest draws from each context.
 //!
 //! SplitMix64 (Steele, Lea & Flood 2014) passes BigCrush, is one multiply-xorshift chain
 //! per draw and needs no dependency. The shuffles here need uniform, reproducible draws,
 //! not cryptographic strength.
+
+use crate::error::{Error, Result};
 
 /// The SplitMix64 finaliser: a bijective mix of 64 bits.
 #[inline]
@@ -125,6 +128,64 @@ impl Permutation {
     }
 }
 
+/// Positions drawn from each context by `sample_positions`: `rows x width`, row-major.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub width: usize,
+    pub positions: Vec<i64>,
+}
+
+/// For each context id, the `count` positions of `[skip, length)` with the smallest keys
+/// `mix64(mix64(mix64(seed) ^ id) ^ position)`, in increasing order (all of them when
+/// `count` exceeds the range).
+///
+/// Each row is a pure function of (seed, id), so a resumed harvest redraws exactly the
+/// positions it lost whatever its batch layout. Within a row the keys are distinct (`mix64`
+/// is a bijection and the positions differ), so the choice never depends on a tie-break.
+/// Existing stores were sampled this way: a change to the keys would change which rows a
+/// harvest writes, and a resumed harvest would mix two samplings in one store.
+pub fn sample_positions(
+    seed: u64,
+    context_ids: &[u64],
+    length: u64,
+    count: u64,
+    skip: u64,
+) -> Result<Sample> {
+    if length > i64::MAX as u64 {
+        return Err(Error::invalid(format!(
+            "length={length}: positions must fit in int64"
+        )));
+    }
+    let span = length.saturating_sub(skip);
+    let too_many = || {
+        Error::invalid(format!(
+            "{} contexts x {span} positions are too many to sample in memory",
+            context_ids.len()
+        ))
+    };
+    let span_len = usize::try_from(span).map_err(|_| too_many())?;
+    let width = span_len.min(usize::try_from(count).unwrap_or(usize::MAX));
+    let total = context_ids.len().checked_mul(width).ok_or_else(too_many)?;
+    let mut keyed: Vec<(u64, u64)> = Vec::new(); // (key, position), one context at a time
+    keyed.try_reserve_exact(span_len).map_err(|_| too_many())?;
+    let mut positions: Vec<i64> = Vec::new();
+    positions.try_reserve_exact(total).map_err(|_| too_many())?;
+    let key = mix64(seed);
+    for &id in context_ids {
+        let context_key = mix64(key ^ id);
+        keyed.clear();
+        keyed.extend((skip..length).map(|p| (mix64(context_key ^ p), p)));
+        if width < keyed.len() {
+            keyed.select_nth_unstable(width); // the `width` smallest keys first, unordered
+        }
+        let chosen = &mut keyed[..width];
+        chosen.sort_unstable_by_key(|&(_, p)| p);
+        // `p < length <= i64::MAX`, checked above.
+        positions.extend(chosen.iter().map(|&(_, p)| p as i64));
+    }
+    Ok(Sample { width, positions })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +224,61 @@ mod tests {
             (mean - n as f64 / 2.0).abs() < n as f64 * 0.03,
             "mean {mean}"
         );
+    }
+
+    #[test]
+    fn mix64_is_splitmix64s_finaliser() {
+        // Values of the reference finaliser; the harvest's positions are keyed on it.
+        let out = [0, 1, 1 << 63, u64::MAX].map(mix64);
+        assert_eq!(
+            out,
+            [
+                0,
+                6_238_072_747_940_578_789,
+                2_720_858_781_877_447_050,
+                13_029_008_266_876_403_067
+            ]
+        );
+    }
+
+    #[test]
+    fn sampled_positions_are_sorted_distinct_and_keyed_on_the_context() {
+        let ids: Vec<u64> = (100..140).collect();
+        let sample = sample_positions(7, &ids, 256, 200, 1).unwrap();
+        assert_eq!((sample.width, sample.positions.len()), (200, 40 * 200));
+        let rows: Vec<&[i64]> = sample.positions.chunks(200).collect();
+        for row in &rows {
+            assert!(row.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
+            assert!(row[0] >= 1 && row[199] < 256);
+        }
+        assert_ne!(rows[0], rows[1]);
+        // Any batch layout draws the same rows.
+        let (head, tail) = ids.split_at(13);
+        let mut split = sample_positions(7, head, 256, 200, 1).unwrap().positions;
+        split.extend(sample_positions(7, tail, 256, 200, 1).unwrap().positions);
+        assert_eq!(split, sample.positions);
+        assert_ne!(sample_positions(8, &ids, 256, 200, 1).unwrap(), sample);
+    }
+
+    #[test]
+    fn sample_width_is_capped_by_the_range() {
+        let all = sample_positions(3, &[0, 1], 8, 100, 2).unwrap();
+        assert_eq!(all.width, 6);
+        assert_eq!(all.positions, [2, 3, 4, 5, 6, 7, 2, 3, 4, 5, 6, 7]);
+        let none = sample_positions(3, &[0, 1], 4, 3, 9).unwrap();
+        assert_eq!((none.width, none.positions.len()), (0, 0));
+        assert!(sample_positions(3, &[], 16, 4, 1)
+            .unwrap()
+            .positions
+            .is_empty());
+        assert!(matches!(
+            sample_positions(3, &[0], u64::MAX, 4, 1),
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(
+            sample_positions(3, &[0], i64::MAX as u64, 4, 0),
+            Err(Error::Invalid(_))
+        ));
     }
 
     #[test]

@@ -86,8 +86,9 @@ def test_positions_are_distinct_sorted_and_keyed_on_the_context():
 
 def test_positions_are_pinned():
     """The positions decide which rows a store holds, and a resumed harvest recomputes the
-    rows it lost from them: a change here would splice rows of two samplings into one store.
-    These values were drawn by the first implementation (SplitMix64 keys in numpy)."""
+    rows it lost from them: a change here would splice rows of two samplings into one store,
+    and would make the stores already harvested irreproducible. The values are those every
+    existing store was sampled with."""
     pinned = [
         ((0, np.arange(3), 16, 4, 0), [[0, 7, 10, 15], [6, 10, 12, 15], [0, 1, 8, 9]]),
         ((7, np.array([100, 2**31 - 1]), 256, 5, 1), [[31, 145, 175, 212, 249], [42, 56, 147, 151, 209]]),

@@ -31,3 +31,13 @@ def test_damaged_and_foreign_files(tmp_path):
     checkpoint.save(path, {"format": 1})
     with pytest.raises(DataError, match="format 2"):
         checkpoint.load(path, 2, "identity", {})
+
+
+def test_a_checkpoint_from_before_a_field_became_runtime_resumes(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(path, {"format": 2, "identity": {"lr": 0.1, "compute_dtype": "float32"}})
+    with pytest.raises(UserError, match="compute_dtype='float32' \\(now None\\)"):
+        checkpoint.load(path, 2, "identity", {"lr": 0.1})
+    assert checkpoint.load(path, 2, "identity", {"lr": 0.1}, runtime={"compute_dtype"})["format"] == 2
+    with pytest.raises(UserError, match="lr=0.1"):
+        checkpoint.load(path, 2, "identity", {"lr": 0.3}, runtime={"compute_dtype"})

@@ -1,4 +1,4 @@
-"""The dispatch point (monofast.backend) and the `torch` backend it picks on CPUs
+"""The dispatch point (monofast.sae.backend) and the `torch` backend it picks on CPUs
 (kernels/eager.py), which must compute what the oracle computes."""
 
 from __future__ import annotations

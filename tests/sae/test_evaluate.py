@@ -1,7 +1,9 @@
-"""CE-loss recovered (monofast.sae_eval) against explicit computations on a tiny random GPT."""
+"""The SAE stage's metrics (monofast.sae.evaluate): held-out reconstruction metrics, and
+CE-loss recovered against explicit computations on a tiny random GPT."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,12 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_small_data
+from monofast.activations import store as activations
+from monofast.activations.harvest import HarvestConfig, harvest
 from monofast.data.splits import load_meta, load_split
 from monofast.sae import evaluate as sae_eval
+from monofast.sae import train as sae_train
 from monofast.common.errors import DataError
 from monofast.gpt.weights import save_model
 from monofast.gpt.model import GPT, GPTConfig
 from monofast.sae.model import SAEConfig, SparseAutoencoder
+from monofast.sae.resume import CHECKPOINT_FILE
+from monofast.sae.sweep import build_sweep
 
 LAYER = 1
 LENGTH = 16
@@ -145,3 +152,64 @@ def test_prepare_names_a_mismatched_store(tiny, tmp_path):
         sae_eval.prepare(tmp_path, root / "data", 5, 64, 256, torch.device("cpu"))
     ready = sae_eval.prepare(tmp_path, root / "data", LAYER, 64, 256, torch.device("cpu"), length=8)
     assert ready.tokens.idx.shape == (32, 8)
+
+
+# ---------------------------------------------------------------------------------------
+# Held-out rows
+
+
+def test_an_sae_that_reconstructs_the_mean_explains_no_variance(store_dir, small):
+    store = activations.open_store(store_dir)
+    cutoff = 2700
+    held = store.take(np.arange(cutoff, store.rows), to_float32=True).tensor().double()  # (300, d_in)
+    (member,) = build_sweep(small(l1_coeff=(1.0,)), store.dim, held.float(), 10, torch.device("cpu"))
+    with torch.no_grad():  # no feature ever fires; x_hat is the held-out mean
+        member.sae.b_enc.fill_(-1e6)
+        member.sae.b_dec.copy_(held.mean(0).float() * member.sae.input_scale)
+    result = sae_eval.held_out_metrics([member], store, cutoff, 128, torch.device("cpu"))
+    entry = result["saes"]["l1_1"]
+    assert result["rows"] == 300
+    assert entry["mse"] == pytest.approx(float((held - held.mean(0)).square().sum(1).mean()), rel=1e-5)
+    assert entry["fvu"] == pytest.approx(1.0, rel=1e-5)
+    assert entry["l0"] == 0 and entry["dead_fraction"] == 1 and entry["dense_fraction"] == 0
+    assert entry["log10_density_histogram"]["counts"][0] == member.sae.cfg.d_sae  # all in the dead bin
+    assert member.sae.training  # put back in training mode
+
+
+# ---------------------------------------------------------------------------------------
+# CE-loss recovered in eval.json
+
+
+@pytest.fixture(scope="module")
+def harvested(tmp_path_factory):
+    """data/, a random GPT and a smoke-sized store harvested from it."""
+    root = tmp_path_factory.mktemp("run")
+    build_small_data(root)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=load_meta(root / "data")["vocab_size"], block_size=16, n_layer=1,
+                          n_head=2, n_embd=16))
+    (root / "gpt").mkdir()
+    save_model(root / "gpt", model)
+    harvest(HarvestConfig(contexts=64, positions_per_context=15, shard_mb=1, device="cpu"), root / "data",
+            root / "gpt", root / "activations")
+    return root
+
+
+def test_eval_json_carries_ce_loss_recovered_overall_and_per_source(harvested, small, tmp_path):
+    cfg = small(held_out=96, batch_size=64, epochs=1, ce_eval_tokens=256, checkpoint_every=3)
+    out = tmp_path / "sae"
+    evaluation = sae_train.train(cfg, harvested / "activations", out, gpt_dir=harvested / "gpt",
+                                 data_dir=harvested / "data")
+    written = json.loads((out / "eval.json").read_text())
+    assert written == json.loads(json.dumps(evaluation))
+    assert written["ce_eval_tokens"] == 256
+    for key in ("ce_loss_clean", "ce_loss_zero_ablated"):
+        assert math.isfinite(written[key]) and set(written[f"{key}_by_source"]) == {"verse", "code"}
+    for name in ("l1_0.3", "l1_3"):
+        entry = written["saes"][name]
+        assert math.isfinite(entry["ce_loss_spliced"]) and math.isfinite(entry["ce_loss_recovered"])
+        assert set(entry["ce_loss_recovered_by_source"]) == {"verse", "code"}
+        expected = ((written["ce_loss_zero_ablated"] - entry["ce_loss_spliced"])
+                    / (written["ce_loss_zero_ablated"] - written["ce_loss_clean"]))
+        assert entry["ce_loss_recovered"] == pytest.approx(expected)
+    assert not (out / CHECKPOINT_FILE).exists()  # only the finished files remain

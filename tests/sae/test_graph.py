@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from monofast.activations import store as activations
 from monofast.sae import graph as sae_graph
 from monofast.sae import train as sae_train
+from monofast.sae.config import SAETrainConfig
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -64,9 +65,8 @@ def test_graph_replays_train_the_same_weights_as_eager_steps(tmp_path, variant):
     store = _store(tmp_path / "acts")
     weights = {}
     for graphs in (True, False):
-        cfg = sae_train.SAETrainConfig(variant=variant, expansion=2, batch_size=128, l1_coeff=(1.0, 3.0),
-                                       device="cuda", cuda_graphs=graphs, held_out=200, log_every=5,
-                                       resample_every=4)
+        cfg = SAETrainConfig(variant=variant, expansion=2, batch_size=128, l1_coeff=(1.0, 3.0),
+                             device="cuda", cuda_graphs=graphs, held_out=200, log_every=5, resample_every=4)
         out = tmp_path / f"sae_{graphs}"
         evaluation = sae_train.train(cfg, store, out)
         assert evaluation["training"]["cuda_graph"] is graphs  # replays really ran (or were off)

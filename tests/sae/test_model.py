@@ -1,4 +1,4 @@
-"""The SAE module (monofast.sae): config checks, the three variants, the decoder constraint,
+"""The SAE module (monofast.sae.model): config checks, the three variants, the decoder constraint,
 resampling, AuxK, and SAELens-compatible files."""
 
 from __future__ import annotations

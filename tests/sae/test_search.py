@@ -1,4 +1,4 @@
-"""The --target-l0 lambda search (monofast.sae_search), alone and inside SAE training."""
+"""The --target-l0 lambda search (monofast.sae.search), alone and inside SAE training."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from monofast.sae import search as sae_search
 from monofast.sae import train as sae_train
 from monofast.common.errors import UserError
 from monofast.sae.search import LambdaSearch
-from monofast.sae.train import SAETrainConfig
+from monofast.sae.config import SAETrainConfig
 
 TOLERANCE = 0.15
 """The search's promise on the synthetic store: the published SAE's held-out L0 is within

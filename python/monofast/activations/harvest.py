@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 
+from monofast import _native
 from monofast.activations import store
 from monofast.data.splits import SPLITS, Split, load_meta, load_split
 from monofast.common import distributed
@@ -146,22 +147,13 @@ def choose_contexts(n_tokens: int, length: int, count: int, seed: int) -> np.nda
     return rng.permutation(np.concatenate([np.arange(windows) * length, extra])).astype(np.int64)
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def sample_positions(seed: int, context_ids: np.ndarray, length: int, count: int, skip: int) -> np.ndarray:
-    """(B, count) sorted positions in [skip, length), distinct within a row, a pure function
-    of (seed, context id): a resumed run draws the same positions in any batch layout."""
-    ids = np.asarray(context_ids, dtype=np.uint64)[:, None]  # (B, 1)
-    pos = np.arange(skip, length, dtype=np.uint64)[None, :]  # (1, L - skip)
-    key = _mix64(np.full(1, seed & (2**64 - 1), dtype=np.uint64))
-    keys = _mix64(_mix64(key ^ ids) ^ pos)  # (B, L - skip) random keys
-    order = np.argsort(keys, axis=1, kind="stable")[:, :count]  # (B, count)
-    return np.sort(order, axis=1).astype(np.int64) + skip
+    """(B, count) int64 sorted positions in [skip, length), distinct within a row, a pure
+    function of (seed, context id): a resumed run draws the same positions in any batch
+    layout. Each row keeps the positions with the smallest SplitMix64 keys, drawn by the
+    same generator as the store's shuffles (`_native.sample_positions`)."""
+    ids = np.ascontiguousarray(context_ids, dtype=np.uint64)  # (B,); ids and seed wrap to 64 bits
+    return _native.sample_positions(seed & (2**64 - 1), ids, length, count, skip)
 
 
 def plan(cfg: HarvestConfig, model_cfg: Any, n_tokens: int) -> Plan:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from monofast._native import CorruptFileError
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Self
 
 __all__ = [
     "ActivationIndex", "ActivationStore", "ActivationStream", "ActivationWriter", "Batch",
@@ -184,9 +185,14 @@ def read_index(folder: str | os.PathLike[str]) -> ActivationIndex:
 # ---------------------------------------------------------------------------------------
 # Writing
 
-class ActivationWriter:
+class ActivationWriter(_native.ShardWriter):
     """Write a store: `append` batches, then `finish`. Use as a context manager so that an
     exception stops the writer thread and deletes the half-written shard.
+
+    The native writer supplies `rows` (the global index the next appended row gets: rows on
+    disk or queued, after the rows of the parts before this one), `resumed_rows`, `dim`,
+    `dtype`, `rows_per_shard`, `closed` and `abort()` (stop without an index: finished
+    shards stay for a resume, the open one goes).
 
     With `resume=True`, shards finished by an interrupted writer with the same
     `fingerprint`, dim, dtype and shard size are kept and `rows` says how many; the caller
@@ -198,40 +204,25 @@ class ActivationWriter:
     once every part has finished. Resuming keeps what this part wrote before.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], dim: int, dtype: str = "fp32", *,
-                 shard_bytes: int = 256 << 20, fingerprint: str = "", resume: bool = False,
-                 queue: int = 2, part: tuple[int, int] | None = None):
-        self.folder = Path(folder)
-        self.dtype = _check_dtype(dtype)
-        self._native = _native.ShardWriter(self.folder, dim, dtype, rows_per_shard(dim, dtype, shard_bytes),
-                                           fingerprint, resume, queue, part)
+    folder: Path
 
-    @property
-    def rows(self) -> int:
-        """The global index the next appended row gets (rows on disk or queued, after the
-        rows of the parts before this one)."""
-        return self._native.rows
-
-    @property
-    def resumed_rows(self) -> int:
-        """Rows kept from an interrupted earlier writer (of this part)."""
-        return self._native.resumed_rows
-
-    @property
-    def rows_per_shard(self) -> int:
-        return self._native.rows_per_shard
-
-    @property
-    def dim(self) -> int:
-        return self._native.dim
+    def __new__(cls, folder: str | os.PathLike[str], dim: int, dtype: str = "fp32", *,
+                shard_bytes: int = 256 << 20, fingerprint: str = "", resume: bool = False,
+                queue: int = 2, part: tuple[int, int] | None = None) -> Self:
+        # The native constructor takes rows per shard; this one takes the shard size.
+        folder = Path(folder)
+        self = super().__new__(cls, folder, dim, dtype, rows_per_shard(dim, dtype, shard_bytes),
+                               fingerprint, resume, queue, part)
+        self.folder = folder
+        return self
 
     def append(self, activations: np.ndarray | torch.Tensor, token_id: Any, source_id: Any,
                context_id: Any, position: Any) -> None:
         """Queue rows: activations (B, D) in any float dtype (converted to the store's), and
         the four (B,) metadata columns. Returns once the rows are copied into the queue."""
         acts = self._activation_array(activations)
-        self._native.append(acts, _column(token_id, np.int32), _column(source_id, np.uint8),
-                            _column(context_id, np.int32), _column(position, np.int32))
+        super().append(acts, _column(token_id, np.int32), _column(source_id, np.uint8),
+                       _column(context_id, np.int32), _column(position, np.int32))
 
     def _activation_array(self, activations: np.ndarray | torch.Tensor) -> np.ndarray:
         target = {"fp32": np.float32, "fp16": np.float16}.get(self.dtype)
@@ -254,17 +245,13 @@ class ActivationWriter:
     def finish(self, **extra: Any) -> ActivationIndex:
         """Write the last shard, then `index.json` with `extra` (JSON-ready values) in it;
         a part writes its record instead (its `extra` goes to `merge_parts`)."""
-        return ActivationIndex.from_json(self._native.finish(json.dumps(extra)))
-
-    def abort(self) -> None:
-        """Stop without an index: finished shards stay for a resume, the open one goes."""
-        self._native.abort()
+        return ActivationIndex.from_json(self.finish_json(json.dumps(extra)))
 
     def __enter__(self) -> ActivationWriter:
         return self
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
-        if not self._native.closed:
+        if not self.closed:
             self.abort()
 
 
@@ -285,34 +272,28 @@ def _column(values: Any, dtype: type) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # Reading
 
-class ActivationStore:
+class ActivationStore(_native.Store):
     """A finished store, memory-mapped. Opening checks the index and every shard header
-    (sizes, shapes, identity) but not the checksums: that is `verify`, which reads it all."""
+    (sizes, shapes, identity) but not the checksums: that is `verify`, which reads it all.
 
-    def __init__(self, folder: str | os.PathLike[str]):
-        self.folder = find_store(folder)
-        self._native = _native.Store(self.folder)
-        self.index = ActivationIndex.from_json(self._native.index_json)
+    The native store supplies `rows` (also `len()`), `dim`, `dtype`, `rows_per_shard`,
+    `shards` and `index_json`."""
 
-    @property
-    def rows(self) -> int:
-        return self._native.rows
+    folder: Path
+    index: ActivationIndex
 
-    @property
-    def dim(self) -> int:
-        return self._native.dim
-
-    @property
-    def dtype(self) -> str:
-        return self._native.dtype
-
-    def __len__(self) -> int:
-        return self._native.rows
+    def __new__(cls, folder: str | os.PathLike[str]) -> Self:
+        # Resolved before the native store opens it: a run directory names its store.
+        store = find_store(folder)
+        self = super().__new__(cls, store)
+        self.folder = store
+        self.index = ActivationIndex.from_json(self.index_json)
+        return self
 
     def take(self, indices: Any, to_float32: bool = False) -> Batch:
         """Rows by global index, in the given order (IndexError when one is out of range)."""
         rows = np.ascontiguousarray(np.asarray(indices, dtype=np.int64).reshape(-1))
-        return Batch(*self._native.take(rows, to_float32), dtype="fp32" if to_float32 else self.dtype)
+        return Batch(*self.gather(rows, to_float32), dtype="fp32" if to_float32 else self.dtype)
 
     def stream(self, batch_size: int, *, shuffle: str = "exact", seed: int = 0, rank: int = 0,
                world_size: int = 1, drop_last: bool = False, epochs: int | None = 1,
@@ -328,13 +309,13 @@ class ActivationStore:
         a held-out tail out): epochs and the rank split are over those."""
         row_bytes = self.dim * ITEMSIZE[self.dtype]
         block_rows = max(1, block_bytes // row_bytes)
-        native = _native.Stream(self._native, batch_size, shuffle, seed, rank, world_size, drop_last,
-                                epochs, to_float32, threads, prefetch, block_rows, window_blocks, rows)
-        identity = {"rows": self.rows, "fingerprint": self.index.fingerprint, "seed": seed,
-                    "shuffle": shuffle, "rank": rank, "world_size": world_size, "limit": rows}
+        stream = ActivationStream(self, batch_size, shuffle, seed, rank, world_size, drop_last, epochs,
+                                  to_float32, threads, prefetch, block_rows, window_blocks, rows)
+        stream.identity = {"rows": self.rows, "fingerprint": self.index.fingerprint, "seed": seed,
+                           "shuffle": shuffle, "rank": rank, "world_size": world_size, "limit": rows}
         if shuffle == "block":
-            identity.update(block_rows=block_rows, window_blocks=window_blocks)
-        return ActivationStream(native, "fp32" if to_float32 else self.dtype, identity)
+            stream.identity.update(block_rows=block_rows, window_blocks=window_blocks)
+        return stream
 
     def contexts(self) -> np.ndarray | None:
         """(contexts,) int64 start offset of each context in the token split, if recorded."""
@@ -348,43 +329,40 @@ def open_store(folder: str | os.PathLike[str]) -> ActivationStore:
     return ActivationStore(folder)
 
 
-class ActivationStream:
-    """Iterate to get `Batch`es; `len()` is batches per epoch. `state()` and `restore()`
-    resume at the exact row (e.g. saved in an SAE checkpoint)."""
+class ActivationStream(_native.Stream):
+    """Iterate to get `Batch`es. `state()` and `restore()` resume at the exact row (e.g.
+    saved in an SAE checkpoint). Open one with `ActivationStore.stream`.
 
-    def __init__(self, native: _native.Stream, dtype: str, identity: dict[str, Any]):
-        self._native = native
-        self.dtype = dtype
-        self._identity = identity
+    The native stream supplies `len()` (batches per epoch), `rows_per_epoch`, `dtype` (what
+    `Batch.activations` holds) and `close()` (stop the prefetch threads; iterating again
+    restarts them)."""
 
-    def __iter__(self) -> Iterator[Batch]:
-        for parts in self._native:
-            yield Batch(*parts, dtype=self.dtype)
+    identity: dict[str, Any]
+    """What a `state()` must match to be restored here: the store, seed, order and rank
+    layout (set by `ActivationStore.stream`, which knows them)."""
 
-    def __len__(self) -> int:
-        return len(self._native)
+    def __iter__(self) -> ActivationStream:
+        return self
 
-    @property
-    def rows_per_epoch(self) -> int:
-        return self._native.rows_per_epoch
+    def __next__(self) -> Batch:
+        parts = self.next_batch()
+        if parts is None:
+            raise StopIteration
+        return Batch(*parts, dtype=self.dtype)
 
     def state(self) -> dict[str, Any]:
         """Where the consumer stands, plus what must match to restore it (JSON-ready)."""
-        epoch, row = self._native.state()
-        return {"epoch": epoch, "row": row, **self._identity}
+        epoch, row = self.position()
+        return {"epoch": epoch, "row": row, **self.identity}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a `state()`: the next batch starts at exactly that row. Raises
         ValueError when the state belongs to another store, seed, order or rank layout."""
-        for key, value in self._identity.items():
+        for key, value in self.identity.items():
             if state.get(key) != value:
                 raise ValueError(f"stream state has {key}={state.get(key)!r} but this stream has "
                                  f"{value!r}; restore it into a stream opened the same way")
-        self._native.restore(int(state["epoch"]), int(state["row"]))
-
-    def close(self) -> None:
-        """Stop the prefetch threads (iterating again restarts them)."""
-        self._native.close()
+        self.seek(int(state["epoch"]), int(state["row"]))
 
     def __enter__(self) -> ActivationStream:
         return self

@@ -1,4 +1,4 @@
-"""Stage 6: feature analysis (`monofast analyze`).
+"""Stage 5: feature analysis (`monofast analysis`).
 
 One batched pass over a source-balanced sample of the data: the GPT runs to the hooked
 MLP layer, the SAE encodes every token, and every per-feature statistic is accumulated

@@ -1,4 +1,4 @@
-"""Options of the analysis stage (`monofast analyze`)."""
+"""Options of the analysis stage (`monofast analysis`)."""
 
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def neighbours(w_dec: Tensor, n: int, chunk: int = 1024) -> tuple[Tensor, Tensor
 
 
 LN_EPS = 1e-5
-"""The final LayerNorm's epsilon (monofast.model.LayerNorm)."""
+"""The final LayerNorm's epsilon (monofast.gpt.model.LayerNorm)."""
 ROW_CHUNK = 4096
 """Distinct tokens whose clean logits are held at once: 4096 x V floats (16 MB at V 1,024)."""
 

@@ -100,9 +100,9 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except FileNotFoundError:
-        raise DataError(f"{path} is missing; re-run `monofast analyze --force`") from None
+        raise DataError(f"{path} is missing; re-run `monofast analysis --force`") from None
     except (ValueError, OSError) as err:
-        raise DataError(f"{path} is unreadable ({err}); re-run `monofast analyze --force`") from None
+        raise DataError(f"{path} is unreadable ({err}); re-run `monofast analysis --force`") from None
 
 
 def load(folder: str | Path) -> Analysis:
@@ -110,6 +110,6 @@ def load(folder: str | Path) -> Analysis:
     summary = files.read_json(folder / SUMMARY, "analysis summary")
     if summary.get("format") != FORMAT:
         raise DataError(f"{folder / SUMMARY} has format {summary.get('format')}, expected {FORMAT}; "
-                        f"re-run `monofast analyze --force`")
+                        f"re-run `monofast analysis --force`")
     return Analysis(summary, _npz(folder / FEATURES), _npz(folder / NEURONS), _npz(folder / EXAMPLES),
                     files.read_json(folder / TOKENS, "analysis tokens"))

@@ -1,4 +1,4 @@
-"""Stage 6 driver: `monofast analyze` reads data/, gpt/ and sae/ and writes analysis/.
+"""Stage 5 driver: `monofast analysis` reads data/, gpt/ and sae/ and writes analysis/.
 
 One batched pass (`Scan`) over a source-balanced token budget, then, for the selected
 examples only, their tokens and exact ablation effects, the logit weights and decoder

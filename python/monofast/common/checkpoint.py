@@ -4,7 +4,7 @@ it back that refuses a damaged file or one made with other options."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from monofast.common import files
 from monofast.common.errors import DataError, UserError
@@ -18,8 +18,11 @@ def save(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, fh)
 
 
-def load(path: Path, fmt: int, identity_key: str, now: dict[str, Any]) -> dict[str, Any]:
-    """Read a checkpoint of format `fmt` whose `payload[identity_key]` must equal `now`.
+def load(path: Path, fmt: int, identity_key: str, now: dict[str, Any],
+         runtime: Collection[str] = ()) -> dict[str, Any]:
+    """Read a checkpoint of format `fmt` whose `payload[identity_key]` must equal `now`,
+    leaving out of the saved record the `runtime` fields (the config's `RUNTIME`: a
+    checkpoint written before a field became runtime still resumes).
 
     A damaged file or another format is a `DataError`; a checkpoint made with other
     options (or other data) is a `UserError` listing each difference.
@@ -32,7 +35,7 @@ def load(path: Path, fmt: int, identity_key: str, now: dict[str, Any]) -> dict[s
         raise DataError(f"{path} is unreadable ({err}); drop --resume to start over") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise DataError(f"{path} is not a monofast checkpoint of format {fmt}; drop --resume to start over")
-    saved = payload.get(identity_key) or {}
+    saved = {k: v for k, v in (payload.get(identity_key) or {}).items() if k not in runtime}
     changed = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
                if saved.get(k) != now.get(k)]
     if changed:

@@ -76,7 +76,8 @@ def save_checkpoint(folder: Path, trainer: Trainer, state: TrainState) -> None:
 
 def load_checkpoint(folder: Path, trainer: Trainer) -> TrainState:
     """Restore a checkpoint made with the same schedule; refuse one from other options."""
-    payload = checkpoint.load(folder / CHECKPOINT_FILE, CHECKPOINT_FORMAT, "config", config.identity(trainer.cfg))
+    payload = checkpoint.load(folder / CHECKPOINT_FILE, CHECKPOINT_FORMAT, "config", config.identity(trainer.cfg),
+                              runtime=GPTTrainConfig.RUNTIME)
     trainer.model.load_state_dict(payload["model"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
     trainer.scaler.load_state_dict(payload["scaler"])

@@ -49,7 +49,7 @@ class Stage:
     """A file the stage leaves behind when killed and continues from under `resume=True`
     (its config must have a `resume` field); empty when it always starts over."""
     distributed: bool = False
-    """Under torchrun every rank runs it, each on its part of the work (`monofast.distributed`);
+    """Under torchrun every rank runs it, each on its part of the work (`monofast.common.distributed`);
     other stages run on rank 0 alone."""
 
     def cli(self) -> str:

@@ -55,7 +55,8 @@ class SAETrainConfig:
     b_dec_init: str = "geometric_median"
     """Initial decoder bias: geometric_median, mean or zeros (of a sample of the data)."""
     held_out: int = 20_000
-    """Rows at the end of the store kept out of training for the evaluation (at most 10%)."""
+    """Rows at the end of the store kept out of training for the evaluation, as whole contexts
+    (at most 10% of the store)."""
     target_l0: float = 0.0
     """When > 0, the L1 variants steer the sweep's lambdas toward this L0 while training
     (`monofast.sae.search`), and the SAE whose held-out L0 is nearest (any variant) becomes

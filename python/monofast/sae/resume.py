@@ -84,7 +84,8 @@ def load_checkpoint(out: Path, cfg: SAETrainConfig, store: ActivationStore, memb
                     batches: TrainingBatches, rng: np.random.Generator,
                     search: Optional[sae_search.LambdaSearch] = None) -> TrainState:
     """Restore a checkpoint made with the same options on the same store; refuse any other."""
-    payload = checkpoint.load(out / CHECKPOINT_FILE, CHECKPOINT_FORMAT, "identity", checkpoint_identity(cfg, store))
+    payload = checkpoint.load(out / CHECKPOINT_FILE, CHECKPOINT_FORMAT, "identity", checkpoint_identity(cfg, store),
+                              runtime=SAETrainConfig.RUNTIME)
     here, made_by = distributed.world(), int(payload.get("world_size", 1))
     if made_by != here.size:
         raise UserError(f"{out / CHECKPOINT_FILE} was made by {made_by} process(es) and this run has {here.size}; "

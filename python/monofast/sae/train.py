@@ -21,10 +21,10 @@ Under torchrun (`monofast.common.distributed`) each rank streams its own disjoin
 every epoch of the training rows (the store's rank split) in batches of batch_size / world
 rows, so a step's global batch has batch_size rows and the run takes the steps and schedule
 of a single process, though its batches hold other rows. One all-reduce per SAE and step
-averages the gradients and adds up which features fired (`reduce_step`), so the decoder
-constraint and the dead-feature counts see the global batch; resampling runs alike on
-every rank and rank 0's result is kept. Rank 0 logs, checkpoints (with every rank's stream
-position: resume with as many processes), evaluates and writes the files.
+averages the gradients and adds up which features fired (`sweep.reduce_step`), so the
+decoder constraint and the dead-feature counts see the global batch; resampling runs alike
+on every rank and rank 0's result is kept. Rank 0 logs, checkpoints (with every rank's
+stream position: resume with as many processes), evaluates and writes the files.
 """
 
 from __future__ import annotations

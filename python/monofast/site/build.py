@@ -1,4 +1,4 @@
-"""Stage 7 driver: `monofast site` turns analysis/ into site/, a static feature browser.
+"""Stage 6 driver: `monofast site` turns analysis/ into site/, a static feature browser.
 
     site/index.html            summary, figures, and the sortable, filterable feature table
     site/features.js           the table's rows (a script, so file:// needs no server)
