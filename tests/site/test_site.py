@@ -247,13 +247,19 @@ def test_pages_rendered_by_worker_processes_equal_the_serial_ones(site, tmp_path
         assert (tmp_path / "parallel" / "features" / page.name).read_bytes() == page.read_bytes(), page.name
 
 
-@pytest.mark.slow
-def test_index_renders_in_a_headless_browser_from_file_urls(site, tmp_path):
+@pytest.fixture
+def headless() -> list[str]:
+    """The command line of a headless Chromium, or a skip where none is installed."""
     browser = report.find_browser()
     if browser is None:
         pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
+    return [browser, "--headless", "--no-sandbox", "--disable-gpu"]
+
+
+@pytest.mark.slow
+def test_index_renders_in_a_headless_browser_from_file_urls(site, tmp_path, headless):
     folder, index, analysis = site
-    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
+    args = headless + ["--enable-logging=stderr", "--v=0"]
     run = subprocess.run(args + ["--dump-dom", index.as_uri()], capture_output=True, text=True, timeout=120)
     rows = re.findall(r'<tr><td><a href="features/(\d+)\.html">', run.stdout)
     alive = int((analysis.features["density"] > 0).sum())
@@ -269,10 +275,7 @@ def test_index_renders_in_a_headless_browser_from_file_urls(site, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_index_of_4096_features_renders_in_under_a_second(site, tmp_path):
-    browser = report.find_browser()
-    if browser is None:
-        pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
+def test_an_index_of_4096_features_renders_in_under_a_second(site, tmp_path, headless):
     folder, _, _ = site
     shutil.copytree(folder / "assets", tmp_path / "assets")
     shutil.copy(folder / "index.html", tmp_path / "index.html")
@@ -281,8 +284,8 @@ def test_an_index_of_4096_features_renders_in_under_a_second(site, tmp_path):
              float(rng.uniform(0.5, 1)), -0.01, "·def ⏎ <x> & 'q'"] for f in range(4096)]
     payload = {"sources": ["verse", "code"], "pure": 0.9, "ultralow": 1e-5, "columns": [], "rows": rows}
     (tmp_path / "features.js").write_text("window.MONOFAST_INDEX = " + json.dumps(payload) + ";")
-    run = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                          (tmp_path / "index.html").as_uri()], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(headless + ["--dump-dom", (tmp_path / "index.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
     ms = float(re.search(r'data-ms="([\d.]+)"', run.stdout).group(1))
     assert ms < 1000, f"rendering 4096 features took {ms} ms"
     assert "&lt;x&gt; &amp; 'q'" in run.stdout

@@ -1,8 +1,8 @@
-"""Stage 3: harvest MLP activations into an activation store (`monofast harvest`).
+"""Stage 3: harvest MLP activations into an activation store (`monofast activations harvest`, or `monofast harvest`).
 
 Runs the trained GPT over contexts of the training split and stores, for N sampled
 positions of each context, the post-GELU MLP activation of one layer together with the
-token id, source id, context id and position (see `monofast.activations`).
+token id, source id, context id and position (see `monofast.activations.store`).
 
 - Contexts are non-overlapping windows of the split, drawn without repeats while the split
   has enough of them (beyond that, extra windows at random offsets, with a warning).
@@ -12,7 +12,7 @@ token id, source id, context id and position (see `monofast.activations`).
   writes and checksums on its own thread while the next batch computes.
 - Before starting it prints the disk space it needs and refuses when the disk lacks it.
 - Killed half-way, it resumes from the last finished shard on the next run.
-- Under torchrun (`monofast.distributed`) each rank harvests its own run of whole shards
+- Under torchrun (`monofast.common.distributed`) each rank harvests its own run of whole shards
   (`share`) and writes them under their final names; once all are done, rank 0 joins
   their records into the one `index.json`, so the store is the one a single process
   writes, shard for shard. The run directory must then be on a filesystem every rank sees.
