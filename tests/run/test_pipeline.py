@@ -395,3 +395,23 @@ def test_compute_precision_is_runtime_storage_precision_is_config(smoke_run, tmp
     stored = todo({"activations": {"dtype": "fp16"}})
     assert stored == {"data": False, "gpt": False, "activations": True, "sae": True, "analysis": True,
                       "site": True}
+
+
+def test_manifests_from_before_a_field_became_runtime_are_up_to_date(smoke_run, tmp_path):
+    """Run folders written before the precision rule (when the SAE's compute_dtype and the
+    analysis's dtype still counted as config) load as they are, nothing re-run."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run.run, run)
+    for stage, field in (("sae", "compute_dtype"), ("analysis", "dtype")):
+        path = run / stage / "manifest.json"
+        manifest = json.loads(path.read_text())
+        assert field not in manifest["identity"]
+        manifest["identity"][field] = "float32"
+        path.write_text(json.dumps(manifest))
+    layers = {s.name: _layers(smoke_run.args, s.name) for s in STAGES}
+    configs = {s.name: resolve_config(s, "smoke", *layers[s.name]) for s in STAGES}
+    assert not any(plan(list(STAGES), configs, RunDir(run), {s.name: False for s in STAGES}).values())
+    manifest = json.loads((run / "sae" / "manifest.json").read_text())
+    manifest["identity"]["epochs"] = 99  # a field that decides results still counts
+    (run / "sae" / "manifest.json").write_text(json.dumps(manifest))
+    assert plan(list(STAGES), configs, RunDir(run), {s.name: False for s in STAGES})["sae"]

@@ -1,4 +1,4 @@
-"""Stage 3: harvest MLP activations into an activation store (`monofast activations harvest`, or `monofast harvest`).
+"""Stage 3: harvest MLP activations into an activation store (`monofast activations harvest`).
 
 Runs the trained GPT over contexts of the training split and stores, for N sampled
 positions of each context, the post-GELU MLP activation of one layer together with the

@@ -107,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         group = [n for n in COMMANDS if n.startswith(argv[0] + " ")]
         if group and (len(argv) == 1 or argv[1] in ("-h", "--help")):
             print(f"usage: {PROG} {argv[0]} {{{','.join(n.split()[1] for n in group)}}} ...")
+            width = max(len(n) for n in group) + 2
             for n in group:
-                print(f"  {n.ljust(20)}{COMMANDS[n].help}")
+                print(f"  {n.ljust(width)}{COMMANDS[n].help}")
             return 0 if len(argv) > 1 else 2
         print(f"{PROG}: error: unknown command {' '.join(argv[:2])!r}; see `{PROG} --help`", file=sys.stderr)
         return 2
