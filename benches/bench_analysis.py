@@ -32,14 +32,12 @@ from typing import NamedTuple
 
 import pytest
 import torch
-
-from monofast.data.prepare import build
-from monofast.data.splits import load_meta, load_split
 from monofast.analysis.config import AnalysisConfig
 from monofast.analysis.run import analyze
-from monofast.data.prepare import DataConfig
-from monofast.gpt.weights import save_model
+from monofast.data.prepare import DataConfig, build
+from monofast.data.splits import load_meta, load_split
 from monofast.gpt.model import GPT, GPTConfig
+from monofast.gpt.weights import save_model
 from monofast.sae.model import SAEConfig, SparseAutoencoder
 
 DENSITY = 0.02

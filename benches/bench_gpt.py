@@ -23,7 +23,6 @@ from typing import Callable, NamedTuple
 
 import pytest
 import torch
-
 from monofast.common.device import matmul_precision
 from monofast.gpt.config import GPTTrainConfig
 from monofast.gpt.trainer import Trainer, step_seed, use_compile

@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
+from monofast.activations import harvest
 from monofast.activations import store as activations
 from monofast.data.splits import Split
-from monofast.activations import harvest
 from monofast.gpt.model import GPT, GPTConfig
 
 VOCAB = 1024

@@ -28,7 +28,6 @@ from typing import Callable
 
 import pytest
 import torch
-
 from monofast.kernels import reference
 from monofast.sae.model import SAEConfig, SparseAutoencoder
 

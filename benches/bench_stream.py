@@ -33,7 +33,6 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import pytest
 import torch
-
 from monofast.activations import store as activations
 
 DIM = 768

@@ -49,14 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_harvest  # noqa: E402
 import bench_sae  # noqa: E402
-
 from monofast.activations import store as activations  # noqa: E402
-from monofast.sae import backend
-from monofast.common.device import matmul_precision
-from monofast.gpt.config import GPTTrainConfig
-from monofast.gpt.trainer import Trainer
-from monofast.run import presets
+from monofast.common.device import matmul_precision  # noqa: E402
+from monofast.gpt.config import GPTTrainConfig  # noqa: E402
+from monofast.gpt.trainer import Trainer  # noqa: E402
 from monofast.kernels import reference  # noqa: E402
+from monofast.run import presets  # noqa: E402
+from monofast.sae import backend  # noqa: E402
 from monofast.sae.model import SAEConfig, SparseAutoencoder  # noqa: E402
 
 SEED_SHAPE = (2048, 768, 1536)
@@ -548,9 +547,8 @@ def section_breakdown(rep: Report, device: torch.device, small: bool) -> None:
 def section_sae_train(rep: Report, device: torch.device, small: bool) -> None:
     """`monofast sae train` on a random store, with the step as a CUDA graph and without:
     the same weights at the end (the same arithmetic), and the time of each."""
-    from safetensors.torch import load_file
-
     from monofast.sae import train as sae_train
+    from safetensors.torch import load_file
 
     rows, dim = (3000, 48) if small else (400_000, 768)
     batch = 128 if small else 2048
@@ -579,7 +577,7 @@ def section_sae_train(rep: Report, device: torch.device, small: bool) -> None:
 
 def section_pytest(rep: Report, device: torch.device, small: bool) -> None:
     """The test files whose cases need a GPU (skipped on CPU-only machines), run here."""
-    tests = ["tests/test_sae_graph.py"]
+    tests = ["tests/sae/test_graph.py"]
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=root,
                           capture_output=True, text=True, timeout=240)

@@ -116,7 +116,6 @@ def make_run(root: Path, layer: int = 1, variant: str = "anthropic2023") -> dict
     """data/ from two local sources, a random 2-layer GPT and a random sparse-ish SAE: the
     inputs of the analysis and site stages."""
     import torch
-
     from monofast.data.splits import load_meta
     from monofast.gpt.model import GPT, GPTConfig
     from monofast.gpt.weights import save_model

@@ -1,7 +1,8 @@
 """The package's shape, read from its source: which way imports may run, and no cycles.
 
 Every `import` counts, at the top of a module or inside a function alike (an import
-inside a function is still a dependency, only a later one).
+inside a function is still a dependency, only a later one), and so does a module named in
+a string to be imported later ("monofast.gpt.train:run_stage").
 
 - `common/` imports nothing of monofast but itself and the native module;
 - a stage (`data`, `gpt`, `activations`, `sae`, `analysis`, `site`, in pipeline order)
@@ -14,6 +15,7 @@ inside a function is still a dependency, only a later one).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "monofast"
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 STAGES = ("data", "gpt", "activations", "sae", "analysis", "site")
+SPEC = re.compile(r"^monofast(\.\w+)+(:\w+)?$")
+"""A module named in a string (the stage registry, the command table, the kernel backends)."""
 
 
 def module_files() -> dict[str, Path]:
@@ -50,6 +54,8 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and SPEC.match(node.value):
+            names = [node.value.partition(":")[0]]  # "monofast.gpt.train:run_stage", imported by name
         else:
             continue
         for name in names:
@@ -92,6 +98,7 @@ def graph() -> dict[str, set[str]]:
 def test_the_graph_is_read(graph):
     assert "monofast.run.pipeline" in graph["monofast.cli"]
     assert "monofast.gpt.model" in graph["monofast.gpt.train"]
+    assert "monofast.sae.train" in graph["monofast.run.stages"]  # named in a string
     assert len(graph) > 50
 
 

@@ -7,7 +7,7 @@ products per step; the epilogues replace the eager [B, F] passes (bias, ReLU, st
 mask) with one pass each.
 
 Not yet verified on Apple hardware: the tests run it wherever MPS is available, and run
-these launchers here on the CPU against an emulation of the shaders (tests/test_metal.py).
+these launchers here on the CPU against an emulation of the shaders (tests/kernels/test_metal.py).
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ fn column<'a, T: numpy::Element>(
         .map_err(|_| PyValueError::new_err(format!("{name} must be a contiguous 1-D array")))
 }
 
-/// Writes an activation store on a background thread (see `monofast.activations`).
+/// Writes an activation store on a background thread (see `monofast.activations.store`).
 #[pyclass(module = "monofast._native", subclass)]
 struct ShardWriter {
     inner: writer::Writer,

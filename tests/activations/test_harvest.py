@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from monofast import cli
+from monofast.activations import harvest
 from monofast.activations import store as activations
+from monofast.common import files
+from monofast.common.errors import DataError, UserError
 from monofast.data.prepare import DataConfig, build
 from monofast.data.splits import load_meta, load_split
-from monofast.common import files
-from monofast.gpt.weights import load_model, save_model
-from monofast.activations import harvest
-from monofast.common.errors import DataError, UserError
 from monofast.gpt.model import GPT, GPTConfig
+from monofast.gpt.weights import load_model, save_model
 
 ROW_BYTES = 64 * 4 + activations.META_ROW_BYTES  # d_mlp 64, fp32
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from monofast.activations import store as activations
 from monofast.activations.store import ActivationWriter, CorruptFileError, open_store
 

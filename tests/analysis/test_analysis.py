@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_run
-from monofast.data.splits import load_meta
 from monofast.analysis import contexts, effects, examples, output
 from monofast.analysis.config import AnalysisConfig
 from monofast.analysis.forward import Encoder, resolve_layer
@@ -20,8 +18,9 @@ from monofast.analysis.run import analyze
 from monofast.analysis.stats import log_edges
 from monofast.analysis.streaming import CellReservoir, StreamingTopK
 from monofast.common.errors import UserError
-from monofast.gpt.weights import load_model
+from monofast.data.splits import load_meta
 from monofast.gpt.model import GPT, GPTConfig
+from monofast.gpt.weights import load_model
 from monofast.sae.model import SAEConfig, SparseAutoencoder
 
 CPU = torch.device("cpu")

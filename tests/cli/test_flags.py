@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
-
+from conftest import Toy
 from monofast import cli
 from monofast.cli import flags
-
-from conftest import Toy
 
 
 def parse(argv):
@@ -35,8 +33,6 @@ def test_bad_flag_value_exits_2(capsys):
     with pytest.raises(SystemExit) as err:
         parse(["--n-embd", "wide"])
     assert err.value.code == 2
-
-
 
 
 def _help(capsys, *argv: str) -> str:
@@ -72,7 +68,7 @@ def test_help_shows_config_file_values(capsys, tmp_path):
 
 @pytest.mark.parametrize("preset", ["smoke", "laptop"])
 @pytest.mark.parametrize("command", [["data"], ["gpt", "train"], ["activations", "harvest"], ["harvest"],
-                                     ["sae", "train"], ["analysis"], ["analyze"], ["site"]],
+                                     ["sae", "train"], ["analysis"], ["site"]],
                          ids=lambda c: "-".join(c) if isinstance(c, list) else c)
 def test_every_stage_help_names_its_preset(capsys, command, preset):
     from monofast.run import presets
@@ -86,3 +82,8 @@ def test_every_stage_help_names_its_preset(capsys, command, preset):
         value = origins[key].value
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
         assert f"(now: {shown}, from the {preset} preset)" in text, key
+
+
+def test_a_renamed_command_names_the_new_one(capsys):
+    assert cli.main(["analyze", "--preset", "smoke"]) == 2
+    assert capsys.readouterr().err.strip() == "monofast: error: `monofast analyze` is now `monofast analysis`"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from monofast.common import checkpoint
 from monofast.common.errors import DataError, UserError
 

@@ -7,11 +7,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
-
+from conftest import Toy
 from monofast.common import config
 from monofast.common.errors import UserError
-
-from conftest import Toy
 
 
 def test_field_docs_are_help():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from monofast.common import device as device_
 from monofast.common.errors import UserError
 from monofast.run.stages import STAGES

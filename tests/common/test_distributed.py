@@ -1,4 +1,4 @@
-"""Several processes (monofast.distributed): two gloo ranks on the CPU against one process.
+"""Several processes (monofast.common.distributed): two gloo ranks on the CPU against one process.
 
 One spawn of two ranks runs every scenario (starting processes, not the work, is what
 costs here: each imports torch and its compiler stack) and leaves its results in files;
@@ -12,7 +12,6 @@ one test checks instead how its parser passes the command on.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 import datetime
 import io
 import json
@@ -21,23 +20,19 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_code_source, write_text_source
+from monofast.activations import harvest
 from monofast.activations import store as activations
 from monofast.common import distributed
-from monofast.gpt import batches
-from monofast.gpt import config
-from monofast.gpt import train
-from monofast.gpt import trainer
-from monofast.gpt import weights
-from monofast.activations import harvest
-from monofast.sae import train as sae_train
 from monofast.common.errors import UserError
+from monofast.gpt import batches, config, train, trainer, weights
+from monofast.sae import train as sae_train
 from monofast.sae.config import SAETrainConfig
 
 WORLD = 2

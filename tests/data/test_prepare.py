@@ -6,14 +6,11 @@ import json
 
 import numpy as np
 import pytest
-
-from monofast.data import prepare
+from conftest import write_code_source, write_text_source
+from monofast.common.errors import DataError, UserError
+from monofast.data import prepare, tokenizer
 from monofast.data.prepare import DataConfig
 from monofast.data.splits import load_meta, load_split
-from monofast.data import tokenizer
-from monofast.common.errors import DataError, UserError
-
-from conftest import write_code_source, write_text_source
 
 
 def build(tmp_path, sources, **kwargs):

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from monofast.gpt.model import GPT, GPTConfig, GPTOutput, _explicit_causal_attention
 
 V, T, B = 61, 16, 3

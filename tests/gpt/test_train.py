@@ -10,21 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from monofast import cli
 from monofast.common import config
+from monofast.common import device as device_
+from monofast.common.errors import DataError, UserError
 from monofast.data.prepare import DataConfig, build
 from monofast.data.splits import load_split
-from monofast.common import device as device_
-from monofast.gpt import batches
-from monofast.gpt.config import GPTTrainConfig
+from monofast.gpt import batches, train, trainer, weights
 from monofast.gpt import sample as sampling
-from monofast.gpt import train
-from monofast.gpt import trainer
-from monofast.gpt.trainer import Trainer
-from monofast.gpt import weights
-from monofast.common.errors import DataError, UserError
+from monofast.gpt.config import GPTTrainConfig
 from monofast.gpt.model import GPT
+from monofast.gpt.trainer import Trainer
 from monofast.run.pipeline import RunDir
 
 WORDS = ("thou art my lord and love the king doth speak of night sweet heaven o fair "
@@ -162,6 +158,18 @@ def test_resume_refuses_a_different_schedule(data_dir, trained, tmp_path):
     (target / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
     with pytest.raises(UserError, match=r"max_iters=20 \(now 40\)"):
         train.train(tiny_cfg(resume=True, max_iters=40), data_dir, target)
+
+
+def test_resume_in_another_precision(tmp_path):
+    """Precision is runtime: a checkpoint made in fp32 resumes in fp16 (which adds a loss
+    scaler) and back."""
+    cfg = tiny_cfg()
+    fp32 = Trainer(cfg, 64, torch.device("cpu"), torch.float32)
+    train.save_checkpoint(tmp_path, fp32, train.TrainState(3, []))
+    fp16 = Trainer(cfg, 64, torch.device("cpu"), torch.float16)
+    assert fp16.scaler.is_enabled() and train.load_checkpoint(tmp_path, fp16).step == 3
+    train.save_checkpoint(tmp_path, fp16, train.TrainState(4, []))
+    assert train.load_checkpoint(tmp_path, Trainer(cfg, 64, torch.device("cpu"), torch.float32)).step == 4
 
 
 def test_resume_of_a_finished_run_only_reexports(data_dir, trained, tmp_path):

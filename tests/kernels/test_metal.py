@@ -13,7 +13,6 @@ from importlib import resources
 
 import pytest
 import torch
-
 from monofast.kernels import reference
 from monofast.kernels.metal import step as metal
 

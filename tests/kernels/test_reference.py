@@ -7,7 +7,6 @@ import zlib
 
 import pytest
 import torch
-
 from monofast.kernels import reference
 
 SHAPES = [(37, 24, 50), (16, 8, 8), (5, 3, 70)]

@@ -4,11 +4,9 @@ its behaviour as the sizes change."""
 from __future__ import annotations
 
 import pytest
-
-from monofast.run import estimate
+from monofast.run import estimate, presets
 from monofast.run.resolve import resolve_config
 from monofast.run.stages import STAGES
-from monofast.run import presets
 
 CPU = estimate.Device("cpu", "CPU", 500.0, measured=False)
 

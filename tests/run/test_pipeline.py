@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-
 from conftest import monofast_env
 from monofast import cli
 from monofast.activations import store as activations
 from monofast.common import files
+from monofast.common.errors import UserError
+from monofast.data.prepare import DataConfig
 from monofast.run.manifest import ATTEMPT, run_stage, up_to_date
 from monofast.run.pipeline import _Clock, plan, run_all
 from monofast.run.resolve import file_layer, resolve_config
-from monofast.run.stages import RunDir, STAGES, Stage, stage_named
-from monofast.data.prepare import DataConfig
-from monofast.common.errors import UserError
+from monofast.run.stages import STAGES, RunDir, Stage, stage_named
 
 CALLS: list[str] = []
 

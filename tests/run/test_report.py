@@ -6,7 +6,6 @@ import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
-
 from monofast import cli
 from monofast.run import report
 

@@ -6,7 +6,6 @@ from typing import Callable
 
 import numpy as np
 import pytest
-
 from monofast.activations import store as activations
 from monofast.sae.config import SAETrainConfig
 

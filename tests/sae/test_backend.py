@@ -10,9 +10,8 @@ import zlib
 
 import pytest
 import torch
-
-from monofast.sae import backend
 from monofast.kernels import eager, reference
+from monofast.sae import backend
 
 
 @pytest.fixture(autouse=True)

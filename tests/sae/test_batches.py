@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from monofast.activations import store as activations
 from monofast.common.errors import DataError
 from monofast.sae.batches import context_bounds, split_rows

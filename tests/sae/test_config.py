@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from monofast.common import config
 from monofast.sae.config import SAETrainConfig
 

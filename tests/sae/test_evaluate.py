@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import build_small_data
 from monofast.activations import store as activations
 from monofast.activations.harvest import HarvestConfig, harvest
+from monofast.common.errors import DataError
 from monofast.data.splits import load_meta, load_split
+from monofast.gpt.model import GPT, GPTConfig
+from monofast.gpt.weights import save_model
 from monofast.sae import evaluate as sae_eval
 from monofast.sae import train as sae_train
-from monofast.common.errors import DataError
-from monofast.gpt.weights import save_model
-from monofast.gpt.model import GPT, GPTConfig
 from monofast.sae.model import SAEConfig, SparseAutoencoder
 from monofast.sae.resume import CHECKPOINT_FILE
 from monofast.sae.sweep import build_sweep

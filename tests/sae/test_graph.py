@@ -10,12 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from monofast.activations import store as activations
 from monofast.sae import graph as sae_graph
 from monofast.sae import train as sae_train
 from monofast.sae.config import SAETrainConfig
+from safetensors.torch import load_file
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -8,12 +8,15 @@ import json
 
 import pytest
 import torch
-
 from monofast.common.device import pick_dtype
-
 from monofast.common.errors import DataError, UserError
-from monofast.sae.model import (SAEConfig, SAEOutput, SparseAutoencoder, geometric_median,
-                          reset_adam_state)
+from monofast.sae.model import (
+    SAEConfig,
+    SAEOutput,
+    SparseAutoencoder,
+    geometric_median,
+    reset_adam_state,
+)
 
 D_IN, D_SAE = 16, 48
 

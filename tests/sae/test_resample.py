@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from monofast.activations import store as activations
 from monofast.sae import resample
 from monofast.sae.batches import sample_rows

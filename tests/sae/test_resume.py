@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from monofast.common.errors import UserError
 from monofast.sae import train as sae_train
 from monofast.sae.model import SparseAutoencoder

@@ -7,13 +7,12 @@ import math
 
 import numpy as np
 import pytest
-
 from monofast.activations import store as activations
+from monofast.common.errors import UserError
 from monofast.sae import search as sae_search
 from monofast.sae import train as sae_train
-from monofast.common.errors import UserError
-from monofast.sae.search import LambdaSearch
 from monofast.sae.config import SAETrainConfig
+from monofast.sae.search import LambdaSearch
 
 TOLERANCE = 0.15
 """The search's promise on the synthetic store: the published SAE's held-out L0 is within

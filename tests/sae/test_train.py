@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from monofast.activations import store as activations
 from monofast.common.errors import DataError, UserError
 from monofast.sae import train as sae_train

@@ -12,19 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from monofast.run.manifest import run_stage
-from monofast.run.resolve import resolve_config
-from monofast.run.stages import RunDir, Stage
-from monofast.run import report
+from conftest import make_run
 from monofast.analysis import output
 from monofast.analysis.config import AnalysisConfig
 from monofast.analysis.run import analyze
+from monofast.run import report
+from monofast.run.manifest import run_stage
+from monofast.run.resolve import resolve_config
+from monofast.run.stages import RunDir, Stage
 from monofast.site import pages
 from monofast.site.build import build
 from monofast.site.config import SiteConfig
 from monofast.site.text import Vocab, decode_window, display
-from conftest import make_run
 
 PIECES = [b"caf", b"\xc3", b"\xa9 ", b"\xe6\x97", b"\xa5\xe6\x9c\xac", b" \xf0\x9f", b"\x98\x80",
           b"<tag a=", b"\"1\" b='2'>", b" & ", b"x\n", b"\ty", b"<|endoftext|>"]

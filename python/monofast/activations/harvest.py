@@ -30,11 +30,10 @@ import numpy as np
 
 from monofast import _native
 from monofast.activations import store
-from monofast.data.splits import SPLITS, Split, load_meta, load_split
-from monofast.common import distributed
-from monofast.common import files
+from monofast.common import distributed, files
 from monofast.common.errors import DataError, UserError
 from monofast.common.log import logger, progress
+from monofast.data.splits import SPLITS, Split, load_meta, load_split
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +46,7 @@ HOOK = "mlp.post_gelu"
 
 @dataclass
 class HarvestConfig:
-    """Options of the harvest stage."""
+    """Options of the activations stage (`monofast activations harvest`)."""
 
     RUNTIME: ClassVar[frozenset[str]] = frozenset({"device"})
     """Fields that do not change the results (the manifest ignores them)."""
@@ -141,7 +140,7 @@ def choose_contexts(n_tokens: int, length: int, count: int, seed: int) -> np.nda
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x636F6E74]))
     if count <= windows:
         return rng.choice(windows, size=count, replace=False).astype(np.int64) * length
-    logger.warning("harvest: the split has only %d non-overlapping contexts of %d tokens; the other "
+    logger.warning("activations: the split has only %d non-overlapping contexts of %d tokens; the other "
                    "%d contexts overlap them (more data avoids repeats)", windows, length, count - windows)
     extra = rng.integers(0, n_tokens - length + 1, size=count - windows)
     return rng.permutation(np.concatenate([np.arange(windows) * length, extra])).astype(np.int64)
@@ -202,7 +201,10 @@ def run_stage(cfg: HarvestConfig, run: Any) -> None:
 def harvest(cfg: HarvestConfig, data_dir: str | Path, gpt_dir: str | Path, out: str | Path) -> HarvestResult:
     """Harvest into `out`, resuming an interrupted harvest of the same inputs and config."""
     from monofast.common.device import pick_device
-    from monofast.gpt.weights import MODEL_FILE, load_model  # imports torch: only here, so the CLI starts without it
+    from monofast.gpt.weights import (  # imports torch: only here, so the CLI starts without it
+        MODEL_FILE,
+        load_model,
+    )
 
     data_dir, gpt_dir, out = Path(data_dir), Path(gpt_dir), Path(out)
     device = pick_device(cfg.device)
@@ -255,7 +257,7 @@ def harvest_model(model: GPT, split: Split, cfg: HarvestConfig, the_plan: Plan, 
         index = writer.finish(**index_extra(cfg, the_plan, inputs))
     seconds = time.perf_counter() - started
     done = index.rows - resumed
-    logger.info("harvest: %d rows (%d resumed) in %.1f s, %.0f rows/s -> %s", index.rows, resumed, seconds,
+    logger.info("activations: %d rows (%d resumed) in %.1f s, %.0f rows/s -> %s", index.rows, resumed, seconds,
                 done / max(seconds, 1e-9), out)
     return HarvestResult(index.rows, resumed, len(index.shards), sum(s["bytes"] for s in index.shards),
                          seconds, done / max(seconds, 1e-9))
@@ -306,7 +308,7 @@ def _harvest_shared(model: GPT, split: Split, cfg: HarvestConfig, the_plan: Plan
               if (s := share(the_plan.rows, rows_per_shard, r, here.size)).end_shard > s.first_shard]
     if here.is_main:  # every part is finished: the all-reduce above waited for them
         index = store.merge_parts(out, starts, **index_extra(cfg, the_plan, inputs))
-        logger.info("harvest: %d rows (%d resumed) from %d processes in %.1f s -> %s", index.rows, resumed_all,
+        logger.info("activations: %d rows (%d resumed) from %d processes in %.1f s -> %s", index.rows, resumed_all,
                     here.size, time.perf_counter() - started, out)
     distributed.barrier()  # the index exists when any rank returns
     index = store.read_index(out)
@@ -327,7 +329,7 @@ def _announce(cfg: HarvestConfig, the_plan: Plan, writer: store.ActivationWriter
     shards = -(-the_plan.rows // writer.rows_per_shard)
     total = the_plan.rows * row_bytes + shards * store.HEADER_BYTES
     left = (the_plan.rows - writer.rows) * row_bytes + (shards - writer.rows // writer.rows_per_shard) * store.HEADER_BYTES
-    logger.info("harvest: %d contexts x %d positions = %d rows x %d (%s), layer %d: %.2f GiB in %d shards%s",
+    logger.info("activations: %d contexts x %d positions = %d rows x %d (%s), layer %d: %.2f GiB in %d shards%s",
                 len(the_plan.starts), the_plan.positions, the_plan.rows, the_plan.dim, cfg.dtype, the_plan.layer,
                 total / 2**30, shards,
                 f"; resuming after {writer.rows} rows, {left / 2**30:.2f} GiB to go" if writer.rows else "")

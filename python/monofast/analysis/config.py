@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-SPLIT_NAMES = ("train", "val")
-DTYPES = ("auto", "float32", "bfloat16")
+from monofast.common.device import DTYPE_CHOICES
+from monofast.data.splits import SPLITS
 
 
 @dataclass
@@ -55,16 +55,16 @@ class AnalysisConfig:
     device: str = "auto"
     """Device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     dtype: str = "auto"
-    """Precision of the GPT forward and the SAE encoder products: auto (bfloat16 on GPUs and on
-    CPUs that multiply it natively, else float32), float32 or bfloat16. Statistics and
-    ablation effects are always accumulated in float32/float64."""
+    """Precision of the GPT forward and the SAE encoder products: auto (bfloat16 where the
+    device multiplies it natively, else float32), float32, bfloat16 or float16 (GPUs only).
+    Statistics and ablation effects are always accumulated in float32/float64."""
     seed: int = 1337
     """Seed of the context choice and the reservoir samples."""
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
             raise ValueError(f"tokens={self.tokens} must be at least 1, e.g. 1000000")
-        bad = [s for s in self.splits if s not in SPLIT_NAMES]
+        bad = [s for s in self.splits if s not in SPLITS]
         if not self.splits or bad:
             raise ValueError(f"splits={self.splits!r}: choose train, val or both (e.g. --splits train,val)")
         if self.context_size < 0 or self.context_size == 1:
@@ -81,8 +81,8 @@ class AnalysisConfig:
             raise ValueError(f"pure_share={self.pure_share} must be in [0.5, 1), e.g. 0.9")
         if self.layer < -1:
             raise ValueError(f"layer={self.layer}: give a layer index, or -1 to read it from the SAE")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype={self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
         if "/" in self.sae_name or self.sae_name.startswith("."):
             raise ValueError(f"sae_name={self.sae_name!r} must be a plain sub-folder name of sae/")
 

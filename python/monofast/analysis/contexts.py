@@ -15,9 +15,9 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from monofast.data.splits import load_meta, load_split
 from monofast.common.errors import DataError
 from monofast.common.log import logger
+from monofast.data.splits import load_meta, load_split
 
 
 class ContextPlan(NamedTuple):

@@ -14,9 +14,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from monofast.common import config as config_mod
-from monofast.data.splits import load_meta
-from monofast.data import tokenizer
 from monofast.analysis import contexts, effects, examples, output
 from monofast.analysis.config import AnalysisConfig
 from monofast.analysis.forward import Encoder, check_shapes, resolve_layer
@@ -24,10 +21,13 @@ from monofast.analysis.scan import Scan
 from monofast.analysis.stats import bin_bounds, source_shares
 from monofast.analysis.summary import summarize
 from monofast.analysis.vocab import token_table
-from monofast.common.errors import UserError
+from monofast.common import config as config_mod
 from monofast.common.device import dtype_name, pick_device, pick_dtype
-from monofast.gpt.weights import load_model
+from monofast.common.errors import UserError
 from monofast.common.log import logger, progress
+from monofast.data import tokenizer
+from monofast.data.splits import load_meta
+from monofast.gpt.weights import load_model
 from monofast.sae.model import SparseAutoencoder
 
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from monofast import __version__
 from monofast.common.errors import UserError
+from monofast.run.stages import STAGES
 
 PROG = "monofast"
 
@@ -31,26 +32,34 @@ class Command:
     stage: str | None = None
 
 
-COMMANDS: dict[str, Command] = {
-    "run": Command("run every stage of a preset into one run directory", module="monofast.cli.run:RunCommand"),
-    "presets": Command("list the presets, what each sets, and its estimated time and disk use here",
-                       module="monofast.cli.run:PresetsCommand"),
-    "report": Command("write a run's results table, purity figure and feature-page screenshots",
-                      module="monofast.cli.report:ReportCommand"),
-    "data": Command("stage 1: build the corpus and train the tokenizer", stage="data"),
-    "gpt train": Command("stage 2: train the tiny GPT (resumable with --resume)", stage="gpt"),
-    "gpt sample": Command("continue a prompt with the trained GPT", module="monofast.cli.gpt:SampleCommand"),
-    "activations harvest": Command("stage 3: store the GPT's MLP activations as shards (resumable)",
-                                   stage="activations"),
-    "activations verify": Command("check every activation shard's checksum; name the first bad one",
-                                  module="monofast.cli.activations:VerifyCommand"),
-    "sae train": Command("stage 4: train sparse autoencoders on the activations", stage="sae"),
-    "analysis": Command("stage 5: feature statistics, top and quantile examples, ablation effects",
-                        stage="analysis"),
-    "site": Command("stage 6: build the static feature browser (opens from file://)", stage="site"),
-}
-ALIASES = {"harvest": "activations harvest", "analyze": "analysis"}
-"""Other names of commands: `harvest` is the seed recipe's word for stage 3."""
+def _commands() -> dict[str, Command]:
+    """Every command in the order `monofast --help` lists them: the run-wide ones, then each
+    stage's (named and described by `monofast.run.stages`) with the tools of its group."""
+    commands = {
+        "run": Command("run every stage of a preset into one run directory", module="monofast.cli.run:RunCommand"),
+        "presets": Command("list the presets, what each sets, and its estimated time and disk use here",
+                           module="monofast.cli.run:PresetsCommand"),
+        "report": Command("write a run's results table, purity figure and feature-page screenshots",
+                          module="monofast.cli.report:ReportCommand"),
+    }
+    tools = {
+        "gpt": ("gpt sample", Command("continue a prompt with the trained GPT", module="monofast.cli.gpt:SampleCommand")),
+        "activations": ("activations verify", Command("check every activation shard's checksum; name the first bad one",
+                                                      module="monofast.cli.activations:VerifyCommand")),
+    }
+    for number, stage in enumerate(STAGES, 1):
+        commands[stage.command or stage.name] = Command(f"stage {number}: {stage.about}", stage=stage.name)
+        if stage.name in tools:
+            name, command = tools[stage.name]
+            commands[name] = command
+    return commands
+
+
+COMMANDS = _commands()
+ALIASES = {alias: stage.command or stage.name for stage in STAGES for alias in stage.aliases}
+"""Other names of commands: `harvest`, the seed recipe's word for stage 3."""
+RENAMED = {"analyze": "analysis"}
+"""Commands that were renamed: they end with one line naming the new one."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {__version__}")
         return 0
     name, used = _find(argv)
+    if name is None and argv[0] in RENAMED:
+        print(f"{PROG}: error: `{PROG} {argv[0]}` is now `{PROG} {RENAMED[argv[0]]}`", file=sys.stderr)
+        return 2
     if name is None:
         group = [n for n in COMMANDS if n.startswith(argv[0] + " ")]
         if group and (len(argv) == 1 or argv[1] in ("-h", "--help")):

@@ -10,7 +10,14 @@ import functools
 import typing
 from typing import Any, Mapping
 
-from monofast.common.config import coerce_type, type_hints, unwrap_optional, field_docs, flag, parse_value
+from monofast.common.config import (
+    coerce_type,
+    field_docs,
+    flag,
+    parse_value,
+    type_hints,
+    unwrap_optional,
+)
 from monofast.run.resolve import Origin, defaults
 
 

@@ -30,6 +30,7 @@ class RunCommand:
         parser.add_argument("--to", dest="stop", default=None,
                             choices=[s.name for s in STAGES],
                             help="stop after this stage")
+
     def main(self, args: argparse.Namespace) -> int:
         layers: dict[str, list[dict[str, Any]]] = {}
         for stage in STAGES:
@@ -58,6 +59,7 @@ class PresetsCommand:
                                  "cuda or mps (default: auto)")
         parser.add_argument("--gflops", type=float, default=None, metavar="X",
                             help="assume this matrix-product rate (GFLOP/s) instead of measuring it")
+
     def main(self, args: argparse.Namespace) -> int:
         if args.gflops is not None and args.gflops <= 0:
             raise UserError(f"--gflops {args.gflops}: give a positive rate, e.g. --gflops 500")

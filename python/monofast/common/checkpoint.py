@@ -9,6 +9,9 @@ from typing import Any, Collection
 from monofast.common import files
 from monofast.common.errors import DataError, UserError
 
+CHECKPOINT_FILE = "checkpoint.pt"
+"""The resume file of the stages that have one (GPT, SAE), in the stage's folder."""
+
 
 def save(path: Path, payload: dict[str, Any]) -> None:
     """Write `payload` (tensors, optimizer states, plain values) to `path` atomically."""

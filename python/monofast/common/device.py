@@ -12,21 +12,24 @@ harvested activations, of the SAE parameters) changes what a file holds, and is 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
-
-import torch
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from monofast.common import distributed
 from monofast.common.errors import UserError
 
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""Compute precisions by name."""
-DTYPE_CHOICES = ("auto",) + tuple(PRECISIONS)
+if TYPE_CHECKING:  # torch is imported where it is used: configs read the names without it
+    import torch
+
+PRECISION_NAMES = ("float32", "bfloat16", "float16")
+"""Compute precisions by name (torch dtypes of the same names)."""
+DTYPE_CHOICES = ("auto",) + PRECISION_NAMES
 """Values of a `dtype` / `compute_dtype` option."""
 
 
 def parse_device(name: str) -> torch.device:
     """A device name as a `torch.device` (`auto` reads as the CPU); `ValueError` names the fix."""
+    import torch
+
     if name == "auto":
         return torch.device("cpu")
     try:
@@ -41,6 +44,8 @@ def parse_device(name: str) -> torch.device:
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` prefers CUDA, then Apple MPS, then the CPU; an explicit device must exist.
     Under torchrun a bare `cuda` is this rank's own GPU."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return distributed.local_device(torch.device("cuda"))
@@ -62,6 +67,8 @@ def native_bf16(device: torch.device) -> bool:
     """Does `device` multiply bfloat16 natively? CUDA GPUs from Ampere on; CPUs with
     AVX-512 BF16 or AMX (elsewhere bf16 is emulated and slower than fp32); MPS: not measured
     here, so no."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -72,24 +79,28 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def pick_dtype(name: str, device: torch.device, half_fallback: bool = False,
-               otherwise: Optional[torch.dtype] = torch.float32) -> Optional[torch.dtype]:
+               otherwise: Optional[torch.dtype] | str = "float32", flag: str = "--dtype") -> Optional[torch.dtype]:
     """The compute precision for `--dtype name` on `device`.
 
     `auto`: bfloat16 where the device has it natively (a GPT training step 1.6-2.0x faster
     than fp32 at the quick and laptop shapes on a 2-core AVX-512 BF16 CPU,
     benches/bench_gpt.py); else float16 on CUDA when `half_fallback` (autocast with a loss
     scaler), else `otherwise` (the SAE passes None: its parameters' own dtype). float16 on
-    a CPU is refused: it is emulated there and very slow."""
+    a CPU is refused: it is emulated there and very slow. `flag` is the option's name in
+    the errors."""
+    import torch
+
     if name == "auto":
         if native_bf16(device):
             return torch.bfloat16
-        return torch.float16 if half_fallback and device.type == "cuda" else otherwise
-    if name not in PRECISIONS:
-        raise UserError(f"--dtype {name}: choose one of {', '.join(DTYPE_CHOICES)}")
-    dtype = PRECISIONS[name]
-    if dtype is torch.float16 and device.type == "cpu":
-        raise UserError("--dtype float16 is very slow on CPUs; use bfloat16 or float32 there")
-    return dtype
+        if half_fallback and device.type == "cuda":
+            return torch.float16
+        return getattr(torch, otherwise) if isinstance(otherwise, str) else otherwise
+    if name not in PRECISION_NAMES:
+        raise UserError(f"{flag} {name}: choose one of {', '.join(DTYPE_CHOICES)}")
+    if name == "float16" and device.type == "cpu":
+        raise UserError(f"{flag} float16 is very slow on CPUs; use bfloat16 or float32 there")
+    return getattr(torch, name)
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:
@@ -107,6 +118,8 @@ bf16 pieces; measured at 7.7e-7 relative error against float64 (3.9e-7 at "highe
 @contextlib.contextmanager
 def matmul_precision(device: torch.device) -> Iterator[None]:
     """Set `MATMUL_PRECISION` for the device within the block, restoring the caller's after."""
+    import torch
+
     before = torch.get_float32_matmul_precision()
     if device.type in MATMUL_PRECISION:
         torch.set_float32_matmul_precision(MATMUL_PRECISION[device.type])
@@ -118,4 +131,6 @@ def matmul_precision(device: torch.device) -> Iterator[None]:
 
 def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     """Autocast to `dtype` on `device` (off for float32)."""
+    import torch
+
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from monofast.data import corpus
 from monofast.common import files
-from monofast.data import tokenizer
-from monofast.data.splits import META_FORMAT, SPLITS
 from monofast.common.errors import DataError
 from monofast.common.log import logger, progress
+from monofast.data import corpus, tokenizer
+from monofast.data.splits import META_FORMAT, SPLITS
 
 MAX_SOURCES = 256  # source ids are uint8
 

@@ -1,0 +1,2 @@
+"""Stage 2: the tiny GPT (`monofast gpt train`): model, config, batches, trainer, weights,
+sample, train (the stage)."""

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 from monofast.common import checkpoint, config, distributed, files
+from monofast.common.checkpoint import CHECKPOINT_FILE
 from monofast.common.device import dtype_name, matmul_precision, pick_device, pick_dtype
 from monofast.common.log import logger, progress
 from monofast.data import tokenizer
@@ -42,7 +43,6 @@ from monofast.gpt.trainer import Trainer, lr_at
 from monofast.gpt.weights import CONFIG_FILE, MODEL_FILE, save_model
 
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 LOG_EVERY = 10
 """Steps between progress-bar refreshes: each one reads the loss back from the device,
@@ -80,7 +80,8 @@ def load_checkpoint(folder: Path, trainer: Trainer) -> TrainState:
                               runtime=GPTTrainConfig.RUNTIME)
     trainer.model.load_state_dict(payload["model"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
-    trainer.scaler.load_state_dict(payload["scaler"])
+    if payload["scaler"] and trainer.scaler.is_enabled():  # a checkpoint of another precision has none
+        trainer.scaler.load_state_dict(payload["scaler"])
     return TrainState(int(payload["step"]), list(payload["metrics"]))
 
 

@@ -28,8 +28,6 @@ from monofast.common.errors import UserError
 from monofast.common.log import logger
 from monofast.run.stages import MANIFEST, RunDir, Stage
 
-
-
 MANIFEST_FORMAT = 1
 """Bumped when a manifest's meaning changes; a folder with another format is refused."""
 

@@ -115,8 +115,6 @@ class _Clock:
                     estimate.duration(self.elapsed()), estimate.duration(left * factor))
 
 
-
-
 def follow(name: str, cfg: Any, root: Path) -> None:
     """On a rank other than 0: run its part of the stage `name` that rank 0 leads
     (`monofast.common.distributed.join` calls it)."""

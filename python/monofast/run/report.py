@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from monofast.common import files
-from monofast.run import results
-from monofast.run.stages import STAGES
 from monofast.common.errors import UserError
 from monofast.common.log import logger
+from monofast.run import results
+from monofast.run.stages import STAGES
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 SHOWCASE_PURITY = 0.98

@@ -6,7 +6,7 @@ Stages, in order (the same names for the folder, the preset key and the command)
 2. `gpt`          the tiny GPT                   `monofast gpt train`
 3. `activations`  MLP activation shards          `monofast activations harvest` (alias `harvest`)
 4. `sae`          sparse autoencoders            `monofast sae train`
-5. `analysis`     feature statistics, examples   `monofast analysis` (alias `analyze`)
+5. `analysis`     feature statistics, examples   `monofast analysis`
 6. `site`         the static feature browser     `monofast site`
 
 Stages are named by import paths, so listing them (for `--help`) imports nothing heavy.
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from monofast.common.checkpoint import CHECKPOINT_FILE
 from monofast.common.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -72,16 +73,15 @@ STAGES: tuple[Stage, ...] = (
           "corpus and byte-level BPE tokenizer"),
     Stage("gpt", "monofast.gpt.config:GPTTrainConfig", "monofast.gpt.train:run_stage", ("data",),
           "train the tiny GPT whose MLP activations the SAEs decompose", command="gpt train",
-          resume_file="checkpoint.pt", distributed=True),
+          resume_file=CHECKPOINT_FILE, distributed=True),
     Stage("activations", "monofast.activations.harvest:HarvestConfig", "monofast.activations.harvest:run_stage", ("data", "gpt"),
           "harvest the GPT's MLP activations into memory-mapped shards", command="activations harvest",
           aliases=("harvest",), distributed=True),
     Stage("sae", "monofast.sae.config:SAETrainConfig", "monofast.sae.train:run_stage", ("data", "activations", "gpt"),
           "train sparse autoencoders on the activations", command="sae train",
-          resume_file="checkpoint.pt", distributed=True),
+          resume_file=CHECKPOINT_FILE, distributed=True),
     Stage("analysis", "monofast.analysis.config:AnalysisConfig", "monofast.analysis.run:run_stage",
-          ("data", "gpt", "sae"), "feature statistics, top-k and quantile examples, ablation effects",
-          aliases=("analyze",)),
+          ("data", "gpt", "sae"), "feature statistics, top-k and quantile examples, ablation effects"),
     Stage("site", "monofast.site.config:SiteConfig", "monofast.site.build:run_stage", ("sae", "analysis"),
           "static feature browser that opens from file://"),
 )
@@ -120,7 +120,6 @@ def stage_fields(stage: Stage) -> list[str]:
 
 def default_run_dir(preset: str) -> Path:
     return Path(os.environ.get("MONOFAST_RUNS", "runs")) / preset
-
 
 
 def run_dir(run: Path | None, name: str | None, preset: str) -> RunDir:

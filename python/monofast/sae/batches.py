@@ -18,6 +18,7 @@ import torch
 from monofast.activations.store import ActivationStore, DeviceFeeder
 from monofast.common import distributed
 from monofast.common.errors import DataError
+from monofast.common.log import logger
 from monofast.sae.config import SAETrainConfig
 
 PROBE_ROWS = 4096
@@ -51,13 +52,18 @@ def split_rows(store: ActivationStore, held_out: int) -> int:
     forward to the end of that context instead: fewer rows are held out, none of them shares
     a context with a training row."""
     if store.rows == 0:
-        raise DataError(f"the activation store {store.folder} is empty; re-run the harvest")
+        raise DataError(f"the activation store {store.folder} is empty; re-run `monofast activations harvest --force`")
     cap = store.rows // 10
     cut = store.rows - min(held_out, cap)
     if cut == store.rows:
         return cut
     first, end = context_bounds(store, cut)
-    return first if store.rows - first <= cap else end
+    cut = first if store.rows - first <= cap else end
+    if cut == store.rows:
+        logger.warning("sae: no rows held out: the store's last context (%d rows) is longer than 10%% of "
+                       "its %d rows; eval.json has no held-out metrics (harvest more contexts)",
+                       end - first, store.rows)
+    return cut
 
 
 class TrainingBatches:
@@ -131,4 +137,4 @@ def check_finite(x: torch.Tensor, where: str) -> None:
     if not bool(torch.isfinite(x).all()):
         bad = (~torch.isfinite(x)).any(1).nonzero().flatten()[:5].tolist()
         raise DataError(f"{where} contains NaN or Inf (rows {bad} of the batch); the harvested activations are "
-                        f"corrupt: check them with `monofast activations verify` and re-run the harvest")
+                        f"corrupt: check them with `monofast activations verify` and re-run `monofast activations harvest --force`")

@@ -71,8 +71,9 @@ class SAETrainConfig:
     resume: bool = False
     """Continue from sae/checkpoint.pt (a killed run) exactly where it stopped, instead of starting over."""
     compute_dtype: str = "auto"
-    """Dtype of the matrix products: auto (bfloat16 on CUDA and bf16-capable CPUs), float32,
-    bfloat16, float16. A runtime choice: eval.json records the one used."""
+    """Dtype of the matrix products: auto (bfloat16 on CUDA and bf16-capable CPUs, else the
+    parameters' float32), float32, bfloat16, float16 (GPUs only). A runtime choice:
+    eval.json records the one used."""
     device: str = "auto"
     """Where to train: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."""
     cuda_graphs: bool = True

@@ -324,10 +324,10 @@ def prepare(gpt_dir: str | Path, data_dir: str | Path, layer: int, d_in: int, ma
         model.block(layer)
     except ValueError as err:
         raise DataError(f"the activation store was harvested at layer {layer} but the GPT in {gpt_dir}: "
-                        f"{err}; re-run the harvest") from None
+                        f"{err}; re-run `monofast activations harvest --force`") from None
     if model.config.d_mlp != d_in:
         raise DataError(f"the activation store rows have width {d_in} but the GPT in {gpt_dir} has MLP width "
-                        f"{model.config.d_mlp}; re-run the harvest with this GPT")
+                        f"{model.config.d_mlp}; re-run `monofast activations harvest --force` with this GPT")
     length = min(length or model.config.block_size, model.config.block_size)
     return CEEvaluation(model, layer, held_out_tokens(data_dir, length, max_tokens))
 
@@ -345,7 +345,7 @@ def prepare_ce(store: ActivationStore, max_tokens: int, gpt_dir: str | Path | No
     layer = store.index.extra.get("gpt", {}).get("layer")
     if layer is None:
         raise DataError(f"the activation store {store.folder} does not record the GPT layer it was harvested "
-                        f"from; re-run the harvest, or set --ce-eval-tokens 0")
+                        f"from; re-run `monofast activations harvest --force`, or set --ce-eval-tokens 0")
     length = store.index.extra.get("contexts", {}).get("length")  # the contexts the SAE's rows came from
     return prepare(gpt_dir, data_dir, int(layer), store.dim, max_tokens, device, length)
 

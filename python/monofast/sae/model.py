@@ -29,13 +29,13 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from monofast.common.device import PRECISIONS, pick_dtype
-from monofast.sae import backend
 from monofast.common import files
+from monofast.common.device import PRECISION_NAMES, pick_dtype
 from monofast.common.errors import DataError, UserError
+from monofast.sae import backend
 
 VARIANTS = ("anthropic2023", "april2024", "topk")
-DTYPES = tuple(PRECISIONS)
+DTYPES = PRECISION_NAMES
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
 
@@ -189,7 +189,7 @@ class SparseAutoencoder(nn.Module):
     @property
     def compute_dtype(self) -> Optional[torch.dtype]:
         """The products' dtype; None: the parameters' own (`auto` where bf16 is not native)."""
-        return pick_dtype(self.cfg.compute_dtype, self.W_enc.device, otherwise=None)
+        return pick_dtype(self.cfg.compute_dtype, self.W_enc.device, otherwise=None, flag="--compute-dtype")
 
     def forward(self, x: Tensor) -> SAEOutput:
         if x.dim() != 2 or x.shape[1] != self.cfg.d_in:

@@ -16,7 +16,6 @@ from monofast.sae.batches import sample_rows
 from monofast.sae.config import SAETrainConfig
 from monofast.sae.sweep import Member
 
-
 MIN_AUTO_RESAMPLE_STEPS = 100
 """Runs shorter than this do not resample unless --resample-every asks: a window of a few
 batches cannot tell a dead feature from a rare one."""

@@ -16,10 +16,8 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from monofast.activations.store import ActivationStore
-from monofast.common import checkpoint
-from monofast.common import config
-from monofast.common import distributed
-from monofast.common import files
+from monofast.common import checkpoint, config, distributed, files
+from monofast.common.checkpoint import CHECKPOINT_FILE
 from monofast.common.errors import UserError
 from monofast.common.log import logger
 from monofast.sae import search as sae_search
@@ -28,8 +26,8 @@ from monofast.sae.config import SAETrainConfig
 from monofast.sae.evaluate import METRICS_FILE
 from monofast.sae.sweep import Member, set_lambdas
 
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
+"""3: the held-out rows end at a context boundary, so a format-2 checkpoint trained on other rows."""
 
 
 class TrainState(NamedTuple):

@@ -40,21 +40,46 @@ import numpy as np
 import torch
 
 from monofast.activations.store import ActivationStore, open_store, read_index
-from monofast.common import distributed
-from monofast.common import files
-from monofast.common.device import dtype_name, pick_device
+from monofast.common import distributed, files
+from monofast.common.device import dtype_name, pick_device, pick_dtype
 from monofast.common.errors import DataError, UserError
 from monofast.common.log import logger, progress
 from monofast.sae import graph as sae_graph
 from monofast.sae import search as sae_search
-from monofast.sae.batches import TrainingBatches, check_finite, probe_rows, sample_rows, split_rows
+from monofast.sae.batches import (
+    TrainingBatches,
+    check_finite,
+    probe_rows,
+    sample_rows,
+    split_rows,
+)
 from monofast.sae.config import SAETrainConfig
-from monofast.sae.evaluate import (EVAL_FILE, METRICS_FILE, add_ce, held_out_metrics, log_record, prepare_ce,
-                                   probe_l0)
+from monofast.sae.evaluate import (
+    EVAL_FILE,
+    METRICS_FILE,
+    add_ce,
+    held_out_metrics,
+    log_record,
+    prepare_ce,
+    probe_l0,
+)
 from monofast.sae.resample import dead_window, resample, resample_steps
-from monofast.sae.resume import CHECKPOINT_FILE, TrainState, save_checkpoint, start_state
-from monofast.sae.sweep import (Member, build_sweep, lambda_search, reduce_stats, schedules, set_lambdas,
-                                share_member, train_step)
+from monofast.sae.resume import (
+    CHECKPOINT_FILE,
+    TrainState,
+    save_checkpoint,
+    start_state,
+)
+from monofast.sae.sweep import (
+    Member,
+    build_sweep,
+    lambda_search,
+    reduce_stats,
+    schedules,
+    set_lambdas,
+    share_member,
+    train_step,
+)
 
 
 def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatches,
@@ -132,6 +157,7 @@ def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
     store = open_store(store_dir)
     here = distributed.check_divides(cfg.batch_size, "--batch-size")
     device = pick_device(cfg.device)
+    pick_dtype(cfg.compute_dtype, device, flag="--compute-dtype")  # refuse a bad precision before any work
     cutoff = split_rows(store, cfg.held_out)
     steps = cutoff * cfg.epochs // cfg.batch_size
     if steps < 1:

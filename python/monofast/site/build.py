@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from monofast.common import files
 from monofast.analysis import output
+from monofast.common import files
 from monofast.common.log import logger, progress
 from monofast.site import pages
 from monofast.site.config import SiteConfig
