@@ -38,6 +38,12 @@ def test_wheel_contents(wheel):
     for src in kernel_sources:
         assert f"monofast/{src}" in names, src
     assert not any(n.startswith("kernels/") for n in names)
+    package = ROOT / "python" / "monofast"
+    sources = sorted(p.relative_to(package.parent).as_posix() for p in package.rglob("*")
+                     if p.is_file() and p.suffix in (".py", ".pyi", ".css", ".js")
+                     and p.relative_to(package).parts[0] != "kernels" and "__pycache__" not in p.parts)
+    assert len(sources) > 60
+    assert [s for s in sources if s not in names] == []  # every stage package and its assets
     assert "abi3" in wheel.name
 
 
@@ -46,6 +52,8 @@ def test_wheel_imports_when_installed(wheel, tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
                     str(target), str(wheel)], check=True)
     code = ("import monofast, monofast._native as n, monofast.kernels, monofast.kernels.triton; "
+            "import monofast.cli, monofast.run.pipeline, monofast.gpt.train, monofast.sae.train, "
+            "monofast.activations.harvest, monofast.analysis.run, monofast.site.build; "
             f"assert monofast.__file__.startswith({str(target)!r}), monofast.__file__; "
             "print(n.hash_bytes(b'x'))")
     result = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {code}"],
