@@ -13,8 +13,8 @@ SHARED_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "
 
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch, tmp_path_factory):
-    """Every test gets an empty cache and a network that refuses; tests that exercise
-    downloads replace `http_get` / `pip_download` themselves."""
+    """Every test gets an empty cache, a network that refuses and a pip with no settings;
+    tests that exercise downloads replace `http_get` / `pip_config` themselves."""
     from monofast.data import corpus
 
     monkeypatch.setenv("MONOFAST_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -24,7 +24,7 @@ def _no_network(monkeypatch, tmp_path_factory):
         raise OSError("network disabled in tests")
 
     monkeypatch.setattr(corpus, "http_get", refuse)
-    monkeypatch.setattr(corpus, "pip_download", refuse)
+    monkeypatch.setattr(corpus, "pip_config", dict)  # no settings
 
 
 def write_text_source(folder: Path, name: str, chars: int, seed: int = 0) -> Path:

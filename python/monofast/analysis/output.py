@@ -107,6 +107,9 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
 
 def load(folder: str | Path) -> Analysis:
     folder = Path(folder)
+    for name in (SUMMARY, FEATURES, NEURONS, EXAMPLES, TOKENS):
+        if (folder / name).is_file():  # a missing one is named below, by the reader that needs it
+            files.verify_recorded(folder / name)
     summary = files.read_json(folder / SUMMARY, "analysis summary")
     if summary.get("format") != FORMAT:
         raise DataError(f"{folder / SUMMARY} has format {summary.get('format')}, expected {FORMAT}; "

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from monofast.common.errors import UserError
+from monofast.common.errors import DataError, UserError
 
 
 @contextlib.contextmanager
@@ -104,6 +104,45 @@ def file_record(path: str | os.PathLike) -> dict[str, Any]:
     """What a manifest remembers of a file: digest, size and modification time."""
     st = os.stat(path)
     return {"digest": hash_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+MANIFEST_FILE = "manifest.json"
+"""Written last by a finished stage (`monofast.run.manifest`): what it wrote, with digests."""
+
+
+def verify_recorded(path: str | os.PathLike) -> Path:
+    """Check a file an earlier stage wrote against the digest that stage's manifest recorded
+    when it finished (the manifest of the file's folder, or of the folder above it for a
+    sweep member's files); returns the path. A file no finished stage recorded (a stage still
+    running, a folder outside a run) is returned unchecked.
+
+    A changed or damaged file is a `DataError` naming it, the check and the command that
+    redoes the stage that wrote it. The whole file is hashed (XXH3, native, memory-mapped):
+    for the small files and weights it is used on; activation shards are checked as they
+    stream instead."""
+    path = Path(path)
+    for folder in (path.parent, path.parent.parent):
+        manifest = folder / MANIFEST_FILE
+        if manifest.is_file():
+            break
+    else:
+        return path
+    try:
+        outputs = json.loads(manifest.read_text(encoding="utf-8")).get("outputs") or {}
+    except (OSError, ValueError, AttributeError):
+        return path  # an unreadable manifest: the pipeline re-runs that stage; a lone command reads on
+    record = outputs.get(path.relative_to(folder).as_posix())
+    if not isinstance(record, dict) or not isinstance(record.get("digest"), str):
+        return path
+    redo = f"redo that stage with `monofast run --run {folder.parent} --from {folder.name}`"
+    if not path.is_file():
+        raise DataError(f"{path} is missing but stage {folder.name!r} recorded it; {redo}")
+    digest = hash_file(path)
+    if digest != record["digest"]:
+        raise DataError(f"{path} was changed or damaged after stage {folder.name!r} wrote it (its XXH3 "
+                        f"digest {digest[:12]}... is not the {record['digest'][:12]}... recorded in "
+                        f"{manifest.name}); {redo}")
+    return path
 
 
 def current_digest(path: str | os.PathLike, record: dict[str, Any] | None) -> str | None:

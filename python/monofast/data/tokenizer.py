@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from monofast.common import files
 from monofast.common.errors import DataError
 
 EOT = "<|endoftext|>"
@@ -41,6 +42,7 @@ def load(path: str | Path):
         path = path / "tokenizer.json"
     if not path.is_file():
         raise DataError(f"tokenizer not found: {path}; run `monofast data` first")
+    files.verify_recorded(path)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception on a bad file

@@ -47,7 +47,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> GPT:
         if not path.is_file():
             raise UserError(f"no trained model: {path} is missing; run `monofast gpt train "
                             f"--run {run_root}` first")
-    raw = files.read_json(config_path, "model config")
+    files.verify_recorded(weights_path)
+    raw = files.read_json(files.verify_recorded(config_path), "model config")
     try:
         cfg = GPTConfig(**raw)
     except (TypeError, ValueError) as err:

@@ -24,7 +24,7 @@ from typing import Any
 
 from monofast import __version__
 from monofast.common import config, distributed, files
-from monofast.common.errors import UserError
+from monofast.common.errors import DataError, UserError
 from monofast.common.log import logger
 from monofast.run.stages import MANIFEST, RunDir, Stage
 
@@ -98,6 +98,11 @@ def _input_digests(stage: Stage, run: RunDir) -> dict[str, str]:
                     f"{folder / rel} is missing but stage {name!r} recorded it; "
                     f"re-run it with `monofast run --run {run.root} --from {name}`"
                 )
+            if digest != record.get("digest"):  # changed since (the size or time moved too)
+                raise DataError(
+                    f"{folder / rel} was changed or damaged after stage {name!r} wrote it (its XXH3 "
+                    f"digest is not the one recorded in {name}/{MANIFEST}); redo that stage with "
+                    f"`monofast run --run {run.root} --from {name}`")
             digests[f"{name}/{rel}"] = digest
     return digests
 

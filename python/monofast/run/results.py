@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Optional
 
 from monofast.common import files
 
-MANIFEST = "manifest.json"
+MANIFEST = files.MANIFEST_FILE
 
 
 class Row(NamedTuple):

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from monofast.common.checkpoint import CHECKPOINT_FILE
+from monofast.common.files import MANIFEST_FILE
 from monofast.common.errors import UserError
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 """Written last by a finished stage (`monofast.run.manifest`): a folder without one is unfinished."""
 
 

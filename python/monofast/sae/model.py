@@ -349,7 +349,7 @@ class SparseAutoencoder(nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        raw = files.read_json(folder / CONFIG_FILE, "SAE config")
+        raw = files.read_json(files.verify_recorded(folder / CONFIG_FILE), "SAE config")
         mine = dict(raw.get("monofast", {}))
         mine.pop("folded_input_scale", None)
         mine["scale_inputs"] = False  # the saved weights already act on unscaled inputs
@@ -366,7 +366,7 @@ class SparseAutoencoder(nn.Module):
         path = folder / WEIGHTS_FILE
         if not path.is_file():
             raise UserError(f"SAE weights not found: {path}")
-        tensors = load_file(str(path))
+        tensors = load_file(str(files.verify_recorded(path)))
         sae = cls(cfg, device=device)
         expected = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in),
                     "b_enc": (cfg.d_sae,), "b_dec": (cfg.d_in,)}

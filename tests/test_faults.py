@@ -1,0 +1,101 @@
+"""Fault injection: every file a stage reads, damaged after the stage that wrote it
+finished, ends with one line naming the file, the check and the command that redoes the
+stage that wrote it (exit 2) — never silent success, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from monofast import cli
+
+# (file, the stage that wrote it, a command that reads it)
+READS = [
+    ("data/train.bin", "data", ["gpt", "train"]),
+    ("data/train.src.bin", "data", ["gpt", "train"]),
+    ("data/meta.json", "data", ["gpt", "train"]),
+    ("data/tokenizer.json", "data", ["gpt", "train"]),
+    ("gpt/model.safetensors", "gpt", ["activations", "harvest"]),
+    ("gpt/config.json", "gpt", ["activations", "harvest"]),
+    ("activations/index.json", "activations", ["sae", "train"]),
+    ("activations/shard-00000.safetensors", "activations", ["sae", "train"]),
+    ("sae/sae.safetensors", "sae", ["analysis"]),
+    ("sae/cfg.json", "sae", ["analysis"]),
+    ("analysis/features.npz", "analysis", ["site"]),
+    ("analysis/examples.npz", "analysis", ["site"]),
+    ("analysis/summary.json", "analysis", ["site"]),
+]
+
+
+def flip(path: Path) -> None:
+    """One byte in the middle of the file, inverted."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as fh:
+        fh.truncate(max(1, path.stat().st_size // 3))
+
+
+FAULTS = {"flipped-byte": flip, "truncated": truncate, "deleted": Path.unlink}
+
+
+@pytest.fixture
+def damaged_run(smoke_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run.run, run)
+    return run
+
+
+def _stage_args(smoke_run, run: Path) -> list[str]:
+    """The smoke run's options, for one stage command."""
+    args = ["--preset", "smoke", "--run", str(run), "--force"]
+    config = smoke_run.args[smoke_run.args.index("--config") + 1]
+    return args + ["--config", config]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize("rel, writer, command", READS, ids=[r[0].replace("/", "-") for r in READS])
+def test_a_damaged_input_is_named_with_its_fix(smoke_run, damaged_run, capsys, rel, writer, command, fault):
+    path = damaged_run / rel
+    assert path.is_file(), rel
+    FAULTS[fault](path)
+    extra = ["--device", "cpu"] if command[0] in ("activations", "sae", "analysis") else []
+    code = cli.main([*command, *_stage_args(smoke_run, damaged_run), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("monofast: error: "), err
+    assert rel.split("/")[-1] in err[0] and f"--from {writer}" in err[0], err[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rel, command", [
+    ("gpt/model.safetensors", ["activations", "harvest"]),
+    ("sae/sae.safetensors", ["analysis"]),
+    ("data/tokenizer.json", ["gpt", "sample"]),
+], ids=["gpt-weights", "sae-weights", "tokenizer"])
+def test_weights_are_checked_on_load_even_with_their_time_kept(smoke_run, damaged_run, capsys, rel, command):
+    """A change that keeps the size and the modification time slips past the pipeline's
+    quick check (a stat); loading the file hashes it."""
+    path = damaged_run / rel
+    st = path.stat()
+    flip(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if command == ["gpt", "sample"]:
+        args = ["--run", str(damaged_run), "--tokens", "4", "--device", "cpu"]
+    else:
+        args = [*_stage_args(smoke_run, damaged_run), "--device", "cpu"]
+    code = cli.main([*command, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "changed or damaged" in err[0] and path.name in err[0] and "--from" in err[0], err[0]
+
+
+def test_an_intact_run_reads_cleanly(smoke_run, damaged_run, capsys):
+    assert cli.main(["site", *_stage_args(smoke_run, damaged_run)]) == 0
