@@ -99,3 +99,51 @@ def test_weights_are_checked_on_load_even_with_their_time_kept(smoke_run, damage
 
 def test_an_intact_run_reads_cleanly(smoke_run, damaged_run, capsys):
     assert cli.main(["site", *_stage_args(smoke_run, damaged_run)]) == 0
+
+
+TIMING_FILES = {"gpt/metrics.jsonl", "gpt/checkpoint.pt", "sae/metrics.jsonl", "analysis/summary.json"}
+"""Outputs that hold wall times, so two identical runs write them differently."""
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a tmpfs whose size the test sets (`mount -o remount,size=...`)."""
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.strip() or 'mount failed'}): needs root")
+
+    def resize(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)
+
+    yield folder, resize
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["1m", "6m"])
+def test_a_full_disk_is_one_line_and_the_rerun_completes(smoke_run, small_disk, capsys, size):
+    import json
+
+    folder, resize = small_disk
+    resize(size)
+    run = folder / "run"
+    argv = [*smoke_run.args, "--run", str(run)]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("monofast: error:")]
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert len(errors) == 1 and ("disk is full" in errors[0] or "is free on the disk" in errors[0]), errors
+    resize("256m")  # space freed
+    assert cli.main(argv) == 0
+    for stage in ("data", "gpt", "activations", "sae", "analysis", "site"):
+        got = json.loads((run / stage / "manifest.json").read_text())["outputs"]
+        want = json.loads((smoke_run.run / stage / "manifest.json").read_text())["outputs"]
+        assert set(got) == set(want), stage
+        for rel, record in got.items():
+            if f"{stage}/{rel}" not in TIMING_FILES:
+                assert record["digest"] == want[rel]["digest"], f"{stage}/{rel}"

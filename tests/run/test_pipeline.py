@@ -4,6 +4,7 @@ stage that dies never leaves a manifest behind."""
 from __future__ import annotations
 
 import json
+import random
 import logging
 import re
 import shutil
@@ -320,6 +321,28 @@ def test_skip_when_unchanged_and_rerun_from_a_change(smoke_run, tmp_path, capsys
     ("site", "site", 100),
 ], ids=lambda v: str(v))
 def test_sigkill_in_each_stage_then_rerun(smoke_run, tmp_path, stage, bar, after, log):
+    _kill_and_rerun(smoke_run, tmp_path, stage, bar, after, log)
+
+
+TICKS = {"gpt": ("gpt", 19), "activations": ("harvest", 3), "sae": ("sae", 6), "analysis": ("analysis", 3),
+         "site": ("site", 200)}
+"""Each smoke stage's progress bar and how many ticks it makes before it ends (a kill point
+is drawn among them below)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("stage", list(TICKS))
+def test_sigkill_at_random_points_then_rerun(smoke_run, tmp_path, stage, seed, log):
+    """The same at a point drawn from the seed: any moment of a stage is a safe one to die at."""
+    bar, ticks = TICKS[stage]
+    after = random.Random(f"{stage}-{seed}").randint(1, ticks)
+    _kill_and_rerun(smoke_run, tmp_path, stage, bar, after, log)
+
+
+def _kill_and_rerun(smoke_run, tmp_path, stage, bar, after, log):
+    """SIGKILL the run in `stage` at the `after`-th tick of its `bar`; the rerun must leave
+    exactly the files of an uninterrupted run, and trust nothing the killed one left."""
     reference, args = smoke_run.run, smoke_run.args
     run = tmp_path / "run"
     names = [s.name for s in STAGES]
@@ -335,8 +358,9 @@ def test_sigkill_in_each_stage_then_rerun(smoke_run, tmp_path, stage, bar, after
                                    resolve_config(stage_named(earlier), "smoke",
                                                            *_layers(args, earlier)), RunDir(run))
 
+    checkpointed = (run / stage / "checkpoint.pt").is_file()
     assert cli.main(argv) == 0
-    if stage in ("gpt", "sae"):
+    if checkpointed:  # a killed GPT or SAE stage continues from its last checkpoint
         assert "continuing the interrupted run" in log.text
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name == ATTEMPT]
     got, want = _digests(run / stage), _digests(reference / stage)
