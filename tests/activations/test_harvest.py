@@ -165,6 +165,34 @@ def test_rows_match_a_direct_forward_pass(inputs, tmp_path, dtype):
     assert np.array_equal(batch.context_id, rows // 12)  # rows are stored context by context
 
 
+def test_nan_activations_stop_the_harvest_and_no_shard_keeps_them(inputs, tmp_path):
+    data_dir, gpt_dir = inputs
+    cfg = small_cfg(layer=0)  # batches of 4 contexts = 48 rows = one shard
+    model, split = load_model(gpt_dir), load_split(data_dir, "train")
+    the_plan = harvest.plan(cfg, model.config, len(split.tokens))
+    out = tmp_path / "acts"
+    calls = {"n": 0}
+
+    def nan_for_context_9(act):  # the third batch holds contexts 8..11
+        calls["n"] += 1
+        if calls["n"] == 3:
+            act = act.clone()
+            act[1, :, 3] = float("nan")  # every position of context 9, one unit
+        return act
+
+    with model.hook_mlp(0, nan_for_context_9), pytest.raises(
+            DataError, match=r"layer-0 MLP activations are NaN or Inf for context 9; the GPT is broken .*"
+                             r"`monofast gpt train --force` with a lower --learning-rate"):
+        harvest.harvest_model(model, split, cfg, the_plan, out, {"test": 1})
+    assert not (out / "index.json").exists() and not list(out.glob(".*.tmp"))
+
+    # What the aborted writer kept is finite: a resume with a sound model finishes the store.
+    resumed = harvest.harvest_model(model, split, cfg, the_plan, out, {"test": 1})
+    assert resumed.rows == 480 and resumed.resumed_rows <= 96
+    rows = activations.open_store(out).take(np.arange(480), to_float32=True)
+    assert np.isfinite(rows.activations).all()
+
+
 KILLER = """
 import json, os, signal, sys, time
 from pathlib import Path

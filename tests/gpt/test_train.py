@@ -188,6 +188,56 @@ def test_corrupt_checkpoint_is_a_data_error(data_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
+# Divergence
+
+def poisoned_at(index: int, monkeypatch, seen: dict[str, bytes], out: Path) -> None:
+    """From step `index` (0-based) on, the weights hold a NaN and every loss is NaN: the
+    model file as it was just before is kept in `seen`."""
+    real_step = trainer.Trainer.step
+
+    def step(self, step, x, y):
+        if step == index:
+            seen["model"] = (out / "model.safetensors").read_bytes() if (out / "model.safetensors").exists() else b""
+            with torch.no_grad():
+                self.model.lm_head.weight[0, 0] = float("nan")
+        return real_step(self, step, x, y)
+
+    monkeypatch.setattr(trainer.Trainer, "step", step)
+
+
+def test_a_diverged_run_names_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "gpt"
+    seen: dict[str, bytes] = {}
+    poisoned_at(12, monkeypatch, seen, out)
+    with pytest.raises(UserError, match=r"diverged: the training loss is nan at step 13; the last good "
+                                        r"checkpoint is .*checkpoint\.pt at step 10.*--learning-rate \(now 0\.003\)"):
+        train.train(tiny_cfg(), data_dir, out)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [5, 10]
+    assert (out / "model.safetensors").read_bytes() == seen["model"]  # the step-10 model, not a NaN one
+    assert all(torch.isfinite(p).all() for p in weights.load_model(out).parameters())
+    state = train.load_checkpoint(out, Trainer(tiny_cfg(), 320, torch.device("cpu"), torch.float32))
+    assert state.step == 10
+
+
+def test_a_nan_loss_is_noticed_at_the_loss_readback_before_any_checkpoint(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "gpt"
+    real_step = trainer.Trainer.step
+    steps: list[int] = []
+
+    def nan_from_step_3(self, step, x, y):
+        steps.append(step)
+        loss = real_step(self, step, x, y)
+        return loss * float("nan") if step >= 2 else loss
+
+    monkeypatch.setattr(trainer.Trainer, "step", nan_from_step_3)
+    with pytest.raises(UserError, match=r"loss is nan at step 3; no checkpoint was written before it.*"
+                                        r"--grad-clip 1\.0 \(now off\)"):
+        train.train(tiny_cfg(eval_interval=20, grad_clip=0.0), data_dir, out)
+    assert len(steps) == train.LOG_EVERY  # stopped at the first read-back of the loss
+    assert not any((out / name).exists() for name in ("checkpoint.pt", "model.safetensors", "metrics.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------
 # Loading the model
 
 def test_load_model_round_trips(trained):

@@ -12,6 +12,10 @@ token id, source id, context id and position (see `monofast.activations.store`).
   writes and checksums on its own thread while the next batch computes.
 - Before starting it prints the disk space it needs and refuses when the disk lacks it.
 - Killed half-way, it resumes from the last finished shard on the next run.
+- Every batch is checked for NaN and Inf before the writer gets it (on the device, read
+  back with the batch's own copy to the host): a broken GPT stops the harvest with a
+  `DataError` naming the contexts, and the writer is aborted, so no shard holding them is
+  ever finished.
 - Under torchrun (`monofast.common.distributed`) each rank harvests its own run of whole shards
   (`share`) and writes them under their final names; once all are done, rank 0 joins
   their records into the one `index.json`, so the store is the one a single process
@@ -372,9 +376,14 @@ def _batches(model: GPT, split: Split, cfg: HarvestConfig, the_plan: Plan, devic
         acts = model.mlp_activations(x, the_plan.layer)  # (B, T, d_mlp)
         index = torch.from_numpy(pos).to(device)[:, :, None].expand(-1, -1, acts.shape[-1])  # (B, N, d_mlp)
         rows = acts.gather(1, index).reshape(-1, acts.shape[-1]).to(store_dtype)  # (B * N, d_mlp)
+        cut = skip_rows if begin == first_context else 0
+        stop = len(ids) * the_plan.positions if end is None else min(len(ids) * the_plan.positions,
+                                                                     end - begin * the_plan.positions)
+        finite = torch.isfinite(rows[cut:stop]).all()  # as stored: also an fp16 overflow; no sync yet
         event = None
         if device.type == "cuda":
             rows = rows.to("cpu", non_blocking=True)  # into pinned memory, asynchronously
+            finite = finite.to("cpu", non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         elif device.type != "cpu":
@@ -385,18 +394,35 @@ def _batches(model: GPT, split: Split, cfg: HarvestConfig, the_plan: Plan, devic
             np.repeat(ids, the_plan.positions).astype(np.int32),  # (B * N,) context_id
             pos.reshape(-1).astype(np.int32),  # (B * N,) position
         )
-        cut = skip_rows if begin == first_context else 0
-        stop = len(ids) * the_plan.positions if end is None else min(len(ids) * the_plan.positions,
-                                                                     end - begin * the_plan.positions)
         if pending is not None:
             yield _ready(*pending)
-        pending = (Rows(rows[cut:stop], *(m[cut:stop] for m in meta)), event)
+        pending = (Rows(rows[cut:stop], *(m[cut:stop] for m in meta)), finite, event, cfg, the_plan)
     if pending is not None:
         yield _ready(*pending)
 
 
-def _ready(rows: Rows, event: Any) -> Rows:
-    """Wait for the batch's device-to-host copy (not for the batch queued after it)."""
+def _ready(rows: Rows, finite: torch.Tensor, event: Any, cfg: HarvestConfig, the_plan: Plan) -> Rows:
+    """Wait for the batch's device-to-host copy (not for the batch queued after it); refuse
+    a batch with NaN or Inf in it (`finite`, computed on the device before the copy)."""
     if event is not None:
         event.synchronize()
+    if not bool(finite):
+        raise _non_finite(rows, cfg, the_plan)
     return rows
+
+
+def _non_finite(rows: Rows, cfg: HarvestConfig, the_plan: Plan) -> DataError:
+    """The error for a batch whose activations hold NaN or Inf: which contexts, and the fix."""
+    import torch
+
+    acts = rows.activations.float()  # (R, d_mlp) on the CPU
+    bad = (~torch.isfinite(acts)).any(1).numpy()  # (R,)
+    contexts = sorted(set(rows.context_id[bad].tolist()))
+    shown = ", ".join(str(c) for c in contexts[:5]) + (f" and {len(contexts) - 5} more" if len(contexts) > 5 else "")
+    overflow = ""
+    if cfg.dtype == "fp16":
+        overflow = " (or, if they overflow fp16 only, store them with --dtype fp32 or bf16)"
+    return DataError(f"activations: the GPT's layer-{the_plan.layer} MLP activations are NaN or Inf for "
+                     f"context{'s' if len(contexts) > 1 else ''} {shown}; the GPT is broken (its training "
+                     f"diverged): re-run `monofast gpt train --force` with a lower --learning-rate, then "
+                     f"harvest again{overflow}. No shard holding these rows was written")

@@ -8,6 +8,12 @@ Reads `data/` (through `monofast.data.splits`) and writes `gpt/`:
 - `samples.txt`: a few samples from each of the configured prompts (`monofast.gpt.sample`)
 - `checkpoint.pt`: weights, optimizer state, step and metrics so far, for `--resume`
 
+A run whose loss stops being finite (it diverged) ends with a `UserError` naming the step,
+the last good checkpoint and what to change. It is noticed where the loop reads the loss
+back anyway (every `LOG_EVERY` steps and at each evaluation), so it costs no extra device
+synchronisation, and it is checked before anything is saved: a non-finite model never
+replaces the last good model or checkpoint.
+
 Every random choice of a training step (its batch windows and its dropout masks) is keyed
 on (seed, step) rather than drawn from a stream, so a run resumed from a checkpoint takes
 exactly the steps the uninterrupted run would have taken.
@@ -22,6 +28,7 @@ number of processes). Evaluation is split over the ranks; rank 0 writes every fi
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,6 +39,7 @@ import torch
 from monofast.common import checkpoint, config, distributed, files
 from monofast.common.checkpoint import CHECKPOINT_FILE
 from monofast.common.device import dtype_name, matmul_precision, pick_device, pick_dtype
+from monofast.common.errors import UserError
 from monofast.common.log import logger, progress
 from monofast.data import tokenizer
 from monofast.data.splits import Split, load_meta, load_split
@@ -167,22 +175,71 @@ class _Window:
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
         self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        self.unread: list[torch.Tensor] = []
+        """The losses added since the last `mean_loss` (to name the first non-finite one)."""
 
     def add(self, loss: torch.Tensor, tokens: int) -> None:
         self.loss_sum += loss
+        self.unread.append(loss)
         self.steps, self.tokens = self.steps + 1, self.tokens + tokens
 
     def mean_loss(self) -> float:
         return self.loss_sum.item() / max(self.steps, 1)  # a device sync
 
+    def checked_mean_loss(self, step: int, trainer: Trainer, saved: int | None, out: Path) -> float:
+        """`mean_loss` after `step` steps, refusing a non-finite one (`_diverged`): the sum
+        is finite only if every loss added to it was."""
+        mean = self.mean_loss()
+        if not math.isfinite(mean):
+            first = step
+            if self.unread:
+                bad = (~torch.isfinite(torch.stack(self.unread))).nonzero().flatten().tolist()
+                first = step - len(self.unread) + 1 + bad[0] if bad else step
+            raise _diverged(trainer, first, f"the training loss is {_bad_value(self.unread, mean)}", saved, out)
+        self.unread = []
+        return mean
+
     def tokens_per_s(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
+
+
+def _bad_value(losses: list[torch.Tensor], mean: float) -> str:
+    """'nan' or 'inf': the first non-finite of `losses`, else `mean`'s."""
+    for loss in losses:
+        value = float(loss)
+        if not math.isfinite(value):
+            return str(value)
+    return str(mean)
+
+
+def _diverged(trainer: Trainer, step: int, what: str, saved: int | None, out: Path) -> UserError:
+    """The error that ends a diverged run: the step, the last good checkpoint, what to change."""
+    cfg = trainer.cfg
+    if saved is None:
+        kept = "no checkpoint was written before it"
+    else:
+        kept = (f"the last good checkpoint is {out / CHECKPOINT_FILE} at step {saved} "
+                f"(with the model of that step beside it)")
+    tries = [f"a lower --learning-rate (now {cfg.learning_rate:g})"]
+    tries.append("--grad-clip 1.0 (now off)" if cfg.grad_clip <= 0 else f"a lower --grad-clip (now {cfg.grad_clip:g})")
+    if trainer.dtype != torch.float32:
+        tries.append(f"--dtype float32 (now {dtype_name(trainer.dtype)})")
+    return UserError(f"gpt: the run diverged: {what} at step {step}; {kept}. Re-run `monofast gpt train "
+                     f"--force` with {', '.join(tries[:-1])} or {tries[-1]}")
+
+
+def _check_model(trainer: Trainer, step: int, saved: int | None, out: Path) -> None:
+    """Refuse to save a model with a non-finite parameter (one device sync)."""
+    params = list(trainer.model.parameters())
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise _diverged(trainer, step, "the weights hold NaN or Inf", saved, out)
 
 
 def _train_loop(trainer: Trainer, state: TrainState, train_split: Split, val_split: Split,
                 sources: list[str], out: Path) -> TrainState:
     cfg = trainer.cfg
     step, metrics = state
+    saved = metrics[-1]["step"] if metrics else None  # the step the checkpoint holds, if any
     window = _Window(trainer.device)
     shown: dict[str, str] = {}
     bar: Any = progress(total=cfg.max_iters, initial=step, desc="gpt", unit="step")  # a tqdm
@@ -193,14 +250,15 @@ def _train_loop(trainer: Trainer, state: TrainState, train_split: Split, val_spl
             x, y = get_batch(train_split, step, cfg, trainer.device, rows)
             window.add(trainer.step(step, x, y), x.numel() * trainer.world.size)
             step += 1
-            if step % LOG_EVERY == 0:
-                shown["loss"] = f"{window.mean_loss():.3f}"  # a device sync, timed with the step
+            if step % LOG_EVERY == 0:  # a device sync, timed with the step
+                shown["loss"] = f"{window.checked_mean_loss(step, trainer, saved, out):.3f}"
             window.seconds += time.perf_counter() - tick
             shown["tok/s"] = f"{window.tokens_per_s():.0f}"
             bar.update(1)
             if _is_eval_step(step, cfg):
-                record = _evaluate_and_save(trainer, step, window, val_split, sources, out, metrics)
+                record = _evaluate_and_save(trainer, step, window, val_split, sources, out, metrics, saved)
                 metrics = metrics + [record]
+                saved = step
                 shown["val"] = f"{record['val_loss']:.3f}"
                 _log_eval(bar, record)
                 window = _Window(trainer.device)
@@ -208,6 +266,7 @@ def _train_loop(trainer: Trainer, state: TrainState, train_split: Split, val_spl
                 bar.set_postfix(shown, refresh=False)
     finally:
         bar.close()
+    _check_model(trainer, step, saved, out)
     if trainer.world.is_main:
         save_model(out, trainer.model)  # also after a resume that had nothing left to do
         write_metrics(out, metrics)
@@ -215,12 +274,21 @@ def _train_loop(trainer: Trainer, state: TrainState, train_split: Split, val_spl
 
 
 def _evaluate_and_save(trainer: Trainer, step: int, window: _Window, val_split: Split,
-                       sources: list[str], out: Path, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+                       sources: list[str], out: Path, metrics: list[dict[str, Any]],
+                       saved: int | None) -> dict[str, Any]:
     """Evaluate, then write the model, the metrics so far and a checkpoint (rank 0; the
-    training loss is the mean over the ranks, the throughput rank 0's measure of all of them)."""
+    training loss is the mean over the ranks, the throughput rank 0's measure of all of them).
+    Nothing is written when a loss or a weight is not finite (`saved`: the step the
+    checkpoint holds, for the error)."""
     cfg = trainer.cfg
     result = evaluate(trainer.model, val_split, sources, cfg, trainer.device, trainer.dtype)
-    train_loss, = distributed.mean([window.mean_loss()])
+    train_loss, = distributed.mean([window.mean_loss()])  # every rank sees a non-finite one
+    if not math.isfinite(train_loss):
+        window.checked_mean_loss(step, trainer, saved, out)  # raises, naming this rank's first bad step
+        raise _diverged(trainer, step, f"the training loss is {train_loss}", saved, out)  # another rank's
+    if not math.isfinite(result.loss):
+        raise _diverged(trainer, step, f"the validation loss is {result.loss}", saved, out)
+    _check_model(trainer, step, saved, out)
     record = {"step": step, "lr": lr_at(step - 1, cfg), "train_loss": train_loss,
               "val_loss": result.loss, "val_loss_by_source": result.by_source,
               "tokens_per_s": window.tokens_per_s(), "dtype": dtype_name(trainer.dtype)}

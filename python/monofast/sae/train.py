@@ -17,6 +17,12 @@ Writes into `sae/`:
                                   --resume (`monofast.sae.resume`); removed once the files above
                                   are written
 
+A loss, weight or input that is not finite stops the run with a named error (the step, the
+SAE and its L1 coefficient or k, what to change) before anything is logged, checkpointed or
+published. It is checked where the loop reads values back anyway (every --log-every steps,
+at checkpoints, lambda-search control points and resamplings): no extra device sync per
+step; the inputs in between are summed on the device, which is non-finite once any was.
+
 Under torchrun (`monofast.common.distributed`) each rank streams its own disjoint part of
 every epoch of the training rows (the store's rank split) in batches of batch_size / world
 rows, so a step's global batch has batch_size rows and the run takes the steps and schedule
@@ -101,6 +107,8 @@ def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatch
     reason = sae_graph.unavailable(cfg.cuda_graphs, cfg.variant, batches.device, here.size)
     if reason is None:
         graphs = sae_graph.GraphedSteps(members, cfg.batch_size, store.dim, batches.device, cfg.aux_coeff)
+    input_sum = torch.zeros((), device=batches.device)
+    checked = state.step  # the last step whose losses and weights were seen finite
     with open(out / METRICS_FILE if here.is_main else os.devnull, "a", encoding="utf-8") as log_file:
         for step, x in enumerate(batches, start=state.step):
             if step >= steps:
@@ -111,10 +119,11 @@ def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatch
                 return [train_step(m, x, lam, lr, cfg.aux_coeff, here) for m in members]
 
             stats = reduce_stats(graphs.step(x, lam, lr, eager) if graphs is not None else eager(), here)
-            if not all(math.isfinite(float(s["loss"])) for s in stats):
-                check_finite(x, f"the batch of step {step}")
-                raise UserError(f"the loss became NaN/Inf at step {step} with finite inputs; lower --lr "
-                                f"(now {cfg.lr:g}) or use --compute-dtype float32. Nothing was saved.")
+            input_sum += x.sum(dtype=torch.float32)  # non-finite once any input was: no sync here
+            if _reads_back(cfg, step + 1, steps, resample_at, search):
+                check_training(cfg, members, stats, x, input_sum, step + 1, checked, here)
+                checked = step + 1
+                input_sum.zero_()
             if search is not None and probe is not None and search.due(step + 1):
                 l0s = probe_l0(members, probe, cfg.batch_size)  # same weights, same rows on every rank
                 # Rank 0's lambdas everywhere: devices may round the probe differently.
@@ -142,6 +151,49 @@ def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatch
                 save_checkpoint(out, cfg, store, members, batches, rng, done, search=search)
     bar.close()
     return sae_graph.describe(graphs)
+
+
+def _reads_back(cfg: SAETrainConfig, done: int, steps: int, resample_at: set[int],
+                search: Optional[sae_search.LambdaSearch]) -> bool:
+    """Whether the loop reads values back from the device after `done` steps anyway (to log,
+    checkpoint, steer lambda or resample): where finiteness is checked at no extra cost."""
+    return (done % cfg.log_every == 0 or done == steps or done in resample_at
+            or bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+            or (search is not None and search.due(done)))
+
+
+def check_training(cfg: SAETrainConfig, members: list[Member], stats: Optional[list[dict[str, Any]]],
+                   x: Optional[torch.Tensor], input_sum: Optional[torch.Tensor], done: int, checked: int,
+                   here: distributed.World = distributed.SINGLE) -> None:
+    """Stop (before anything is logged, checkpointed or published) when a loss, a weight or
+    an input since step `checked` is not finite, naming the step and the SAE. `stats`: the
+    step's (reduced) statistics; `input_sum`: the sum of the inputs since `checked`."""
+    weights_ok = [torch.stack([torch.isfinite(p).all() for p in m.sae.parameters()]).all() for m in members]
+    losses = [torch.as_tensor(s["loss"]).float().reshape(()) for s in stats] if stats else []
+    flags = torch.stack(weights_ok + [torch.isfinite(v).to(weights_ok[0].device) for v in losses])
+    inputs_ok = True if input_sum is None else bool(torch.isfinite(input_sum))
+    if bool(flags.all()) and inputs_ok:  # one sync for the losses and weights
+        return
+    if x is not None:
+        check_finite(x, f"the batch of step {done}")
+    if input_sum is not None:
+        bad = torch.tensor([0.0 if inputs_ok else 1.0], device=input_sum.device)
+        if float(distributed.all_reduce_sum_(bad)[0]) > 0:  # on any rank: the same error everywhere
+            raise DataError(f"a training batch of steps {checked + 1}..{done} contains NaN or Inf; the harvested "
+                            f"activations are corrupt: check them with `monofast activations verify` and re-run "
+                            f"`monofast activations harvest --force`")
+    for i, m in enumerate(members):
+        loss = float(losses[i]) if losses else math.nan
+        if bool(flags[i]) and (not losses or math.isfinite(loss)):
+            continue
+        what = f"k={m.sae.cfg.k}" if cfg.variant == "topk" else f"L1 coefficient {m.l1_coeff:g}"
+        found = f"its loss is {loss}" if losses and not math.isfinite(loss) else "its weights hold NaN or Inf"
+        since = f" (finite at step {checked})" if checked > 0 else ""
+        fixes = [f"a lower --lr (now {cfg.lr:g})"]
+        if (m.sae.compute_dtype or torch.float32) != torch.float32:
+            fixes.append(f"--compute-dtype float32 (now {dtype_name(m.sae.compute_dtype)})")
+        raise UserError(f"sae: SAE {m.name} ({what}) diverged: {found} at step {done}{since}; re-run with "
+                        f"{' or '.join(fixes)}. Nothing was published")
 
 
 def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
@@ -183,6 +235,7 @@ def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
         replays = run_steps(cfg, members, batches, store, cutoff, steps, state, rng, out, (search, probe))
     finally:
         batches.close()
+    check_training(cfg, members, None, None, None, steps, 0, here)  # nothing non-finite is published
     if not here.is_main:
         return distributed.broadcast_object(None)  # rank 0 evaluates and writes
 
