@@ -40,3 +40,26 @@ def test_a_checkpoint_from_before_a_field_became_runtime_resumes(tmp_path):
     assert checkpoint.load(path, 2, "identity", {"lr": 0.1}, runtime={"compute_dtype"})["format"] == 2
     with pytest.raises(UserError, match="lr=0.1"):
         checkpoint.load(path, 2, "identity", {"lr": 0.3}, runtime={"compute_dtype"})
+
+
+@pytest.mark.parametrize("where", [0.3, 0.5, 0.7])
+def test_a_flipped_byte_is_named(tmp_path, where):
+    """torch.load reads a flipped byte in a tensor without complaint; the digest inside does not."""
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(path, {"format": 2, "identity": {"lr": 0.1}, "w": torch.randn(50_000),
+                           "optimizer": {"state": {0: {"exp_avg": torch.randn(1000)}}, "param_groups": []}})
+    assert checkpoint.load(path, 2, "identity", {"lr": 0.1})["w"].shape == (50_000,)
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="damaged|unreadable"):
+        checkpoint.load(path, 2, "identity", {"lr": 0.1})
+
+
+def test_the_digest_covers_every_value():
+    base = {"step": 3, "w": torch.arange(4.0), "m": {"a": [1, 2]}}
+    digest = checkpoint.content_digest(base)
+    assert digest == checkpoint.content_digest({"step": 3, "w": torch.arange(4.0), "m": {"a": [1, 2]}})
+    for other in ({**base, "step": 4}, {**base, "w": torch.arange(4.0).double()},
+                  {**base, "w": torch.tensor([0.0, 1.0, 2.0, 3.5])}, {**base, "m": {"a": [1, 3]}}):
+        assert checkpoint.content_digest(other) != digest
