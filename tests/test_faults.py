@@ -147,3 +147,15 @@ def test_a_full_disk_is_one_line_and_the_rerun_completes(smoke_run, small_disk, 
         for rel, record in got.items():
             if f"{stage}/{rel}" not in TIMING_FILES:
                 assert record["digest"] == want[rel]["digest"], f"{stage}/{rel}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["flipped-byte", "truncated"])
+def test_a_damaged_checkpoint_is_not_resumed(smoke_run, damaged_run, capsys, fault):
+    FAULTS[fault](damaged_run / "gpt" / "checkpoint.pt")
+    config = smoke_run.args[smoke_run.args.index("--config") + 1]
+    code = cli.main(["gpt", "train", "--preset", "smoke", "--run", str(damaged_run), "--config", config,
+                     "--device", "cpu", "--resume"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("monofast: error:")]
+    assert code == 2 and len(errors) == 1, errors
+    assert "checkpoint.pt" in errors[0] and "--resume" in errors[0], errors[0]
