@@ -9,9 +9,12 @@ page cache:
   (the seed recipe's way: batches only mix rows of one shard);
 - `memcpy`: a plain sequential copy of the same bytes into a reused buffer: the limit.
 
-Plus the time to the first batch (open + plan + one batch), and block shuffle from a cold
-file against a cold sequential read of the same file, where evicting the page cache works
-(`posix_fadvise(DONTNEED)` per file; no root needed).
+Plus the time to the first batch (open + plan + one batch); what checking every shard's
+checksum costs: the first epoch of a freshly opened store with the checks (the default)
+and without (`verify=False`), and a later epoch (shards already checked); and from a cold
+page cache, where evicting it works (`posix_fadvise(DONTNEED)` per file; no root needed),
+block shuffle against a sequential read of the same file and an exact shuffle's first
+epoch with and without the checks.
 
     pytest benches/bench_stream.py --benchmark-enable   # pytest-benchmark tables
     python benches/bench_stream.py [--rows 262144]      # the side-by-side table with ratios
@@ -118,6 +121,16 @@ def open_monofast(ds: Dataset) -> Epoch:
     return lambda seed: (b.activations for b in store.stream(BATCH, shuffle="exact", seed=seed))
 
 
+def first_epoch(ds: Dataset, verify: bool) -> Epoch:
+    """An epoch of a store opened afresh for it, so each one is a first epoch: every shard
+    checked (`verify`) or none."""
+    def epoch(seed: int) -> Iterator[np.ndarray]:
+        store = activations.open_store(ds.store)
+        return (b.activations for b in store.stream(BATCH, shuffle="exact", seed=seed, verify=verify))
+
+    return epoch
+
+
 def open_np_memmap(ds: Dataset) -> Epoch:
     mm = np.load(ds.flat, mmap_mode="r")
 
@@ -217,6 +230,15 @@ def cold_sequential_gbps(paths: list[Path]) -> float:
     return total / (time.perf_counter() - start) / 1e9
 
 
+def cold_first_epoch_gbps(ds: Dataset, verify: bool) -> float:
+    """An exact-shuffle epoch of a store opened afresh, from a cold page cache."""
+    paths = sorted(ds.store.glob("shard-*.safetensors"))
+    evict(paths)
+    start = time.perf_counter()
+    n = run_epoch(first_epoch(ds, verify))
+    return n * DIM * (4 if ds.dtype == "fp32" else 2) / (time.perf_counter() - start) / 1e9
+
+
 def cold_block_shuffle_gbps(ds: Dataset) -> float:
     store = activations.open_store(ds.store)
     paths = sorted(ds.store.glob("shard-*.safetensors"))
@@ -255,6 +277,14 @@ def test_first_batch(benchmark, datasets, provider):
     benchmark(first_batch_seconds, datasets["fp32"], provider)
 
 
+@pytest.mark.parametrize("verify", (True, False), ids=("verify", "no_verify"))
+def test_first_epoch(benchmark, datasets, verify):
+    ds = datasets["fp32"]
+    benchmark.group = "first epoch of a fresh store"
+    benchmark.extra_info["GB"] = ds.nbytes / 1e9
+    assert benchmark(run_epoch, first_epoch(ds, verify)) == ds.rows
+
+
 def test_block_shuffle_cold(benchmark, datasets):
     ds = datasets["fp32"]
     rows = np.concatenate([b.row for b in activations.open_store(ds.store).stream(
@@ -282,6 +312,25 @@ def rates_gbps(ds: Dataset, rounds: int) -> dict[str, tuple[float, float]]:
     return {p: (ds.nbytes / min(t) / 1e9, ds.nbytes / statistics.median(t) / 1e9) for p, t in times.items()}
 
 
+VERIFY_ROWS = ("monofast 1st epoch, verify", "monofast 1st epoch, no verify", "monofast later epoch")
+
+
+def verify_rates_gbps(ds: Dataset, rounds: int) -> dict[str, tuple[float, float]]:
+    """(best, median) GB/s of the first epoch of a freshly opened store with and without the
+    shard checks, and of a later epoch, taking turns round by round as `rates_gbps` does."""
+    later = OPENERS["monofast"](ds)
+    epochs = {VERIFY_ROWS[0]: first_epoch(ds, True), VERIFY_ROWS[1]: first_epoch(ds, False),
+              VERIFY_ROWS[2]: later}
+    run_epoch(later)  # its shards checked and mapped once, before the rounds
+    times: dict[str, list[float]] = {name: [] for name in VERIFY_ROWS}
+    for seed in range(rounds):
+        for name in VERIFY_ROWS:
+            start = time.perf_counter()
+            run_epoch(epochs[name], seed)
+            times[name].append(time.perf_counter() - start)
+    return {n: (ds.nbytes / min(t) / 1e9, ds.nbytes / statistics.median(t) / 1e9) for n, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=262_144, help="rows per dataset (default: 262144)")
@@ -294,6 +343,7 @@ def main() -> None:
               f"data in the page cache; {os.cpu_count()} CPUs\n")
         print("| dtype | provider | GB/s best | GB/s median | vs memcpy | monofast vs it | first batch ms |")
         print("|---|---|---|---|---|---|---|")
+        checks = []
         for dtype in DTYPES:
             ds = build(Path(tmp), args.rows, dtype)
             for provider in PROVIDERS:
@@ -304,14 +354,25 @@ def main() -> None:
                 best, median = rates[p]
                 print(f"| {dtype} | {p} | {best:.2f} | {median:.2f} | {best / rates['memcpy'][0]:.0%} | "
                       f"{rates['monofast'][0] / best:.2f}x | {firsts[p]:.1f} |")
+            verified = verify_rates_gbps(ds, args.rounds)
+            for name in VERIFY_ROWS:
+                best, median = verified[name]
+                print(f"| {dtype} | {name} | {best:.2f} | {median:.2f} | {best / rates['memcpy'][0]:.0%} | "
+                      f"{rates['monofast'][0] / best:.2f}x | |")
+            on, off = (verified[name] for name in VERIFY_ROWS[:2])
+            checks.append(f"{dtype}: first epoch with the shard checks at {on[0] / off[0]:.0%} of the speed "
+                          f"without them (best; median {on[1] / off[1]:.0%})")
             if dtype == "fp32":
                 paths = sorted(ds.store.glob("shard-*.safetensors"))
                 seq = cold_sequential_gbps(paths)
                 block = cold_block_shuffle_gbps(ds)
+                on, off = cold_first_epoch_gbps(ds, True), cold_first_epoch_gbps(ds, False)
                 print(f"\ncold (posix_fadvise DONTNEED per file): sequential read {seq:.2f} GB/s, "
-                      f"block shuffle {block:.2f} GB/s ({block / seq:.0%})\n")
+                      f"block shuffle {block:.2f} GB/s ({block / seq:.0%}); exact shuffle, first epoch: "
+                      f"{on:.2f} GB/s with the shard checks, {off:.2f} GB/s without\n")
             for path in [ds.flat, *ds.pt_shards]:
                 path.unlink()
+        print("\n" + "\n".join(checks))
 
 
 if __name__ == "__main__":

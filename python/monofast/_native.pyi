@@ -100,7 +100,8 @@ class Store:
     def gather(self, indices: npt.NDArray[np.int64], to_float32: bool = False) -> _BatchTuple: ...
 
 class Stream:
-    """Batches of a store in a seeded order, prefetched on Rust threads."""
+    """Batches of a store in a seeded order, prefetched on Rust threads; with `verify`, each
+    shard's checksum is checked before the first batch holding its rows is handed out."""
 
     def __new__(
         cls,
@@ -118,6 +119,7 @@ class Stream:
         block_rows: int = 4096,
         window_blocks: int = 64,
         rows: int | None = None,
+        verify: bool = True,
     ) -> Self: ...
     def __len__(self) -> int: ...
     @property

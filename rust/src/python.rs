@@ -466,7 +466,8 @@ impl Store {
     }
 }
 
-/// Batches of a store in a seeded order, prefetched on Rust threads.
+/// Batches of a store in a seeded order, prefetched on Rust threads; with `verify`, each
+/// shard's checksum is checked before the first batch holding its rows is handed out.
 #[pyclass(module = "monofast._native", frozen, subclass)]
 struct Stream {
     inner: Mutex<stream::Stream>,
@@ -489,7 +490,7 @@ impl Stream {
     #[pyo3(signature = (
         store, batch_size, shuffle = "exact", seed = 0, rank = 0, world_size = 1, drop_last = false,
         epochs = Some(1), to_float32 = false, threads = 2, prefetch = 4, block_rows = 4096,
-        window_blocks = 64, rows = None,
+        window_blocks = 64, rows = None, verify = true,
     ))]
     fn new(
         store: &Store,
@@ -506,6 +507,7 @@ impl Stream {
         block_rows: u64,
         window_blocks: u64,
         rows: Option<u64>,
+        verify: bool,
     ) -> PyResult<Self> {
         let mode = Mode::parse(shuffle, block_rows, window_blocks).map_err(to_py_err)?;
         let cfg = StreamConfig {
@@ -520,6 +522,7 @@ impl Stream {
             to_f32: to_float32,
             threads,
             prefetch,
+            verify,
         };
         let dtype = if to_float32 {
             DType::F32

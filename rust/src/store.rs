@@ -1,5 +1,6 @@
 //! Reading an activation store: open `index.json`, memory-map and check every shard,
-//! gather rows into caller buffers, verify checksums.
+//! gather rows into caller buffers, verify checksums (the whole store in one pass, or each
+//! shard once as a stream first reads it).
 //!
 //! Shards are only ever mapped, never read into the heap: the page cache holds the data
 //! once for every process that reads it, and datasets larger than RAM still work.
@@ -7,10 +8,13 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use memmap2::{Advice, Mmap};
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::checksum;
 use crate::error::{Error, Result};
@@ -19,6 +23,8 @@ use crate::format::{parse_header, shard_file_name, DType, Index, ShardLayout, IN
 pub struct Shard {
     pub path: PathBuf,
     pub layout: ShardLayout,
+    /// The mapped file, kept to notice a shard truncated after it was opened.
+    file: File,
     map: Mmap,
 }
 
@@ -28,6 +34,74 @@ pub struct Store {
     pub index: Index,
     pub dtype: DType,
     shards: Vec<Shard>,
+    checks: Checks,
+    /// The access advice the maps carry (`advise`), restored after a shard is hashed.
+    advice: Mutex<Advice>,
+}
+
+/// Where one shard's checksum stands for this opened store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Check {
+    Unchecked,
+    /// A thread is hashing it; the others wait on `Checks::changed` (or hash another).
+    Running,
+    Good,
+    /// The error's reason (the path is the shard's).
+    Bad(String),
+}
+
+/// The checksum state of every shard, shared by all streams of one opened store, so that
+/// each shard is hashed at most once however many epochs and streams read it.
+struct Checks {
+    state: Mutex<Vec<Check>>,
+    changed: Condvar,
+    /// `state[i] == Good`, readable without the lock (the per-batch fast path).
+    good: Vec<AtomicBool>,
+    good_count: AtomicUsize,
+}
+
+impl Checks {
+    fn new(n: usize) -> Checks {
+        Checks {
+            state: Mutex::new(vec![Check::Unchecked; n]),
+            changed: Condvar::new(),
+            good: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            good_count: AtomicUsize::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Check>> {
+        // The state is only ever set whole, so a panic elsewhere never leaves it torn.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Puts a claimed shard back to `Unchecked` if hashing it unwinds, so no one waits forever.
+struct Claim<'a> {
+    checks: &'a Checks,
+    shard: usize,
+    done: bool,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.checks.lock()[self.shard] = Check::Unchecked;
+            self.checks.changed.notify_all();
+        }
+    }
+}
+
+/// The error for a shard whose bytes no longer hash to the checksum `index.json` records.
+fn checksum_mismatch(path: &Path, recorded: &str, actual: &str) -> Error {
+    Error::corrupt(
+        path,
+        format!(
+            "checksum mismatch: index.json records {recorded}, the file hashes to {actual} (its \
+             bytes changed since the harvest); re-harvest the activations with \
+             `monofast run --from activations`"
+        ),
+    )
 }
 
 /// The per-row metadata columns of a batch.
@@ -95,7 +169,8 @@ fn open_shard(dir: &Path, i: usize, index: &Index, dtype: DType) -> Result<Shard
         return Err(Error::corrupt(
             &path,
             format!(
-                "{what}: {len} bytes but index.json records {}",
+                "{what}: {len} bytes but index.json records {}; re-harvest the activations \
+                 with `monofast run --from activations`",
                 record.bytes
             ),
         ));
@@ -137,25 +212,176 @@ fn open_shard(dir: &Path, i: usize, index: &Index, dtype: DType) -> Result<Shard
             identity.fingerprint, index.fingerprint
         )));
     }
-    Ok(Shard { path, layout, map })
+    Ok(Shard {
+        path,
+        layout,
+        file,
+        map,
+    })
 }
 
 impl Store {
     /// Open a store folder. A missing folder or file is an `Io` error; anything wrong
     /// inside a file (truncated, bad header, mismatched shard) a `Corrupt` one naming it.
-    /// Checksums are not read here (that is `verify`), so opening costs one header read
-    /// per shard whatever the dataset size.
+    /// Checksums are not read here (that is `verify`, or `verify_shards` as a stream first
+    /// reads each shard), so opening costs one header read per shard whatever the size.
     pub fn open(dir: &Path) -> Result<Store> {
         let (index, dtype) = read_index(dir)?;
         let shards = (0..index.shards.len())
             .map(|i| open_shard(dir, i, &index, dtype))
             .collect::<Result<Vec<_>>>()?;
+        let checks = Checks::new(shards.len());
         Ok(Store {
             dir: dir.to_path_buf(),
             index,
             dtype,
             shards,
+            checks,
+            advice: Mutex::new(Advice::Normal),
         })
+    }
+
+    /// Whether every shard's checksum was checked and matched.
+    #[inline]
+    pub fn all_verified(&self) -> bool {
+        self.checks.good_count.load(Ordering::Acquire) == self.shards.len()
+    }
+
+    /// Whether shard `i`'s checksum was checked and matched.
+    #[inline]
+    pub fn shard_verified(&self, i: usize) -> bool {
+        self.checks.good[i].load(Ordering::Acquire)
+    }
+
+    /// The shard holding global row `row`.
+    #[inline]
+    pub fn shard_of(&self, row: u64) -> usize {
+        (row / self.index.rows_per_shard) as usize
+    }
+
+    /// Check the checksums of shards `need` (indices), each at most once for this opened
+    /// store: the ones no thread has started are hashed here, the ones another thread is
+    /// hashing are waited for, and while waiting this thread hashes the first unstarted
+    /// shard of `ahead` (the shards the caller reads, in the order it first needs them).
+    /// Returns the error of the first bad shard of `need`, every time it is asked again.
+    /// Setting `stop` makes it give up soon (an `Invalid` error; shards it was hashing are
+    /// left for a later read).
+    pub fn verify_shards(&self, need: &[usize], ahead: &[usize], stop: &AtomicBool) -> Result<()> {
+        if need.iter().all(|&i| self.shard_verified(i)) {
+            return Ok(());
+        }
+        let checks = &self.checks;
+        let mut state = checks.lock();
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Err(stopped());
+            }
+            let mut waiting = false;
+            let mut claim = None;
+            for &i in need {
+                match &state[i] {
+                    Check::Bad(reason) => {
+                        return Err(Error::corrupt(&self.shards[i].path, reason.clone()))
+                    }
+                    Check::Unchecked if claim.is_none() => claim = Some(i),
+                    Check::Running => waiting = true,
+                    _ => {}
+                }
+            }
+            if claim.is_none() {
+                if !waiting {
+                    return Ok(());
+                }
+                claim = ahead
+                    .iter()
+                    .copied()
+                    .find(|&i| state[i] == Check::Unchecked);
+            }
+            let Some(i) = claim else {
+                // Woken when any check ends; the timeout only bounds how late `stop` is seen.
+                state = checks
+                    .changed
+                    .wait_timeout(state, std::time::Duration::from_millis(50))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                continue;
+            };
+            state[i] = Check::Running;
+            drop(state);
+            let mut claimed = Claim {
+                checks,
+                shard: i,
+                done: false,
+            };
+            let outcome = self.check_shard(i, stop);
+            state = checks.lock();
+            claimed.done = true;
+            let verdict = match outcome {
+                Ok(()) => {
+                    checks.good[i].store(true, Ordering::Release);
+                    checks.good_count.fetch_add(1, Ordering::AcqRel);
+                    Check::Good
+                }
+                Err(Error::Corrupt { reason, .. }) => Check::Bad(reason),
+                // An I/O error (or a stop) says nothing about the bytes: a later read tries
+                // again.
+                Err(other) => {
+                    state[i] = Check::Unchecked;
+                    checks.changed.notify_all();
+                    return Err(other);
+                }
+            };
+            state[i] = verdict;
+            checks.changed.notify_all();
+        }
+    }
+
+    /// Hash shard `i` through its map (which also maps its pages in for the reads that
+    /// follow) and compare with `index.json`.
+    fn check_shard(&self, i: usize, stop: &AtomicBool) -> Result<()> {
+        let shard = &self.shards[i];
+        let record = &self.index.shards[i];
+        let len = shard
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&shard.path, e))?
+            .len();
+        if len != record.bytes {
+            // Changed since the store was opened: reading the map past the new end would fault.
+            return Err(Error::corrupt(
+                &shard.path,
+                format!(
+                    "truncated or rewritten while open: {len} bytes but index.json records {}; \
+                     re-harvest the activations with `monofast run --from activations`",
+                    record.bytes
+                ),
+            ));
+        }
+        // Sequential advice while hashing, so that a shard not in the page cache is read in
+        // long read-ahead requests (under an exact shuffle's `Random` advice, each page fault
+        // would read one page); the stream's advice is restored after.
+        let _ = shard.map.advise(Advice::Sequential);
+        let mut state = Xxh3::new();
+        let mut stopped_early = false;
+        for chunk in shard.map.chunks(8 << 20) {
+            if stop.load(Ordering::Relaxed) {
+                stopped_early = true;
+                break;
+            }
+            state.update(chunk);
+        }
+        {
+            let advice = self.advice.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = shard.map.advise(*advice);
+        }
+        if stopped_early {
+            return Err(stopped());
+        }
+        let actual = format!("{:032x}", state.digest128());
+        if actual != record.checksum {
+            return Err(checksum_mismatch(&shard.path, &record.checksum, &actual));
+        }
+        Ok(())
     }
 
     pub fn rows(&self) -> u64 {
@@ -277,6 +503,8 @@ impl Store {
     /// Advise every shard map (e.g. `Random` for an exact shuffle, so page faults do not
     /// drag in 128 KiB of read-ahead for each 3 KiB row of a cold file).
     pub fn advise(&self, advice: Advice) {
+        let mut current = self.advice.lock().unwrap_or_else(|e| e.into_inner());
+        *current = advice;
         for shard in &self.shards {
             let _ = shard.map.advise(advice);
         }
@@ -339,13 +567,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
         let path = dir.join(&record.file);
         let actual = checksum::hash_file(&path)?;
         if actual != record.checksum {
-            return Err(Error::corrupt(
-                &path,
-                format!(
-                    "checksum mismatch: index.json records {}, the file hashes to {actual} (its bytes changed)",
-                    record.checksum
-                ),
-            ));
+            return Err(checksum_mismatch(&path, &record.checksum, &actual));
         }
         bytes += record.bytes;
     }
@@ -354,6 +576,10 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
         rows: index.rows,
         bytes,
     })
+}
+
+fn stopped() -> Error {
+    Error::invalid("the stream was stopped while checking shards")
 }
 
 /// The path of shard `i` in `dir` (for messages and tests).

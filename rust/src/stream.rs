@@ -6,6 +6,16 @@
 //! whatever the thread timing, memory is bounded by the queue depth, and there is no
 //! shared work queue to contend on. The consumer's position (epoch, rows consumed) is the
 //! resumable state: restoring it restarts the workers there.
+//!
+//! With `verify`, a worker checks the XXH3 checksum of every shard a batch reads before
+//! that batch leaves it, the first time the opened store is read there (`Store::
+//! verify_shards`): a shard nobody has started is hashed by the worker that first needs
+//! it, and a worker waiting for a shard another one is hashing hashes the next unchecked
+//! shard of the stream instead. Hashing reads each shard once at memory speed, through
+//! the map the copies then use (its pages are mapped in by then); once every shard is
+//! checked, batches skip the checks. A shuffled first batch reads every shard, so there
+//! the whole store is checked before it leaves. A bad shard stops the stream with a
+//! `Corrupt` error naming it before any of its rows is handed out.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -40,6 +50,8 @@ pub struct StreamConfig {
     pub threads: usize,
     /// Batches prepared ahead of the consumer, across all threads.
     pub prefetch: usize,
+    /// Check each shard's checksum before the first batch holding its rows leaves.
+    pub verify: bool,
 }
 
 /// Where the consumer stands: `row` rows of this rank's part of `epoch` are consumed.
@@ -139,6 +151,9 @@ pub struct Stream {
     pool: Arc<Pool>,
     pos: Position,
     workers: Option<Workers>,
+    /// The shards this stream reads, in the order it first needs them (empty without
+    /// `verify`): what a worker waiting for another's check hashes meanwhile.
+    ahead: Arc<[usize]>,
 }
 
 impl Stream {
@@ -178,6 +193,24 @@ impl Stream {
             Mode::Sequential => Advice::Sequential,
             Mode::Block { .. } => Advice::Normal,
         });
+        let ahead: Arc<[usize]> = if cfg.verify && rows > 0 {
+            // A sequential rank reads its own stretch of rows; the shuffles read them all.
+            let (first, end) = match cfg.mode {
+                Mode::Sequential if split.rows_per_rank > 0 => (
+                    split.position(0),
+                    split.position(split.rows_per_rank - 1) + 1,
+                ),
+                Mode::Sequential => (0, 0),
+                _ => (0, rows),
+            };
+            if first < end {
+                (store.shard_of(first)..=store.shard_of(end - 1)).collect()
+            } else {
+                Arc::from(Vec::new())
+            }
+        } else {
+            Arc::from(Vec::new())
+        };
         let mut stream = Stream {
             store,
             cfg,
@@ -186,6 +219,7 @@ impl Stream {
             pool,
             pos: Position { epoch: 0, row: 0 },
             workers: None,
+            ahead,
         };
         stream.pos = stream
             .plan_from(Position { epoch: 0, row: 0 })
@@ -261,6 +295,8 @@ impl Stream {
                 mode: self.cfg.mode,
                 seed: self.cfg.seed,
                 to_f32: self.cfg.to_f32,
+                verify: self.cfg.verify,
+                ahead: Arc::clone(&self.ahead),
                 plan,
                 first: j as u64,
                 step: threads as u64,
@@ -357,6 +393,8 @@ struct Worker {
     mode: Mode,
     seed: u64,
     to_f32: bool,
+    verify: bool,
+    ahead: Arc<[usize]>,
     plan: Plan,
     first: u64,
     step: u64,
@@ -365,10 +403,21 @@ struct Worker {
     advised: Arc<AtomicU64>,
 }
 
+/// A worker's shard checks: the shards of the batch at hand (reused), and whether every
+/// shard the stream reads is checked already (or nothing is to be checked).
+struct Checks {
+    need: Vec<usize>,
+    done: bool,
+}
+
 impl Worker {
     fn run(self, tx: SyncSender<Result<Batch>>) {
         let mut order: Option<(u64, EpochOrder)> = None;
         let mut rows = Vec::new();
+        let mut checks = Checks {
+            need: Vec::new(),
+            done: !self.verify,
+        };
         let mut k = self.first;
         while !self.stop.load(Ordering::Relaxed) {
             let Some((epoch, begin, count)) = self.plan.nth(k) else {
@@ -382,7 +431,7 @@ impl Worker {
             }
             let (_, epoch_order) = order.as_ref().expect("set above");
             let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.make_batch(epoch_order, epoch, begin, count, &mut rows)
+                self.make_batch(epoch_order, epoch, begin, count, &mut rows, &mut checks)
             }))
             .unwrap_or_else(|_| Err(Error::invalid("a stream thread panicked; this is a bug")));
             let failed = batch.is_err();
@@ -400,10 +449,21 @@ impl Worker {
         begin: u64,
         count: u64,
         rows: &mut Vec<u64>,
+        checks: &mut Checks,
     ) -> Result<Batch> {
         rows.clear();
         let first = self.split.position(begin);
         order.fill(first, count, rows);
+        if !checks.done {
+            // Before any row is copied: the checks map the shards in for the copy.
+            let need = &mut checks.need;
+            need.clear();
+            need.extend(rows.iter().map(|&r| self.store.shard_of(r)));
+            need.sort_unstable();
+            need.dedup();
+            self.store.verify_shards(need, &self.ahead, &self.stop)?;
+            checks.done = self.ahead.iter().all(|&i| self.store.shard_verified(i));
+        }
         if let Some(blocks) = order.as_block() {
             self.advise_windows(blocks, epoch, first, first + count);
         }
@@ -501,6 +561,7 @@ mod tests {
             to_f32: true,
             threads: 3,
             prefetch: 4,
+            verify: true,
         }
     }
 
@@ -606,6 +667,182 @@ mod tests {
             Stream::new(Arc::clone(&store), c),
             Err(Error::Invalid(_))
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Flip one byte in the middle of shard `i`'s data (after the header), in place.
+    fn flip_middle(store: &Store, i: usize) -> PathBuf {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let path = store.shards()[i].path.clone();
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let data = store.shards()[i].layout.activations;
+        let middle = data + (file.metadata().unwrap().len() - data) / 2;
+        let mut byte = [0u8];
+        file.seek(SeekFrom::Start(middle)).unwrap();
+        file.read_exact(&mut byte).unwrap();
+        file.seek(SeekFrom::Start(middle)).unwrap();
+        file.write_all(&[byte[0] ^ 0x10]).unwrap();
+        path
+    }
+
+    /// Rows of every batch, values unchecked (for stores with a byte changed).
+    fn rows_of(stream: &mut Stream) -> Vec<i64> {
+        let mut rows = Vec::new();
+        while let Some(b) = stream.next_batch().unwrap() {
+            rows.extend(&b.meta.row);
+        }
+        rows
+    }
+
+    /// Rows of every batch up to the error (which must come), and the error.
+    fn until_error(stream: &mut Stream) -> (Vec<i64>, Error) {
+        let mut rows = Vec::new();
+        loop {
+            match stream.next_batch() {
+                Ok(Some(b)) => rows.extend(&b.meta.row),
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(err) => return (rows, err),
+            }
+        }
+    }
+
+    fn modes() -> [Mode; 3] {
+        [
+            Mode::Exact,
+            Mode::Sequential,
+            Mode::Block {
+                block_rows: 16,
+                window_blocks: 3,
+            },
+        ]
+    }
+
+    #[test]
+    fn a_flipped_byte_stops_the_stream_before_any_row_of_its_shard() {
+        for mode in modes() {
+            let (dir, store) = build(&format!("flip-{}", mode.name()), 400, 100);
+            let path = flip_middle(&store, 2);
+            let mut s = Stream::new(Arc::clone(&store), cfg(16, mode)).unwrap();
+            let (rows, err) = until_error(&mut s);
+            assert!(rows.iter().all(|r| !(200..300).contains(r)), "{mode:?}");
+            let text = err.to_string();
+            assert!(matches!(err, Error::Corrupt { .. }), "{text}");
+            assert!(text.starts_with(&path.display().to_string()), "{text}");
+            assert!(
+                text.contains("checksum mismatch: index.json records"),
+                "{text}"
+            );
+            assert!(text.contains("monofast run --from activations"), "{text}");
+            if mode == Mode::Sequential {
+                // Storage order: the two good shards before it were read first.
+                assert_eq!(rows, (0..192).collect::<Vec<_>>());
+            }
+            // Asking again gives the same error, without hashing the shard again.
+            assert!(matches!(s.next_batch(), Err(Error::Corrupt { .. })));
+            let mut off = cfg(16, mode);
+            off.verify = false;
+            let mut all = rows_of(&mut Stream::new(Arc::clone(&store), off).unwrap());
+            all.sort_unstable();
+            assert_eq!(all, (0..400).collect::<Vec<_>>());
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn shards_are_checked_once_per_opened_store() {
+        let (dir, store) = build("once-checked", 300, 100);
+        let mut c = cfg(32, Mode::Exact);
+        c.epochs = Some(2);
+        let mut s = Stream::new(Arc::clone(&store), c.clone()).unwrap();
+        assert!(!store.all_verified());
+        s.next_batch().unwrap().unwrap();
+        assert!(store.all_verified(), "the first batch reads every shard");
+        // Bytes changed after the check are not seen by later epochs or streams of this
+        // opened store (they are by a fresh open).
+        flip_middle(&store, 1);
+        rows_of(&mut s);
+        assert_eq!(s.state(), Position { epoch: 2, row: 0 });
+        rows_of(&mut Stream::new(Arc::clone(&store), c.clone()).unwrap());
+        let fresh = Arc::new(Store::open(&dir).unwrap());
+        let (rows, err) = until_error(&mut Stream::new(fresh, c).unwrap());
+        assert!(rows.is_empty());
+        assert!(err.to_string().contains("shard-00001"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sequential_reads_check_shards_as_they_come() {
+        let (dir, store) = build("as-they-come", 1000, 100);
+        let mut c = cfg(10, Mode::Sequential);
+        c.threads = 1;
+        c.prefetch = 1;
+        let mut s = Stream::new(Arc::clone(&store), c.clone()).unwrap();
+        s.next_batch().unwrap().unwrap();
+        let checked = (0..10).filter(|&i| store.shard_verified(i)).count();
+        assert!(
+            checked < 10,
+            "only the shards read so far (and a few ahead) are checked"
+        );
+        drain(&mut s);
+        assert!(store.all_verified());
+        // A rank of a sequential stream checks only its own stretch.
+        let fresh = Arc::new(Store::open(&dir).unwrap());
+        c.rank = 1;
+        c.world_size = 2;
+        c.threads = 3;
+        let rows = drain(&mut Stream::new(Arc::clone(&fresh), c).unwrap());
+        assert_eq!(rows, (500..1000).collect::<Vec<_>>());
+        assert!((0..5).all(|i| !fresh.shard_verified(i)));
+        assert!((5..10).all(|i| fresh.shard_verified(i)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_shard_truncated_after_opening_is_named_not_a_crash() {
+        let (dir, store) = build("truncated", 300, 100);
+        let path = store.shards()[1].path.clone();
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 7)
+            .unwrap();
+        for mode in modes() {
+            let mut s = Stream::new(Arc::clone(&store), cfg(16, mode)).unwrap();
+            let (rows, err) = until_error(&mut s);
+            assert!(rows.iter().all(|r| !(100..200).contains(r)), "{mode:?}");
+            let text = err.to_string();
+            assert!(text.starts_with(&path.display().to_string()), "{text}");
+            assert!(text.contains("truncated"), "{text}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stop_leaves_the_shard_for_a_later_check() {
+        let (dir, store) = build("stop", 300, 100);
+        let stop = AtomicBool::new(true);
+        let err = store.verify_shards(&[0, 1], &[0, 1, 2], &stop).unwrap_err();
+        assert!(matches!(err, Error::Invalid(_)));
+        assert!(!store.shard_verified(0) && !store.shard_verified(1));
+        stop.store(false, Ordering::Relaxed);
+        store.verify_shards(&[0, 1], &[], &stop).unwrap();
+        assert!(store.shard_verified(0) && store.shard_verified(1) && !store.all_verified());
+        // Many threads after the same shards: each is hashed once, all of them agree.
+        flip_middle(&store, 2);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    let err = store.verify_shards(&[0, 1, 2], &[2], &stop).unwrap_err();
+                    assert!(err.to_string().contains("shard-00002"), "{err}");
+                });
+            }
+        });
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

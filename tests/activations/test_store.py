@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -284,6 +285,68 @@ def test_flipped_data_byte_fails_verify_naming_the_shard(damaged):
     open_store(damaged)  # opening reads headers only
     with pytest.raises(CorruptFileError, match=r"shard-00002\.safetensors: checksum mismatch"):
         activations.verify(damaged)
+
+
+def flip_data_byte(path: Path) -> None:
+    """Flip one byte in the middle of a shard's data (after its header), in place."""
+    blob = bytearray(path.read_bytes())
+    blob[activations.HEADER_BYTES + (len(blob) - activations.HEADER_BYTES) // 2] ^= 0x10
+    path.write_bytes(bytes(blob))
+
+
+def rows_until_error(stream) -> tuple[list[int], CorruptFileError]:
+    """Rows of every batch the stream yields before it raises (it must raise)."""
+    rows: list[int] = []
+    with pytest.raises(CorruptFileError) as caught:
+        for batch in stream:
+            rows.extend(int(r) for r in batch.row)
+    return rows, caught.value
+
+
+@pytest.mark.parametrize("shuffle", ["exact", "none", "block"])
+def test_a_stream_stops_at_a_flipped_byte_before_any_row_of_its_shard(damaged, shuffle):
+    flip_data_byte(damaged / "shard-00001.safetensors")
+    store = open_store(damaged)  # opening reads headers only
+    kwargs = {"shuffle": shuffle, "block_bytes": 16 * DIM * 4, "window_blocks": 3}
+    rows, err = rows_until_error(store.stream(16, **kwargs))
+    assert isinstance(err, ValueError)
+    assert not any(100 <= r < 200 for r in rows), "a row of the bad shard reached the consumer"
+    message = str(err)
+    assert re.match(r".*shard-00001\.safetensors: checksum mismatch: index\.json records [0-9a-f]{32}", message)
+    assert "`monofast run --from activations`" in message
+    if shuffle == "none":
+        assert rows == list(range(96))  # storage order: the good shard before it, whole batches
+    with pytest.raises(CorruptFileError, match="shard-00001"):
+        epoch_rows(store.stream(16, **kwargs))  # every stream of this store, again
+    # Without the checks every row comes out (the flipped one included).
+    assert sorted(epoch_rows(store.stream(16, verify=False, **kwargs))) == list(range(250))
+
+
+def test_shards_are_checked_once_then_not_again(damaged):
+    store = open_store(damaged)
+    stream = store.stream(32, epochs=2)
+    first = [int(r) for _, b in zip(range(8), stream) for r in b.row]  # the whole first epoch
+    assert sorted(first) == list(range(250))
+    # Changed after the check: later epochs, new streams and take of this opened store do not
+    # hash again (a store opened afresh does).
+    flip_data_byte(damaged / "shard-00002.safetensors")
+    assert sorted(epoch_rows(stream)) == list(range(250))
+    assert sorted(epoch_rows(store.stream(32))) == list(range(250))
+    assert store.take([201]).row.tolist() == [201]
+    with pytest.raises(CorruptFileError, match="shard-00002"):
+        next(iter(open_store(damaged).stream(32)))
+
+
+def test_a_shard_truncated_under_an_open_stream_is_named(damaged):
+    store = open_store(damaged)
+    path = damaged / "shard-00001.safetensors"
+    path.write_bytes(path.read_bytes()[:-7])  # today: caught when the store is opened ...
+    with pytest.raises(CorruptFileError, match=r"shard-00001\.safetensors: truncated.*monofast run --from activations"):
+        open_store(damaged)
+    # ... and by an already open store's stream, before reading past the new end.
+    rows, err = rows_until_error(store.stream(16, shuffle="none"))
+    assert rows == list(range(96))
+    assert re.match(r".*shard-00001\.safetensors: truncated", str(err))
 
 
 def test_flipped_header_byte_is_caught_on_open(damaged):

@@ -10,7 +10,8 @@ A store is a folder (`runs/<name>/activations/`) of safetensors shards plus `ind
   prefetched `Batch`es (exactly once per epoch, seeded, resumable, split by rank) and
   `store.take(rows)` fetches rows by index;
 - `verify(folder)` checks every shard's checksum; `monofast activations verify RUN` is the
-  command.
+  command. A stream also checks each shard's checksum the first time it reads it (on its
+  prefetch threads, before handing out any of the shard's rows) unless `verify=False`.
 
 bf16 activations travel as their raw 16 bits in a uint16 array (numpy has no bfloat16);
 `Batch.tensor()` views them as `torch.bfloat16` without a copy.
@@ -274,7 +275,8 @@ def _column(values: Any, dtype: type) -> np.ndarray:
 
 class ActivationStore(_native.Store):
     """A finished store, memory-mapped. Opening checks the index and every shard header
-    (sizes, shapes, identity) but not the checksums: that is `verify`, which reads it all.
+    (sizes, shapes, identity) but not the checksums: that is `verify`, which reads it all,
+    or a stream, which checks each shard as it first reads it.
 
     The native store supplies `rows` (also `len()`), `dim`, `dtype`, `rows_per_shard`,
     `shards` and `index_json`."""
@@ -299,18 +301,24 @@ class ActivationStore(_native.Store):
                world_size: int = 1, drop_last: bool = False, epochs: int | None = 1,
                to_float32: bool = False, threads: int = 2, prefetch: int = 4,
                block_bytes: int = 4 << 20, window_blocks: int = 64,
-               rows: int | None = None) -> ActivationStream:
+               rows: int | None = None, verify: bool = True) -> ActivationStream:
         """Batches in a seeded order: `exact` (every row once per epoch, a fresh permutation
         each epoch), `block` (shuffled blocks of ~`block_bytes`, shuffled again inside
         windows of `window_blocks` blocks: long sequential reads for data larger than RAM)
         or `none` (storage order). Rank `rank` of `world_size` reads its own disjoint,
         equal part of each epoch (the last `rows % world_size` positions are left out).
         `epochs=None` streams forever. `rows` reads only the first `rows` rows (e.g. leaving
-        a held-out tail out): epochs and the rank split are over those."""
+        a held-out tail out): epochs and the rank split are over those.
+
+        With `verify` (the default), each shard's XXH3 checksum is checked against
+        `index.json` the first time this store is read there, on the prefetch threads and
+        before any batch holding the shard's rows is handed out; later epochs (and `take`)
+        do not check again. A bad shard raises `CorruptFileError` naming it. `verify=False`
+        skips the checks (for a store just checked with `verify`)."""
         row_bytes = self.dim * ITEMSIZE[self.dtype]
         block_rows = max(1, block_bytes // row_bytes)
         stream = ActivationStream(self, batch_size, shuffle, seed, rank, world_size, drop_last, epochs,
-                                  to_float32, threads, prefetch, block_rows, window_blocks, rows)
+                                  to_float32, threads, prefetch, block_rows, window_blocks, rows, verify)
         stream.identity = {"rows": self.rows, "fingerprint": self.index.fingerprint, "seed": seed,
                            "shuffle": shuffle, "rank": rank, "world_size": world_size, "limit": rows}
         if shuffle == "block":

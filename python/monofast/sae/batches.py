@@ -76,7 +76,7 @@ class TrainingBatches:
         here = distributed.world()
         if here.size == 1:
             self.stream = store.stream(cfg.batch_size, shuffle="exact", seed=cfg.seed, epochs=cfg.epochs,
-                                       to_float32=True)
+                                       to_float32=True, verify=cfg.verify)
             self.batch_size = cfg.batch_size
         else:
             # This rank's part of each epoch of the training rows only; endless, as the run's
@@ -84,7 +84,8 @@ class TrainingBatches:
             # few rows when the training rows do not split evenly).
             self.batch_size = cfg.batch_size // here.size
             self.stream = store.stream(self.batch_size, shuffle="exact", seed=cfg.seed, epochs=None,
-                                       to_float32=True, rank=here.rank, world_size=here.size, rows=cutoff)
+                                       to_float32=True, rank=here.rank, world_size=here.size, rows=cutoff,
+                                       verify=cfg.verify)
         self.cutoff, self.device = cutoff, device
         self.feed = DeviceFeeder(device)  # pinned ring on CUDA, plain .to elsewhere
         self.pending = torch.zeros(0, store.dim)  # (R, d_in) rows read but not yet yielded

@@ -1,9 +1,9 @@
 """The SAE stage's options (`monofast sae train`): `SAETrainConfig` and its checks.
 
 `RUNTIME` lists the options that change how a run executes, not what it computes: the
-device, `--resume`, CUDA graphs and the compute precision (`compute_dtype`, chosen at run
-time like the device: `monofast.common.device`). Changing one of them neither re-runs a
-finished stage nor blocks `--resume`.
+device, `--resume`, CUDA graphs, the compute precision (`compute_dtype`, chosen at run
+time like the device: `monofast.common.device`) and the shard checksum checks (`verify`).
+Changing one of them neither re-runs a finished stage nor blocks `--resume`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from monofast.sae.model import VARIANTS
 
 @dataclass
 class SAETrainConfig:
-    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device", "resume", "cuda_graphs", "compute_dtype"})
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device", "resume", "cuda_graphs", "compute_dtype", "verify"})
     """Fields that change how a run executes, not what it computes: the manifest and the
     checkpoint's identity ignore them."""
 
@@ -81,6 +81,9 @@ class SAETrainConfig:
     (anthropic2023 and april2024 in one process; the same arithmetic, far fewer launches)."""
     seed: int = 0
     """Seed of the initialisation, the data order and the resampling."""
+    verify: bool = True
+    """Check every shard's checksum as it is first read (--no-verify skips it, for stores you
+    have just verified)."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
