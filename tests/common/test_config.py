@@ -82,3 +82,72 @@ def test_a_record_from_before_a_field_became_runtime_still_matches():
     # written when dtype still counted as config
     assert config.same_identity({"width": 4, "dtype": "float32"}, Runtimed(dtype="bfloat16"))
     assert not config.same_identity({"width": 4, "dtype": "float32", "extra": 1}, Runtimed())
+
+
+# ---------------------------------------------------------------------------------------
+# Values checked by type, whatever layer they come from
+
+@pytest.mark.parametrize("layer, message", [
+    ({"n_embd": [1, 2]}, "n_embd = [1, 2] is a list; expected an integer"),
+    ({"n_embd": True}, "n_embd = true is a boolean; expected an integer"),
+    ({"n_embd": 1.5}, "n_embd = 1.5 is not a whole number; expected an integer"),
+    ({"n_embd": 2**63}, "n_embd = 9223372036854775808 is out of range"),
+    ({"n_embd": None}, "n_embd is null; expected an integer"),
+    ({"n_embd": "1e400"}, "n_embd = \"1e400\" is not an integer"),
+    ({"lr": float("nan")}, "lr = nan is not a finite number; expected a finite number"),
+    ({"lr": "-inf"}, "lr = -inf is not a finite number"),
+    ({"lr": 10**400}, "lr = <an integer of about 401 digits> is too large"),
+    ({"lr": False}, "lr = false is a boolean; expected a finite number"),
+    ({"compile": 1}, "compile = 1 is an integer; expected true or false"),
+    ({"name": 3}, "name = 3 is an integer; expected a string"),
+    ({"name": "a\0b"}, "a string with a NUL character"),
+    ({"widths": 3}, "widths = 3 is an integer; expected a list of integers"),
+    ({"widths": [1, [2]]}, "widths[1] = [2] is a list; expected an integer"),
+    ({"widths": [1, "x"]}, "widths[1] = \"x\" is not an integer"),
+    ({"limit": {"a": 1}}, "limit = {\"a\": 1} is a table; expected an integer or none"),
+    ({"tags": [None]}, "tags[0] is null; expected a string"),
+])
+def test_a_value_of_the_wrong_type_names_option_value_and_type(layer, message):
+    with pytest.raises(UserError) as err:
+        config.build(Toy, layer, where="toy config")
+    assert str(err.value).startswith("toy config: ") and message in str(err.value)
+
+
+def test_coercions_kept():
+    cfg = config.build(Toy, {"n_embd": 1e2, "lr": 2, "widths": ["3", 4.0], "limit": "none",
+                             "name": True, "tags": ("x",)})
+    assert (cfg.n_embd, cfg.lr, cfg.widths, cfg.limit, cfg.name, cfg.tags) == (100, 2.0, (3, 4), None, "true", ("x",))
+    assert type(cfg.n_embd) is int and type(cfg.lr) is float
+    assert config.build(Toy, {"n_embd": "1e3", "widths": "5,6"}).widths == (5, 6)
+
+
+@dataclass
+class Fragile:
+    size: int = 4
+    """A size."""
+    scale: float = 1.0
+    """A scale."""
+
+    def __post_init__(self):
+        if self.size > 2**40:
+            raise OverflowError("size too large to allocate")
+
+
+@dataclass
+class Buggy:
+    size: int = 4
+    """A size."""
+
+    def __post_init__(self):
+        raise AttributeError("no attribute 'sise'")
+
+
+def test_other_post_init_errors_name_the_option_that_causes_them():
+    with pytest.raises(UserError, match=r"^fragile: size = 2199023255553 cannot be used \(OverflowError: "
+                                        r"size too large to allocate\); give another value$"):
+        config.build(Fragile, {"scale": 2.0}, {"size": 2**41 + 1}, where="fragile")
+
+
+def test_a_bug_in_post_init_keeps_its_traceback():
+    with pytest.raises(AttributeError):
+        config.build(Buggy, {"size": 5})

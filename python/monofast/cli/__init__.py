@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from monofast import __version__
@@ -60,10 +61,39 @@ ALIASES = {alias: stage.command or stage.name for stage in STAGES for alias in s
 """Other names of commands: `harvest`, the seed recipe's word for stage 3."""
 RENAMED = {"analyze": "analysis"}
 """Commands that were renamed: they end with one line naming the new one."""
+NATIVE_FILE_ERRORS = ("CorruptFileError",)
+"""Exception classes of `monofast._native` whose cause is a file (its message names it): a
+user error, one line and exit code 2. Its other errors (bad arguments) are bugs."""
 
 
 # ---------------------------------------------------------------------------------------
 # Dispatch
+
+def _native_file_error(err: BaseException) -> str | None:
+    """The one-line message of an error of the native module whose cause is a file, with
+    the fix where the native message names none; None for any other error. `_native` is
+    looked up, never imported: a command that did not load it cannot have raised one."""
+    _native = sys.modules.get("monofast._native")
+    if _native is None:
+        return None
+    classes = tuple(getattr(_native, name) for name in NATIVE_FILE_ERRORS if hasattr(_native, name))
+    if not classes or not isinstance(err, classes):
+        return None
+    message = " ".join(str(err).split())
+    if f"{PROG} " not in message:  # no command to run named yet
+        message += f"; the file is damaged: {_rewrite_hint(message)}"
+    return message
+
+
+def _rewrite_hint(message: str) -> str:
+    """How to write again the file a native message starts with (`PATH: reason`): the stage
+    whose folder holds it, run again from there. Only the activations stage writes the
+    files the native module reads."""
+    stage = "activations"
+    folder = next((p for p in Path(message.split(": ", 1)[0]).parents if p.name == stage), None)
+    where = f" --run {folder.parent}" if folder is not None else ""
+    return f"re-run the stage that wrote it: `{PROG} run{where} --from {stage}`"
+
 
 def _overview() -> str:
     width = max(len(name) for name in COMMANDS) + 2
@@ -161,6 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" writing {err.filename}" if err.filename else ""
         print(f"{PROG}: error: the disk is full{where}; free some space (or pass --run on another "
               f"disk) and run the same command again: finished stages are kept", file=sys.stderr)
+        return 2
+    except Exception as err:  # the native module's file errors; anything else is a bug
+        message = _native_file_error(err)
+        if message is None:
+            raise
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     finally:
         distributed.leave()

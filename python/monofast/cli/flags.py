@@ -73,7 +73,7 @@ def _metavar(tp: Any) -> str:
 def _argparse_value(tp: Any, text: str) -> Any:
     try:
         return parse_value(tp, text)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError) as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
@@ -87,6 +87,6 @@ def cli_overrides(cls: type, args: argparse.Namespace) -> dict[str, Any]:
             continue
         if f.metadata.get("repeat"):
             value = tuple(value)
-            value = coerce_type(hints[f.name], value, flag(f.name))
+            value = coerce_type(hints[f.name], value, f.metadata.get("flag", flag(f.name)))
         out[f.name] = value
     return out

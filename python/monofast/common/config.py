@@ -2,8 +2,9 @@
 
 A field's docstring (the string literal under it) is its `--help` text (`monofast.cli.flags`
 makes the flags). Values are parsed from strings (flags, `--set`), coerced from TOML/JSON
-and preset values, checked, and saved as JSON beside the stage's outputs; `identity` is the
-part of a config that decides a stage's results.
+and preset values, checked against the field's type and then by the class, and saved as
+JSON beside the stage's outputs; `identity` is the part of a config that decides a stage's
+results.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import textwrap
 import types
 import typing
@@ -55,6 +57,17 @@ def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    number = float(text)  # `1e4`, `2.0`: a whole number written as a float
+    if not (math.isfinite(number) and number.is_integer()):
+        raise ValueError(f"expected an integer, got {text!r}")
+    return int(number)
+
+
 def _parse_scalar(tp: Any, text: str) -> Any:
     if tp is bool:
         low = text.strip().lower()
@@ -63,9 +76,9 @@ def _parse_scalar(tp: Any, text: str) -> Any:
         if low in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"expected true/false, got {text!r}")
-    if tp in (int, float, str):
-        if tp is int:
-            return int(float(text)) if "e" in text.lower() else int(text)
+    if tp is int:
+        return _parse_int(text)
+    if tp in (float, str):
         return tp(text)
     raise TypeError(f"unsupported config type {tp!r}")
 
@@ -83,19 +96,134 @@ def parse_value(tp: Any, text: str) -> Any:
     return _parse_scalar(tp, text)
 
 
-def coerce_type(tp: Any, value: Any, where: str) -> Any:
-    """Coerce a value from JSON/TOML/preset dicts to the field type (lists become tuples)."""
-    if isinstance(value, str) and tp is not str:
+INT_RANGE = (-(2**63), 2**63 - 1)
+"""Integer options must fit 64 bits: every consumer (torch, numpy, the native module) takes them."""
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in a config file (JSON spelling), short and on one line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        text = repr(value)
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        text = f"{'-' if value < 0 else ''}<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    else:
         try:
-            return parse_value(tp, value)
-        except (ValueError, TypeError) as err:
-            raise UserError(f"{where}: {err}") from None
-    base, _ = unwrap_optional(tp)
-    if typing.get_origin(base) in (tuple, list) and isinstance(value, (list, tuple)):
-        return tuple(value)
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+            text = json.dumps(value, default=repr)
+        except (TypeError, ValueError):  # huge integers, NaN inside a list
+            try:
+                text = repr(value)
+            except ValueError:
+                text = f"<{_kind(value)[2:].lstrip()}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def describe_type(tp: Any) -> str:
+    """What a field of annotated type `tp` takes, in words: `an integer`, `a list of numbers`."""
+    base, optional = unwrap_optional(tp)
+    if typing.get_origin(base) in (tuple, list):
+        (item,) = [a for a in typing.get_args(base) if a is not Ellipsis] or [str]
+        plural = {bool: "true/false values", int: "integers", float: "finite numbers", str: "strings"}
+        text = f"a list of {plural.get(item, getattr(item, '__name__', str(item)))}"
+    else:
+        text = {bool: "true or false", int: "an integer", float: "a finite number",
+                str: "a string"}.get(base, getattr(base, "__name__", str(base)))
+    return text + " or none" if optional else text
+
+
+def _wrong(where: str, value: Any, tp: Any, what: str | None = None) -> UserError:
+    if value is None:
+        return UserError(f"{where} is null; expected {describe_type(tp)}")
+    return UserError(f"{where} = {_shown(value)} is {what or _kind(value)}; expected {describe_type(tp)}")
+
+
+def _check_scalar(tp: Any, value: Any, where: str, field_tp: Any = None) -> Any:
+    """`value` as a `tp` (bool, int, float or str), or a `UserError` naming `where` and what
+    the field (of type `field_tp`, an Optional of `tp`, say) takes."""
+    expected = tp if field_tp is None else field_tp
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _wrong(where, value, expected)
+    if tp is int:
+        if isinstance(value, float) and not isinstance(value, bool):
+            if not (math.isfinite(value) and value.is_integer()):
+                raise _wrong(where, value, expected, "not a whole number")
+            value = int(value)  # 1e4 in a TOML file
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _wrong(where, value, expected)
+        if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+            raise UserError(f"{where} = {_shown(value)} is out of range; expected an integer "
+                            f"between -2**63 and 2**63-1")
+        return value
+    if tp is float:
+        if isinstance(value, int) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except OverflowError:
+                raise _wrong(where, value, expected, "too large") from None
+        if not isinstance(value, float):
+            raise _wrong(where, value, expected)
+        if not math.isfinite(value):
+            raise _wrong(where, value, expected, "not a finite number")
+        return value
+    if tp is str:
+        if isinstance(value, bool):  # `compile = true` in a TOML file reads as the text "true"
+            return "true" if value else "false"
+        if not isinstance(value, str):
+            raise _wrong(where, value, expected)
+        if "\0" in value:
+            raise _wrong(where, value, expected, "a string with a NUL character")
+        return value
+    return value  # a type the config layers do not know: the dataclass checks it
+
+
+def coerce_type(tp: Any, value: Any, where: str) -> Any:
+    """`value` (from a JSON/TOML file, a preset, `--set` or a flag) as a value of the field
+    type `tp`, or a `UserError` naming `where`, the value and the type expected.
+
+    Strings are parsed (`"1e4"`, `"3,5"`), integers are accepted for floats, whole floats for
+    integers, lists become tuples; booleans are never numbers, floats must be finite and
+    integers must fit 64 bits."""
+    base, optional = unwrap_optional(tp)
+    if isinstance(value, str) and base is not str:
+        try:
+            value = parse_value(tp, value)
+        except (ValueError, TypeError, OverflowError):
+            raise UserError(f"{where} = {_shown(value)} is not {describe_type(tp)}") from None
+    if value is None:
+        if optional:
+            return None
+        raise _wrong(where, value, tp)
+    if typing.get_origin(base) in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _wrong(where, value, tp)
+        (item,) = [a for a in typing.get_args(base) if a is not Ellipsis] or [str]
+        out = []
+        for i, element in enumerate(value):
+            if isinstance(element, str) and item is not str:
+                try:
+                    element = _parse_scalar(item, element)
+                except (ValueError, TypeError, OverflowError):
+                    raise UserError(f"{where}[{i}] = {_shown(element)} is not {describe_type(item)}") from None
+            out.append(_check_scalar(item, element, f"{where}[{i}]"))
+        return tuple(out)
+    return _check_scalar(base, value, where, tp)
 
 
 def type_hints(cls: type) -> dict[str, Any]:
@@ -133,8 +261,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def build(cls: type, *layers: Mapping[str, Any], where: str = "config") -> Any:
     """Instantiate `cls` from override layers (later wins), checking every key.
 
-    Unknown keys and invalid values become a `UserError` naming the key and the fix;
-    `__post_init__` checks raise `ValueError`, which is re-raised as a `UserError`.
+    Unknown keys and values of the wrong type become a `UserError` naming the key and the
+    fix; `__post_init__` checks raise `ValueError`, which is re-raised as a `UserError`. Any
+    other exception `__post_init__` raises on a value of the right type (an `OverflowError`
+    from arithmetic on a huge one) is a `UserError` naming the option that causes it, when
+    one does; else it is a bug and propagates.
     """
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     hints = type_hints(cls)
@@ -149,8 +280,43 @@ def build(cls: type, *layers: Mapping[str, Any], where: str = "config") -> Any:
             values[key_norm] = coerce_type(hints[key_norm], value, f"{where}: {key}")
     try:
         return cls(**values)
+    except UserError:
+        raise
     except ValueError as err:
-        raise UserError(f"{where}: {err}") from None
+        raise UserError(f"{where}: {_one_line(err)}") from None
+    except Exception as err:
+        name = _culprit(cls, values, type(err))
+        if name is None:
+            raise
+        raise UserError(f"{where}: {name} = {_shown(values[name])} cannot be used "
+                        f"({type(err).__name__}: {_one_line(err)}); give another value") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _culprit(cls: type, values: dict[str, Any], error: type[BaseException]) -> str | None:
+    """The option whose value makes `cls(**values)` raise `error`: the one whose removal (back
+    to its default) stops it, else the one that raises it alone; None when none does."""
+    def raises(kwargs: dict[str, Any]) -> bool:
+        try:
+            cls(**kwargs)
+        except error:
+            return True
+        except Exception:
+            return False
+        return False
+
+    if raises({}):
+        return None  # the defaults alone raise it: a bug, not a value
+    for name in values:
+        if not raises({k: v for k, v in values.items() if k != name}):
+            return name
+    for name in values:
+        if raises({name: values[name]}):
+            return name
+    return None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

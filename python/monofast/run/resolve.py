@@ -81,5 +81,8 @@ def explain(stage: Stage, preset: str, config_file: Path | None = None) -> dict[
         for key, value in layer.items():
             name = key.replace("-", "_")
             if name in out:
-                out[name] = Origin(config.coerce(cls, name, value, where), where)
+                try:
+                    out[name] = Origin(config.coerce(cls, name, value, where), where)
+                except UserError:
+                    pass  # --help still shows the rest; running the command names the bad value
     return out
