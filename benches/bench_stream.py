@@ -31,7 +31,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import pytest
@@ -301,15 +301,20 @@ def rates_gbps(ds: Dataset, rounds: int) -> dict[str, tuple[float, float]]:
     """(best, median) GB/s of each provider over `rounds` epochs after a warm-up epoch. The
     providers take turns round by round, so load from other processes hits them alike."""
     epochs = {p: OPENERS[p](ds) for p in PROVIDERS}
-    times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
     for p in PROVIDERS:
         run_epoch(epochs[p])
+    return _take_turns(ds, epochs, rounds)
+
+
+def _take_turns(ds: Dataset, epochs: dict[str, Any], rounds: int) -> dict[str, tuple[float, float]]:
+    """(best, median) GB/s of each of `epochs` over `rounds` epochs, one of each per round."""
+    times: dict[str, list[float]] = {name: [] for name in epochs}
     for seed in range(rounds):
-        for p in PROVIDERS:
+        for name, epoch in epochs.items():
             start = time.perf_counter()
-            run_epoch(epochs[p], seed)
-            times[p].append(time.perf_counter() - start)
-    return {p: (ds.nbytes / min(t) / 1e9, ds.nbytes / statistics.median(t) / 1e9) for p, t in times.items()}
+            run_epoch(epoch, seed)
+            times[name].append(time.perf_counter() - start)
+    return {n: (ds.nbytes / min(t) / 1e9, ds.nbytes / statistics.median(t) / 1e9) for n, t in times.items()}
 
 
 VERIFY_ROWS = ("monofast 1st epoch, verify", "monofast 1st epoch, no verify", "monofast later epoch")
@@ -322,13 +327,7 @@ def verify_rates_gbps(ds: Dataset, rounds: int) -> dict[str, tuple[float, float]
     epochs = {VERIFY_ROWS[0]: first_epoch(ds, True), VERIFY_ROWS[1]: first_epoch(ds, False),
               VERIFY_ROWS[2]: later}
     run_epoch(later)  # its shards checked and mapped once, before the rounds
-    times: dict[str, list[float]] = {name: [] for name in VERIFY_ROWS}
-    for seed in range(rounds):
-        for name in VERIFY_ROWS:
-            start = time.perf_counter()
-            run_epoch(epochs[name], seed)
-            times[name].append(time.perf_counter() - start)
-    return {n: (ds.nbytes / min(t) / 1e9, ds.nbytes / statistics.median(t) / 1e9) for n, t in times.items()}
+    return _take_turns(ds, epochs, rounds)
 
 
 def main() -> None:
