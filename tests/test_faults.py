@@ -20,6 +20,7 @@ READS = [
     ("data/tokenizer.json", "data", ["gpt", "train"]),
     ("gpt/model.safetensors", "gpt", ["activations", "harvest"]),
     ("gpt/config.json", "gpt", ["activations", "harvest"]),
+    ("gpt/model.safetensors", "gpt", ["sae", "train"]),
     ("activations/index.json", "activations", ["sae", "train"]),
     ("activations/shard-00000.safetensors", "activations", ["sae", "train"]),
     ("sae/sae.safetensors", "sae", ["analysis"]),
@@ -61,7 +62,7 @@ def _stage_args(smoke_run, run: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
-@pytest.mark.parametrize("rel, writer, command", READS, ids=[r[0].replace("/", "-") for r in READS])
+@pytest.mark.parametrize("rel, writer, command", READS, ids=[f"{r[0]}-by-{'-'.join(r[2])}".replace("/", "-") for r in READS])
 def test_a_damaged_input_is_named_with_its_fix(smoke_run, damaged_run, capsys, rel, writer, command, fault):
     path = damaged_run / rel
     assert path.is_file(), rel
@@ -79,7 +80,8 @@ def test_a_damaged_input_is_named_with_its_fix(smoke_run, damaged_run, capsys, r
     ("gpt/model.safetensors", ["activations", "harvest"]),
     ("sae/sae.safetensors", ["analysis"]),
     ("data/tokenizer.json", ["gpt", "sample"]),
-], ids=["gpt-weights", "sae-weights", "tokenizer"])
+    ("activations/index.json", ["sae", "train"]),
+], ids=["gpt-weights", "sae-weights", "tokenizer", "shard-index"])
 def test_weights_are_checked_on_load_even_with_their_time_kept(smoke_run, damaged_run, capsys, rel, command):
     """A change that keeps the size and the modification time slips past the pipeline's
     quick check (a stat); loading the file hashes it."""

@@ -28,6 +28,7 @@ import numpy as np
 
 from monofast import _native
 from monofast._native import CorruptFileError
+from monofast.common import files
 
 if TYPE_CHECKING:
     import torch
@@ -287,6 +288,7 @@ class ActivationStore(_native.Store):
     def __new__(cls, folder: str | os.PathLike[str]) -> Self:
         # Resolved before the native store opens it: a run directory names its store.
         store = find_store(folder)
+        files.verify_recorded(store / INDEX_FILE)  # when a finished harvest recorded it
         self = super().__new__(cls, store)
         self.folder = store
         self.index = ActivationIndex.from_json(self.index_json)
@@ -329,7 +331,7 @@ class ActivationStore(_native.Store):
         """(contexts,) int64 start offset of each context in the token split, if recorded."""
         info = self.index.extra.get("contexts", {})
         name = info.get("file")
-        return np.load(self.folder / name) if name else None
+        return np.load(files.verify_recorded(self.folder / name), allow_pickle=False) if name else None
 
 
 def open_store(folder: str | os.PathLike[str]) -> ActivationStore:
