@@ -105,9 +105,11 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path} is unreadable ({err}); re-run `monofast analysis --force`") from None
 
 
-def load(folder: str | Path) -> Analysis:
+def load(folder: str | Path, verify: bool = True) -> Analysis:
+    """The analysis files, each checked against the analysis manifest first (`verify=False`
+    where the same process tree has just checked them)."""
     folder = Path(folder)
-    for name in (SUMMARY, FEATURES, NEURONS, EXAMPLES, TOKENS):
+    for name in (SUMMARY, FEATURES, NEURONS, EXAMPLES, TOKENS) if verify else ():
         if (folder / name).is_file():  # a missing one is named below, by the reader that needs it
             files.verify_recorded(folder / name)
     summary = files.read_json(folder / SUMMARY, "analysis summary")

@@ -79,7 +79,7 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def pick_dtype(name: str, device: torch.device, half_fallback: bool = False,
-               otherwise: Optional[torch.dtype] | str = "float32", flag: str = "--dtype") -> Optional[torch.dtype]:
+               otherwise: Optional[str] = "float32", flag: str = "--dtype") -> Optional[torch.dtype]:
     """The compute precision for `--dtype name` on `device`.
 
     `auto`: bfloat16 where the device has it natively (a GPT training step 1.6-2.0x faster
@@ -95,7 +95,7 @@ def pick_dtype(name: str, device: torch.device, half_fallback: bool = False,
             return torch.bfloat16
         if half_fallback and device.type == "cuda":
             return torch.float16
-        return getattr(torch, otherwise) if isinstance(otherwise, str) else otherwise
+        return None if otherwise is None else getattr(torch, otherwise)
     if name not in PRECISION_NAMES:
         raise UserError(f"{flag} {name}: choose one of {', '.join(DTYPE_CHOICES)}")
     if name == "float16" and device.type == "cpu":

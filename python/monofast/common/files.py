@@ -134,15 +134,19 @@ def verify_recorded(path: str | os.PathLike) -> Path:
     record = outputs.get(path.relative_to(folder).as_posix())
     if not isinstance(record, dict) or not isinstance(record.get("digest"), str):
         return path
-    redo = f"redo that stage with `monofast run --run {folder.parent} --from {folder.name}`"
-    if not path.is_file():
-        raise DataError(f"{path} is missing but stage {folder.name!r} recorded it; {redo}")
-    digest = hash_file(path)
-    if digest != record["digest"]:
-        raise DataError(f"{path} was changed or damaged after stage {folder.name!r} wrote it (its XXH3 "
-                        f"digest {digest[:12]}... is not the {record['digest'][:12]}... recorded in "
-                        f"{manifest.name}); {redo}")
+    if not path.is_file() or hash_file(path) != record["digest"]:
+        raise not_as_recorded(path, folder)
     return path
+
+
+def not_as_recorded(path: Path, folder: Path) -> DataError:
+    """The error for a file that the stage in `folder` recorded and that is now missing, or
+    changed since: it names the file, the check and the command that redoes the stage."""
+    redo = f"redo that stage with `monofast run --run {folder.parent} --from {folder.name}`"
+    if not path.exists():
+        return DataError(f"{path} is missing but stage {folder.name!r} recorded it; {redo}")
+    return DataError(f"{path} was changed or damaged after stage {folder.name!r} wrote it (its XXH3 "
+                     f"digest is not the one recorded in {folder.name}/{MANIFEST_FILE}); {redo}")
 
 
 def current_digest(path: str | os.PathLike, record: dict[str, Any] | None) -> str | None:

@@ -24,9 +24,9 @@ from typing import Any
 
 from monofast import __version__
 from monofast.common import config, distributed, files
-from monofast.common.errors import DataError, UserError
+from monofast.common.errors import UserError
 from monofast.common.log import logger
-from monofast.run.stages import MANIFEST, RunDir, Stage
+from monofast.run.stages import RunDir, Stage
 
 MANIFEST_FORMAT = 1
 """Bumped when a manifest's meaning changes; a folder with another format is refused."""
@@ -41,7 +41,7 @@ def _outputs(folder: Path) -> list[Path]:
     out = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if (path.is_file() and path.name not in (MANIFEST, ATTEMPT)
+        if (path.is_file() and path.name not in (files.MANIFEST_FILE, ATTEMPT)
                 and not any(part.endswith(".tmp") for part in rel.parts)):
             out.append(path)
     return out
@@ -60,7 +60,7 @@ def _remove_temporaries(folder: Path) -> None:
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
     """The folder's manifest; None when it has none or a corrupt one (the stage re-runs).
     A manifest of another format (another monofast version) is a `UserError`."""
-    path = folder / MANIFEST
+    path = folder / files.MANIFEST_FILE
     if not path.is_file():
         return None
     try:
@@ -93,16 +93,8 @@ def _input_digests(stage: Stage, run: RunDir) -> dict[str, str]:
         manifest = _read_manifest(folder) or {}
         for rel, record in manifest.get("outputs", {}).items():
             digest = files.current_digest(folder / rel, record)
-            if digest is None:
-                raise UserError(
-                    f"{folder / rel} is missing but stage {name!r} recorded it; "
-                    f"re-run it with `monofast run --run {run.root} --from {name}`"
-                )
-            if digest != record.get("digest"):  # changed since (the size or time moved too)
-                raise DataError(
-                    f"{folder / rel} was changed or damaged after stage {name!r} wrote it (its XXH3 "
-                    f"digest is not the one recorded in {name}/{MANIFEST}); redo that stage with "
-                    f"`monofast run --run {run.root} --from {name}`")
+            if digest is None or digest != record.get("digest"):  # missing, or changed since
+                raise files.not_as_recorded(folder / rel, folder)
             digests[f"{name}/{rel}"] = digest
     return digests
 
@@ -131,7 +123,7 @@ def run_stage(stage: Stage, cfg: Any, run: RunDir, force: bool = False) -> bool:
         return False
     inputs = _input_digests(stage, run)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / MANIFEST).unlink(missing_ok=True)
+    (folder / files.MANIFEST_FILE).unlink(missing_ok=True)
     _remove_temporaries(folder)
     attempt = {"identity": config.identity(cfg), "inputs": inputs}
     if not force:
@@ -142,7 +134,7 @@ def run_stage(stage: Stage, cfg: Any, run: RunDir, force: bool = False) -> bool:
     finished = time.time()
     (folder / ATTEMPT).unlink(missing_ok=True)
     outputs = {p.relative_to(folder).as_posix(): files.file_record(p) for p in _outputs(folder)}
-    files.write_json(folder / MANIFEST, {
+    files.write_json(folder / files.MANIFEST_FILE, {
         "format": MANIFEST_FORMAT,
         "stage": stage.name,
         "config": config.to_dict(cfg),

@@ -15,7 +15,6 @@ from typing import Any, NamedTuple, Optional
 
 from monofast.common import files
 
-MANIFEST = files.MANIFEST_FILE
 
 
 class Row(NamedTuple):
@@ -45,7 +44,7 @@ class Results(NamedTuple):
 
 def _finished(run: Path, stage: str) -> Optional[Path]:
     folder = run / stage
-    return folder if (folder / MANIFEST).is_file() else None
+    return folder if (folder / files.MANIFEST_FILE).is_file() else None
 
 
 def _last_eval(path: Path) -> Optional[dict[str, Any]]:
@@ -78,9 +77,9 @@ def collect(run: str | Path) -> Results:
     site_index = site_dir / "index.html" if site_dir and (site_dir / "index.html").is_file() else None
     seconds = {}
     for folder in sorted(p for p in run.iterdir() if p.is_dir()) if run.is_dir() else []:
-        if (folder / MANIFEST).is_file():
+        if (folder / files.MANIFEST_FILE).is_file():
             try:
-                seconds[folder.name] = float(json.loads((folder / MANIFEST).read_text())["seconds"])
+                seconds[folder.name] = float(json.loads((folder / files.MANIFEST_FILE).read_text())["seconds"])
             except (ValueError, KeyError, TypeError):
                 continue
     return Results(run, gpt, sae_name, sae, shape, summary, site_index, seconds)

@@ -25,8 +25,6 @@ from monofast.common.checkpoint import CHECKPOINT_FILE
 from monofast.common.files import MANIFEST_FILE
 from monofast.common.errors import UserError
 
-MANIFEST = MANIFEST_FILE
-"""Written last by a finished stage (`monofast.run.manifest`): a folder without one is unfinished."""
 
 
 @dataclass(frozen=True)
@@ -107,9 +105,9 @@ class RunDir:
     def require(self, name: str) -> Path:
         """The folder of a finished earlier stage, or a `UserError` saying how to make it."""
         folder = self.stage(name)
-        if not (folder / MANIFEST).is_file():
+        if not (folder / MANIFEST_FILE).is_file():
             raise UserError(
-                f"stage {name!r} has not finished in {self.root} (no {name}/{MANIFEST}); "
+                f"stage {name!r} has not finished in {self.root} (no {name}/{MANIFEST_FILE}); "
                 f"run `{stage_named(name).cli()} --run {self.root}` or `monofast run --run {self.root}` first"
             )
         return folder
