@@ -191,25 +191,17 @@ class _Window:
         is finite only if every loss added to it was."""
         mean = self.mean_loss()
         if not math.isfinite(mean):
-            first = step
-            if self.unread:
-                bad = (~torch.isfinite(torch.stack(self.unread))).nonzero().flatten().tolist()
-                first = step - len(self.unread) + 1 + bad[0] if bad else step
-            raise _diverged(trainer, first, f"the training loss is {_bad_value(self.unread, mean)}", saved, out)
+            first, value = step, mean
+            losses = torch.stack(self.unread).float().cpu() if self.unread else torch.zeros(0)
+            bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+            if bad:  # the first non-finite loss since the last read-back, and its step
+                first, value = step - len(self.unread) + 1 + bad[0], float(losses[bad[0]])
+            raise _diverged(trainer, first, f"the training loss is {value}", saved, out)
         self.unread = []
         return mean
 
     def tokens_per_s(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
-
-
-def _bad_value(losses: list[torch.Tensor], mean: float) -> str:
-    """'nan' or 'inf': the first non-finite of `losses`, else `mean`'s."""
-    for loss in losses:
-        value = float(loss)
-        if not math.isfinite(value):
-            return str(value)
-    return str(mean)
 
 
 def _diverged(trainer: Trainer, step: int, what: str, saved: int | None, out: Path) -> UserError:
