@@ -288,10 +288,15 @@ def test_flipped_data_byte_fails_verify_naming_the_shard(damaged):
 
 
 def flip_data_byte(path: Path) -> None:
-    """Flip one byte in the middle of a shard's data (after its header), in place."""
-    blob = bytearray(path.read_bytes())
-    blob[activations.HEADER_BYTES + (len(blob) - activations.HEADER_BYTES) // 2] ^= 0x10
-    path.write_bytes(bytes(blob))
+    """Flip one byte in the middle of a shard's data (after its header), in place: the file
+    keeps its length throughout (rewriting it whole would truncate it for a moment, and a
+    stream reading the mapped shard then would fault)."""
+    where = activations.HEADER_BYTES + (path.stat().st_size - activations.HEADER_BYTES) // 2
+    with open(path, "r+b") as fh:
+        fh.seek(where)
+        byte = fh.read(1)[0]
+        fh.seek(where)
+        fh.write(bytes([byte ^ 0x10]))
 
 
 def rows_until_error(stream) -> tuple[list[int], CorruptFileError]:
