@@ -5,7 +5,7 @@ inside a function is still a dependency, only a later one), and so does a module
 a string to be imported later ("monofast.gpt.train:run_stage").
 
 - `common/` imports nothing of monofast but itself and the native module;
-- a stage (`data`, `gpt`, `activations`, `sae`, `analysis`, `site`, in pipeline order)
+- a stage (`data`, `gpt`, `activations`, `sae`, `analysis`, `findings`, `site`, in pipeline order)
   imports `common/`, the native module, `kernels` and earlier stages only;
 - `run/` imports `common/` and the stages, never `cli/`; nothing but `cli/` (and
   `python -m monofast`) imports `cli/`;
@@ -22,7 +22,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "monofast"
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-STAGES = ("data", "gpt", "activations", "sae", "analysis", "site")
+STAGES = ("data", "gpt", "activations", "sae", "analysis", "findings", "site")
 SPEC = re.compile(r"^monofast(\.\w+)+(:\w+)?$")
 """A module named in a string (the stage registry, the command table, the kernel backends)."""
 
