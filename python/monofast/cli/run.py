@@ -13,7 +13,7 @@ from monofast.run import estimate, results
 from monofast.run.pipeline import run_all
 from monofast.run.presets import PRESETS
 from monofast.run.resolve import file_layer, resolve_config
-from monofast.run.stages import STAGES
+from monofast.run.stages import EXTRAS, STAGES
 
 
 class RunCommand:
@@ -30,6 +30,10 @@ class RunCommand:
         parser.add_argument("--to", dest="stop", default=None,
                             choices=[s.name for s in STAGES],
                             help="stop after this stage")
+        parser.add_argument("--with", dest="extras", action="append", default=[], choices=EXTRAS,
+                            help="add the stages of an extra: findings (the paper's feature splitting, "
+                                 "universality, specificity and steering: a family of SAEs and a second "
+                                 "model, about 1.5x the run's time)")
 
     def main(self, args: argparse.Namespace) -> int:
         layers: dict[str, list[dict[str, Any]]] = {}
@@ -44,7 +48,8 @@ class RunCommand:
                 raise UserError(f"--set {item!r}: no stage {stage!r}; stages are {', '.join(layers)}")
             layers[stage].append({name: value})
         run = args_run_dir(args)
-        run_all(args.preset, run, layers, force=args.force, start=args.start, stop=args.stop)
+        run_all(args.preset, run, layers, force=args.force, start=args.start, stop=args.stop,
+                extras=args.extras)
         print(results.text(results.collect(run.root)), flush=True)
         return 0
 

@@ -259,7 +259,7 @@ def run_shared(stage: Any, cfg: Any, run: Any, runner: Callable[[Any, Any], None
     """Run a pipeline stage's `runner(cfg, run)`: on every rank when the stage shares its
     work (`stage.distributed`), else on rank 0 alone."""
     if world().size > 1 and getattr(stage, "distributed", False):
-        lead(stage.name, cfg, run.root)
+        lead(run.folder_name(stage.name), cfg, run.root)  # `twin/gpt` for the second model
         runner(cfg, run)
         stage_done()
     else:

@@ -16,6 +16,7 @@ activation rows × dimension × bytes per value, example windows and pages.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -237,6 +238,24 @@ def _sae(cfg: Any, sh: Shapes, device: Device, rates: Rates, rows: int) -> Stage
     return StageEstimate(seconds, int((members + 1) * weights))
 
 
+def _family(cfg: Any, sh: Shapes, device: Device, rates: Rates, rows: int) -> StageEstimate:
+    """The family's widths train side by side: one SAE of their summed width, one member."""
+    one = dataclasses.replace(cfg, l1_coeff=cfg.l1_coeff[:1], k=cfg.k[:1])
+    return _sae(one, dataclasses.replace(sh, d_sae=sum(cfg.expansions) * sh.d_mlp), device, rates, rows)
+
+
+def _findings(cfg: Any, sh: Shapes, device: Device, rates: Rates, family: Any) -> StageEstimate:
+    """Two models and every family member over the tokens, the correlations, the map and the
+    steering continuations (no KV cache: each new token re-reads its context)."""
+    widths = sh.d_sae + sum(getattr(family, "expansions", ())) * sh.d_mlp
+    tokens = min(cfg.tokens, sh.tokens)
+    flops = tokens * (2 * sh.forward_flops(head=False) + 2 * sh.d_mlp * (widths + sh.d_sae)
+                      + 2 * (sh.d_sae**2 + sh.d_mlp**2))
+    steered = 2 * cfg.steer_features * 3 * cfg.steer_prompts * cfg.steer_tokens * 64 * sh.forward_flops()
+    seconds = (flops + steered) / (device.gflops * 1e9 * rates.analysis_share) + min(cfg.map_points, widths) * 0.01 + 5
+    return StageEstimate(seconds, int(widths * 400 + sh.d_sae * 2_000))
+
+
 def _analysis(cfg: Any, sh: Shapes, device: Device, rates: Rates) -> StageEstimate:
     tokens = min(cfg.tokens, sh.tokens)
     flops = tokens * (sh.forward_flops() + 2 * sh.d_mlp * sh.d_sae)
@@ -276,6 +295,10 @@ def estimate(configs: Mapping[str, Any], device: Device) -> dict[str, StageEstim
             out[name] = _sae(cfg, sh, device, rates, rows)
         elif name == "analysis":
             out[name] = _analysis(cfg, sh, device, rates)
+        elif name == "family":
+            out[name] = _family(cfg, sh, device, rates, rows)
+        elif name == "findings":
+            out[name] = _findings(cfg, sh, device, rates, configs.get("family"))
         elif name == "site":
             out[name] = _site(cfg, sh, configs.get("analysis"))
     return out

@@ -88,14 +88,15 @@ def incompatible(folder: Path, manifest: dict[str, Any]) -> UserError:
 def _input_digests(stage: Stage, run: RunDir) -> dict[str, str]:
     """Current digests of every file the stage reads, keyed `stage/relative/path`."""
     digests: dict[str, str] = {}
-    for name in stage.inputs:
+    present = [name for name in stage.optional_inputs if (run.stage(name) / files.MANIFEST_FILE).is_file()]
+    for name in stage.inputs + tuple(present):
         folder = run.require(name)
         manifest = _read_manifest(folder) or {}
         for rel, record in manifest.get("outputs", {}).items():
             digest = files.current_digest(folder / rel, record)
             if digest is None or digest != record.get("digest"):  # missing, or changed since
                 raise files.not_as_recorded(folder / rel, folder)
-            digests[f"{name}/{rel}"] = digest
+            digests[f"{run.folder_name(name)}/{rel}"] = digest
     return digests
 
 

@@ -4,83 +4,130 @@ into the stages that share their work."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from monofast.common.errors import UserError
 from monofast.common.log import logger
 from monofast.run import estimate
 from monofast.run.manifest import run_stage, up_to_date
 from monofast.run.resolve import resolve_config
-from monofast.run.stages import STAGES, RunDir, Stage, stage_named
+from monofast.run.stages import EXTRAS, STAGES, TWIN, TWIN_STAGES, RunDir, Stage, stage_named
+
+
+class Job(NamedTuple):
+    """One stage of a run, in the folder a run directory's view gives it."""
+
+    stage: Stage
+    cfg: Any
+    run: RunDir
+
+    @property
+    def label(self) -> str:
+        """Its folder in the run directory: `gpt`, `twin/gpt`."""
+        return self.run.folder_name(self.stage.name)
+
+    def inputs(self) -> list[str]:
+        """Labels of the jobs whose outputs it reads."""
+        return [self.run.folder_name(n) for n in self.stage.inputs + self.stage.optional_inputs]
 
 
 def run_all(preset: str, run: RunDir, layers: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-            force: bool = False, start: str | None = None, stop: str | None = None) -> dict[str, bool]:
-    """Run every stage in order. `layers[stage]` are override dicts applied after the preset;
-    `start` forces that stage and everything after it to re-run; `stop` is the last stage run.
-    Logs a line with the elapsed time and an estimate of the time left before each stage
-    that runs. Returns, per stage, whether it ran."""
+            force: bool = False, start: str | None = None, stop: str | None = None,
+            extras: Sequence[str] = ()) -> dict[str, bool]:
+    """Run every stage in order, with the stages of `extras` (`findings`: the family of
+    SAEs, the second model in twin/ and the findings). `layers[stage]` are override dicts
+    applied after the preset; `start` forces that stage and everything after it to re-run;
+    `stop` is the last stage run. Logs a line with the elapsed time and an estimate of the
+    time left before each stage that runs. Returns, per stage folder, whether it ran."""
     layers = layers or {}
     unknown = set(layers) - {s.name for s in STAGES}
     if unknown:
         raise UserError(f"no stage named {', '.join(sorted(unknown))}; stages are: "
                         f"{', '.join(s.name for s in STAGES)}")
+    for extra in extras:
+        if extra not in EXTRAS:
+            raise UserError(f"--with {extra}: no such extra; choose {', '.join(EXTRAS)}")
     for name in (start, stop):
         if name is not None:
             stage_named(name)
-    stages = list(STAGES)
+    jobs = _jobs(preset, run, layers, extras)
     if stop is not None:
-        stages = stages[:[s.name for s in stages].index(stop) + 1]
-    configs = {s.name: resolve_config(s, preset, *layers.get(s.name, [])) for s in stages}
-    forced = _forced(stages, force, start)
-    todo = plan(stages, configs, run, forced)
-    clock = _Clock(_estimates(configs, todo))
+        jobs = jobs[:[j.label for j in jobs].index(stop) + 1]
+    forced = _forced(jobs, force, start)
+    todo = plan(jobs, forced)
+    clock = _Clock(_estimates(jobs, todo))
     ran: dict[str, bool] = {}
-    for number, stage in enumerate(stages, 1):
-        if todo[stage.name]:
-            clock.announce(stage.name, number, len(stages), todo)
+    for number, job in enumerate(jobs, 1):
+        if todo[job.label]:
+            clock.announce(job.label, number, len(jobs), todo)
         began = time.time()
-        ran[stage.name] = run_stage(stage, configs[stage.name], run, force=forced[stage.name])
-        clock.done(stage.name, time.time() - began, ran[stage.name])
-        todo[stage.name] = False
+        ran[job.label] = run_stage(job.stage, job.cfg, job.run, force=forced[job.label])
+        clock.done(job.label, time.time() - began, ran[job.label])
+        todo[job.label] = False
     logger.info("run: %d of %d stages ran, %d up to date, in %s -> %s", sum(ran.values()), len(ran),
                 len(ran) - sum(ran.values()), estimate.duration(clock.elapsed()), run.root)
     return ran
 
 
-def _forced(stages: list[Stage], force: bool, start: str | None) -> dict[str, bool]:
-    out, forcing = {}, force
+def _jobs(preset: str, run: RunDir, layers: Mapping[str, Sequence[Mapping[str, Any]]],
+          extras: Sequence[str]) -> list[Job]:
+    """The stages of the run in order, with their configs; with the findings, the second
+    model's GPT, harvest and SAE (the same configs, other seeds) come before the family."""
+    stages = [s for s in STAGES if not s.extra or s.extra in extras]
+    configs = {s.name: resolve_config(s, preset, *layers.get(s.name, [])) for s in stages}
+    jobs = []
     for stage in stages:
-        forcing = forcing or stage.name == start
-        out[stage.name] = forcing
+        if stage.name == "family":
+            offset = configs["findings"].twin_seed_offset
+            twin = run.twin()
+            for name in TWIN_STAGES:
+                cfg = configs[name]
+                if name == "gpt":
+                    cfg = dataclasses.replace(cfg, seed=cfg.seed + offset)
+                elif name == "sae":  # far from the seeds (seed + i) of the first model's sweep
+                    cfg = dataclasses.replace(cfg, seed=cfg.seed + 7_919 * offset)
+                jobs.append(Job(stage_named(name), cfg, twin))
+        jobs.append(Job(stage, configs[stage.name], run))
+    return jobs
+
+
+def _forced(jobs: list[Job], force: bool, start: str | None) -> dict[str, bool]:
+    out, forcing = {}, force
+    for job in jobs:
+        forcing = forcing or job.label == start
+        out[job.label] = forcing
     return out
 
 
-def plan(stages: list[Stage], configs: Mapping[str, Any], run: RunDir, forced: Mapping[str, bool]) -> dict[str, bool]:
+def plan(jobs: list[Job], forced: Mapping[str, bool]) -> dict[str, bool]:
     """Which stages will run: forced ones, those not up to date, and those reading from a
     stage that will run. Also refuses, before anything runs, a run directory written by an
     incompatible monofast."""
     todo: dict[str, bool] = {}
-    for stage in stages:
-        if forced[stage.name] or any(todo.get(name) for name in stage.inputs):
-            todo[stage.name] = True
+    for job in jobs:
+        if forced[job.label] or any(todo.get(name) for name in job.inputs()):
+            todo[job.label] = True
         else:
-            todo[stage.name] = not up_to_date(stage, configs[stage.name], run)
+            todo[job.label] = not up_to_date(job.stage, job.cfg, job.run)
     return todo
 
 
-def _estimates(configs: Mapping[str, Any], todo: Mapping[str, bool]) -> dict[str, float]:
+def _estimates(jobs: list[Job], todo: Mapping[str, bool]) -> dict[str, float]:
     """Estimated seconds of each stage that will run (measuring the device only when a
-    stage that uses it will run)."""
-    if not any(todo.get(name) for name in ("gpt", "activations", "sae", "analysis")):
+    stage that uses it will run); the second model's stages cost what the first's do."""
+    configs = {job.stage.name: job.cfg for job in jobs if job.run.folder_name(job.stage.name) == job.stage.name}
+    heavy = ("gpt", "activations", "sae", "analysis", "family", "findings")
+    if not any(runs and label.split("/")[-1] in heavy for label, runs in todo.items()):
         device = estimate.Device("cpu", "CPU", estimate.ASSUMED_GFLOPS["cpu"], measured=False)
     else:
         device = estimate.measure_device(getattr(configs.get("gpt"), "device", "auto"))
         logger.info("run: %s, matrix products at %.0f GFLOP/s (the time estimates below scale with it)",
                     device.name, device.gflops)
-    return {name: e.seconds for name, e in estimate.estimate(configs, device).items()}
+    seconds = {name: e.seconds for name, e in estimate.estimate(configs, device).items()}
+    return {job.label: seconds[job.stage.name] for job in jobs if job.stage.name in seconds}
 
 
 ETA_PRIOR_S = 60.0
@@ -117,5 +164,6 @@ class _Clock:
 
 def follow(name: str, cfg: Any, root: Path) -> None:
     """On a rank other than 0: run its part of the stage `name` that rank 0 leads
-    (`monofast.common.distributed.join` calls it)."""
-    stage_named(name).run_fn()(cfg, RunDir(root))
+    (`monofast.common.distributed.join` calls it); `name` is the stage's folder (`twin/gpt`)."""
+    run = RunDir(root).twin() if name.startswith(f"{TWIN}/") else RunDir(root)
+    stage_named(name).run_fn()(cfg, run)

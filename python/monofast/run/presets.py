@@ -76,6 +76,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The findings' family of SAEs trains with the SAE stage's recipe at other widths; the
+# SAE stage's own SAE joins it as the member of its width.
+_FAMILY = {"smoke": [1, 4], "quick": [1, 2, 8], "laptop": [1, 2, 8], "paper": [2, 4, 16]}
+for _name, _expansions in _FAMILY.items():
+    PRESETS[_name]["family"] = {**PRESETS[_name].get("sae", {}), "expansions": _expansions}
+PRESETS["paper"]["family"]["l1_coeff"] = [2.5]  # one per width; --target-l0 steers each
+PRESETS["smoke"]["findings"] = {"tokens": 4096, "batch_contexts": 16, "map_points": 200, "steer_features": 1,
+                                "steer_prompts": 2, "steer_tokens": 8}
+
+
 def names() -> list[str]:
     return list(PRESETS)
 

@@ -7,7 +7,15 @@ Stages, in order (the same names for the folder, the preset key and the command)
 3. `activations`  MLP activation shards          `monofast activations harvest` (alias `harvest`)
 4. `sae`          sparse autoencoders            `monofast sae train`
 5. `analysis`     feature statistics, examples   `monofast analysis`
-6. `site`         the static feature browser     `monofast site`
+6. `findings`     the paper's other findings     `monofast run --with findings`:
+   `family`       SAEs of growing width          `monofast family`
+   `twin/...`     a second GPT, harvest and SAE  (the stages above, another seed, in twin/)
+   `findings`     splitting, universality,       `monofast findings`
+                  specificity, steering
+7. `site`         the static feature browser     `monofast site`
+
+Stages of an extra (`findings`) run only when asked for (`--with findings`); the site shows
+the findings when their folder is there.
 
 Stages are named by import paths, so listing them (for `--help`) imports nothing heavy.
 """
@@ -51,6 +59,10 @@ class Stage:
     distributed: bool = False
     """Under torchrun every rank runs it, each on its part of the work (`monofast.common.distributed`);
     other stages run on rank 0 alone."""
+    extra: str = ""
+    """The extra it belongs to (`findings`): it runs only when a run asks for it (`--with`)."""
+    optional_inputs: tuple[str, ...] = ()
+    """Earlier stages it reads when they have finished (the site shows the findings if there)."""
 
     def cli(self) -> str:
         return f"monofast {self.command or self.name}"
@@ -81,35 +93,64 @@ STAGES: tuple[Stage, ...] = (
           resume_file=CHECKPOINT_FILE, distributed=True),
     Stage("analysis", "monofast.analysis.config:AnalysisConfig", "monofast.analysis.run:run_stage",
           ("data", "gpt", "sae"), "feature statistics, top-k and quantile examples, ablation effects"),
+    Stage("family", "monofast.findings.config:FamilyConfig", "monofast.findings.family:run_stage",
+          ("data", "activations", "gpt", "sae"), "SAEs of growing width on the same activations (feature splitting)",
+          resume_file=CHECKPOINT_FILE, distributed=True, extra="findings"),
+    Stage("findings", "monofast.findings.config:FindingsConfig", "monofast.findings.run:run_stage",
+          ("data", "gpt", "sae", "analysis", "family", "twin/gpt", "twin/sae"),
+          "feature splitting, universality, specificity and steering", extra="findings"),
     Stage("site", "monofast.site.config:SiteConfig", "monofast.site.build:run_stage", ("sae", "analysis"),
-          "static feature browser that opens from file://"),
+          "static feature browser that opens from file://", optional_inputs=("findings",)),
 )
+"""Every stage, in pipeline order."""
+
+EXTRAS = ("findings",)
+"""What `--with` can add to a run."""
+
+TWIN = "twin"
+"""Folder of the second model: the GPT, activations and SAE stages again, another seed."""
+TWIN_STAGES = ("gpt", "activations", "sae")
 
 
 def stage_named(name: str) -> Stage:
+    """The stage `name` (a twin's `twin/gpt` is the `gpt` stage)."""
+    base = name.removeprefix(f"{TWIN}/")
     for stage in STAGES:
-        if stage.name == name:
+        if stage.name == base:
             return stage
     raise UserError(f"unknown stage {name!r}; stages are: {', '.join(s.name for s in STAGES)}")
 
 
 @dataclass(frozen=True)
 class RunDir:
-    """A run directory: `root/<stage>/` per stage."""
+    """A run directory: `root/<stage>/` per stage. `moved` puts some stages elsewhere in
+    it (the second model's view: `gpt` -> `twin/gpt`, the data shared)."""
 
     root: Path
+    moved: tuple[tuple[str, str], ...] = ()
+
+    def folder_name(self, name: str) -> str:
+        """The folder of stage `name`, relative to the root."""
+        return dict(self.moved).get(name, name)
 
     def stage(self, name: str) -> Path:
-        return self.root / name
+        return self.root / self.folder_name(name)
+
+    def twin(self) -> "RunDir":
+        """The second model's view of this run: its GPT, activations and SAE in twin/."""
+        return RunDir(self.root, tuple((name, f"{TWIN}/{name}") for name in TWIN_STAGES))
 
     def require(self, name: str) -> Path:
         """The folder of a finished earlier stage, or a `UserError` saying how to make it."""
         folder = self.stage(name)
         if not (folder / MANIFEST_FILE).is_file():
-            raise UserError(
-                f"stage {name!r} has not finished in {self.root} (no {name}/{MANIFEST_FILE}); "
-                f"run `{stage_named(name).cli()} --run {self.root}` or `monofast run --run {self.root}` first"
-            )
+            rel = self.folder_name(name)
+            stage = stage_named(rel)
+            how = (f"`monofast run --run {self.root} --with {stage.extra or 'findings'}`"
+                   if stage.extra or rel != name or rel.startswith(f"{TWIN}/")
+                   else f"`{stage.cli()} --run {self.root}` or `monofast run --run {self.root}`")
+            raise UserError(f"stage {rel!r} has not finished in {self.root} (no {rel}/{MANIFEST_FILE}); "
+                            f"run {how} first")
         return folder
 
 

@@ -121,6 +121,12 @@ class SAETrainConfig:
             return [(f"k{k}", 0.0, k) for k in self.k]
         return [(f"l1_{c:g}", c, None) for c in self.l1_coeff]
 
+    def members(self, d_in: int) -> list[tuple[str, float, Optional[int], int]]:
+        """(name, l1 coefficient, k, features) of every SAE to train on inputs of `d_in`:
+        the sweep, all of one width (a family of widths overrides this)."""
+        d_sae = self.d_sae or self.expansion * d_in
+        return [(name, l1, k, d_sae) for name, l1, k in self.sweep()]
+
     def warmup_fraction(self) -> float:
         return self.l1_warmup if self.l1_warmup != -1.0 else (0.05 if self.variant == "april2024" else 0.0)
 

@@ -35,12 +35,11 @@ class Member(NamedTuple):
 
 def build_sweep(cfg: SAETrainConfig, d_in: int, sample: torch.Tensor, steps: int,
                 device: torch.device) -> list[Member]:
-    """One SAE and its optimizer per member of `cfg.sweep()`, on `device`: input scale and
+    """One SAE and its optimizer per member of `cfg.members()`, on `device`: input scale and
     decoder bias set from `sample`, dead after a quarter of the run's tokens (at most 10M)."""
-    d_sae = cfg.d_sae or cfg.expansion * d_in
     dead_tokens = max(cfg.batch_size, min(10_000_000, steps * cfg.batch_size // 4))
     members = []
-    for i, (name, l1_coeff, k) in enumerate(cfg.sweep()):
+    for i, (name, l1_coeff, k, d_sae) in enumerate(cfg.members(d_in)):
         try:
             sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, variant=cfg.variant, k=k or 32,
                                 dead_tokens=dead_tokens, compute_dtype=cfg.compute_dtype)
@@ -85,7 +84,7 @@ def lambda_search(cfg: SAETrainConfig, members: list[Member], steps: int) -> Opt
     """The lambda search of --target-l0 for the L1 variants (TopK's L0 is its k: none)."""
     if cfg.target_l0 <= 0:
         return None
-    sae_search.check_target(cfg.target_l0, members[0].sae.cfg.d_sae)
+    sae_search.check_target(cfg.target_l0, min(m.sae.cfg.d_sae for m in members))
     if cfg.variant == "topk":
         return None
     return sae_search.LambdaSearch(cfg.target_l0, [m.l1_coeff for m in members], steps)

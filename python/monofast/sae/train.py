@@ -226,8 +226,9 @@ def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
         share_member(m)
     search = lambda_search(cfg, members, steps)
     probe = probe_rows(store, cutoff, rng) if search is not None else None
-    logger.info("sae: %d SAE(s) of %d features on %d rows of %d (%d held out), %d steps of %d, on %s%s",
-                len(members), members[0].sae.cfg.d_sae, cutoff, store.dim, store.rows - cutoff, steps,
+    widths = sorted({m.sae.cfg.d_sae for m in members})
+    logger.info("sae: %d SAE(s) of %s features on %d rows of %d (%d held out), %d steps of %d, on %s%s",
+                len(members), "/".join(f"{w:,}" for w in widths), cutoff, store.dim, store.rows - cutoff, steps,
                 cfg.batch_size, device, f" and {here.size - 1} more processes" if here.size > 1 else "")
     batches = TrainingBatches(store, cfg, cutoff, device)
     try:
@@ -277,19 +278,22 @@ def save_all(members: list[Member], out: Path, evaluation: dict[str, Any], targe
                           if isinstance(v, float)))
 
 
-def run_stage(cfg: SAETrainConfig, run: Any) -> None:
-    """Pipeline entry point: fill `sae/` from `activations/`, measuring CE-loss recovered with
-    the GPT of `gpt/` on the validation split of `data/`."""
-    store_dir = run.require("activations")
-    gpt_dir = run.require("gpt")
+def hook_metadata(store_dir: str | Path) -> dict[str, Any]:
+    """What cfg.json records of where the activations come from (the names SAELens reads)."""
     extra = read_index(store_dir).extra
-    gpt_info = extra.get("gpt", {})
-    layer = gpt_info.get("layer")
-    metadata = {
+    layer = extra.get("gpt", {}).get("layer")
+    return {
         "model_name": "monofast-gpt",
         "hook_name": f"blocks.{layer}.mlp.hook_post" if layer is not None else None,
         "hook_layer": layer,
         "context_size": extra.get("context_length"),
     }
+
+
+def run_stage(cfg: SAETrainConfig, run: Any, stage: str = "sae") -> None:
+    """Pipeline entry point: fill `sae/` (or the folder of `stage`) from `activations/`,
+    measuring CE-loss recovered with the GPT of `gpt/` on the validation split of `data/`."""
+    store_dir = run.require("activations")
+    gpt_dir = run.require("gpt")
     data_dir = run.require("data") if cfg.ce_eval_tokens else None
-    train(cfg, store_dir, run.stage("sae"), metadata, gpt_dir=gpt_dir, data_dir=data_dir)
+    train(cfg, store_dir, run.stage(stage), hook_metadata(store_dir), gpt_dir=gpt_dir, data_dir=data_dir)
