@@ -68,7 +68,8 @@ def otsu(values: np.ndarray, bins: int = 64) -> float:
     m0 = np.divide(s0, w0, out=np.zeros_like(s0), where=w0 > 0)
     m1 = np.divide((counts * centres).sum() - s0, w1, out=np.zeros_like(s0), where=w1 > 0)
     between = w0 * w1 * (m0 - m1) ** 2
-    return float(edges[1:-1][int(between.argmax())])
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))  # a gap between humps: all equal
+    return float(edges[1:-1][best[len(best) // 2]])
 
 
 class Threshold(NamedTuple):
