@@ -13,7 +13,7 @@ class SiteConfig:
     """Title of the index page (and suffix of every feature page's title)."""
     max_pages: int = 0
     """Feature pages to write: 0 writes one for every feature; N writes features 0..N-1 only
-    (the index still lists them all)."""
+    (the index still lists them all), and as many of each other family width's."""
 
     def __post_init__(self) -> None:
         if self.max_pages < 0:

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import numpy as np
 
 from monofast.site import svg
+from monofast.site.findings import Findings
 from monofast.site.text import Vocab, decode_window, display, escape, fmt
 
 ASSETS = "assets"
@@ -29,6 +30,8 @@ class SiteData(NamedTuple):
     examples: dict[str, np.ndarray]
     vocab: Vocab
     sources: list[str]
+    findings: Optional[Findings] = None
+    """The findings stage's results, when the run has them (`monofast.site.findings`)."""
 
 
 def page(title: str, body: str, depth: int, script: str = "") -> str:
@@ -122,7 +125,8 @@ def _nav(f: int, n: int) -> str:
     return f'<nav class="nav">{prev_link} <a href="../index.html">index</a> {next_link}</nav>'
 
 
-def feature_page(data: SiteData, f: int) -> str:
+def feature_page(data: SiteData, f: int, sections: Sequence[str] = ()) -> str:
+    """features/<f>.html; `sections` (HTML: the findings') go after the histogram."""
     feats, ex, names = data.features, data.examples, data.sources
     n = len(feats["density"])
     density = float(feats["density"][f])
@@ -131,6 +135,7 @@ def feature_page(data: SiteData, f: int) -> str:
     parts = [_nav(f, n), f"<h1>Feature {f}</h1>"]
     if fires == 0:
         parts.append(f'<p class="muted">Never fired on the {data.summary.get("tokens", 0):,} analysed tokens (dead).</p>')
+        parts += [s for s in sections if s]
         return page(f"Feature {f} · {data.title}", "\n".join(parts + [_nav(f, n)]), 1, f"{ASSETS}/feature.js")
     one_in = f"1 in {1 / density:,.0f}" if density > 0 else "never"
     parts.append(
@@ -154,6 +159,7 @@ def feature_page(data: SiteData, f: int) -> str:
                            for i, c in zip(feats["neighbour_ids"][f], feats["neighbour_cos"][f]))
                  + "</ol></div></div>")
     parts.append(_histogram(data, f))
+    parts += sections
     parts.append("<h2>Top activations</h2>")
     for j in range(ex["top_rows"].shape[1]):
         if ex["top_rows"][f, j] < 0:
@@ -304,12 +310,15 @@ def evaluation_table(evaluation: dict[str, Any], analysed: str = "") -> str:
 def index_page(data: SiteData, metrics: list[dict[str, Any]], evaluation: dict[str, Any]) -> str:
     s = data.summary
     by_source = ", ".join(f"{escape(k)} {v:,}" for k, v in s.get("tokens_by_source", {}).items())
-    parts = [f"<h1>{escape(data.title)}</h1>",
-             f'<p class="lead">{s["features"]["total"]:,} SAE features of MLP layer {s.get("layer", "?")} '
-             f'({s.get("hook_name", "")}), analysed over {s.get("tokens", 0):,} tokens ({by_source}).</p>',
-             f'<p class="verdict">{escape(s.get("verdict", ""))}</p>',
-             _counts_table(s),
-             '<div class="figs">' + "".join(summary_figures(s)) + "</div>"]
+    parts = [f"<h1>{escape(data.title)}</h1>"]
+    if data.findings is not None:
+        parts.append('<nav class="top"><a href="findings.html">Findings</a>: feature splitting across SAE widths, '
+                     'universality across two models, specificity, steering</nav>')
+    parts += [f'<p class="lead">{s["features"]["total"]:,} SAE features of MLP layer {s.get("layer", "?")} '
+              f'({s.get("hook_name", "")}), analysed over {s.get("tokens", 0):,} tokens ({by_source}).</p>',
+              f'<p class="verdict">{escape(s.get("verdict", ""))}</p>',
+              _counts_table(s),
+              '<div class="figs">' + "".join(summary_figures(s)) + "</div>"]
     training = training_figures(metrics)
     if training or evaluation:
         parts.append("<h2>SAE training and evaluation</h2>")

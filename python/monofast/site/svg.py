@@ -1,9 +1,10 @@
-"""Small inline SVG charts (no plotting library): overlaid histograms and line charts."""
+"""Small inline SVG charts (no plotting library): overlaid histograms, line charts, stacked
+bars and a scatter map of linked points."""
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from monofast.site.text import escape, fmt
 
@@ -19,7 +20,7 @@ class Series(NamedTuple):
 
 
 def _frame(title: str, xlabel: str, ylabel: str, y_max: float, legend: Sequence[str], body: list[str],
-           y_min: float = 0.0) -> str:
+           y_min: float = 0.0, first_color: int = 0) -> str:
     w, h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}">',
              f'<text x="{LEFT}" y="14" class="ct">{escape(title)}</text>',
@@ -34,22 +35,37 @@ def _frame(title: str, xlabel: str, ylabel: str, y_max: float, legend: Sequence[
     for i, name in enumerate(legend):
         x = LEFT + w - 120
         y = TOP + 4 + 14 * i
-        parts.append(f'<rect x="{x}" y="{y}" width="10" height="10" fill="{COLORS[i % len(COLORS)]}"/>'
+        parts.append(f'<rect x="{x}" y="{y}" width="10" height="10" fill="{COLORS[(first_color + i) % len(COLORS)]}"/>'
                      f'<text x="{x + 14}" y="{y + 9}" class="lg">{escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
+def _marks(marks: Sequence[tuple[float, str]], x0: float, x1: float) -> list[str]:
+    """Dashed vertical lines at data values `x` (between x0 and x1), each with a label."""
+    w, h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    out = []
+    for x, label in marks:
+        if not (math.isfinite(x) and x0 <= x <= x1) or x1 <= x0:
+            continue
+        px = LEFT + w * (x - x0) / (x1 - x0)
+        out.append(f'<line x1="{px:.1f}" y1="{TOP}" x2="{px:.1f}" y2="{TOP + h}" class="mk"/>'
+                   f'<text x="{px + 3:.1f}" y="{TOP + 10}" class="lg">{escape(label)}</text>')
+    return out
+
+
 def histogram(title: str, series: Sequence[Series], edges: Sequence[float], xlabel: str, ylabel: str,
-              tick_every: int = 4) -> str:
-    """Overlaid bar histograms sharing the bins between `edges` (len = bins + 1)."""
+              tick_every: int = 4, marks: Sequence[tuple[float, str]] = (), first_color: int = 0) -> str:
+    """Overlaid bar histograms sharing the bins between `edges` (len = bins + 1); `marks` are
+    labelled dashed lines at values on the x axis (a threshold); series i is drawn in
+    COLORS[first_color + i] (charts side by side keep one colour per quantity)."""
     bins = len(edges) - 1
     y_max = max([max(s.values, default=0) for s in series] + [1e-12])
     w, h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     bw = w / max(bins, 1)
     body = []
     for i, s in enumerate(series):
-        color = COLORS[i % len(COLORS)]
+        color = COLORS[(first_color + i) % len(COLORS)]
         for b, v in enumerate(s.values):
             if v <= 0:
                 continue
@@ -59,7 +75,83 @@ def histogram(title: str, series: Sequence[Series], edges: Sequence[float], xlab
                         f'{escape(fmt(v))} in [{escape(fmt(edges[b]))}, {escape(fmt(edges[b + 1]))})</title></rect>')
     for b in range(0, bins + 1, max(tick_every, 1)):
         body.append(f'<text x="{LEFT + b * bw:.1f}" y="{TOP + h + 12}" class="xl">{escape(fmt(edges[b], 2))}</text>')
-    return _frame(title, xlabel, ylabel, y_max, [s.label for s in series], body)
+    if bins > 0 and len(set(round(edges[b + 1] - edges[b], 9) for b in range(bins))) == 1:  # equal bins only
+        body += _marks(marks, edges[0], edges[-1])
+    return _frame(title, xlabel, ylabel, y_max, [s.label for s in series], body, first_color=first_color)
+
+
+def stacked_bars(title: str, stacks: Sequence[Sequence[float]], edges: Sequence[float], labels: Sequence[str],
+                 xlabel: str, ylabel: str, tick_every: int = 2) -> str:
+    """One bar per bin between `edges` (len = bins + 1), stacked by part: `stacks` is
+    (bins, parts), part p drawn in COLORS[p] and named `labels[p]`. Every bin is a
+    `<g class="stack">`, empty bins included."""
+    bins = len(stacks)
+    y_max = max([sum(v for v in stack if v > 0) for stack in stacks] + [1e-12])
+    w, h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    bw = w / max(bins, 1)
+    body = []
+    for b, stack in enumerate(stacks):
+        rects, base = [], 0.0
+        for p, v in enumerate(stack):
+            if v <= 0:
+                continue
+            bh = h * v / y_max
+            rects.append(f'<rect x="{LEFT + b * bw:.1f}" y="{TOP + h - base - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" '
+                         f'height="{bh:.1f}" fill="{COLORS[p % len(COLORS)]}"><title>{escape(labels[p])}: '
+                         f'{escape(fmt(v))} in [{escape(fmt(edges[b]))}, {escape(fmt(edges[b + 1]))})</title></rect>')
+            base += bh
+        body.append(f'<g class="stack">{"".join(rects)}</g>')
+    for b in range(0, bins + 1, max(tick_every, 1)):
+        body.append(f'<text x="{LEFT + b * bw:.1f}" y="{TOP + h + 12}" class="xl">{escape(fmt(edges[b], 2))}</text>')
+    return _frame(title, xlabel, ylabel, y_max, list(labels), body)
+
+
+class Point(NamedTuple):
+    """One point of a scatter map."""
+
+    x: float
+    y: float
+    cls: str
+    """CSS classes (its colours in each view of the map)."""
+    href: Optional[str]
+    """Where a click goes (None: not a link)."""
+    tip: str
+    """Tooltip text (escaped here)."""
+
+
+MAP_SIZE = 600
+
+
+def scatter(title: str, points: Sequence[Point], legends: Sequence[tuple[str, Sequence[tuple[str, str]]]],
+            radius: float = 2.2) -> str:
+    """Points scaled into a square (axes carry no meaning: a 2-D layout), each a link with a
+    tooltip; coloured by CSS through their classes. `legends` are (group class, [(label,
+    swatch class)]): one legend per view, shown or hidden by the page's stylesheet."""
+    pad = 12
+    size = MAP_SIZE
+    if points:
+        xs, ys = [p.x for p in points], [p.y for p in points]
+        x0, y0 = min(xs), min(ys)
+        span = max(max(xs) - x0, max(ys) - y0) or 1.0
+    else:
+        x0 = y0 = 0.0
+        span = 1.0
+    scale = (size - 2 * pad) / span
+    body = [f'<svg class="map" viewBox="0 0 {size} {size + 18}" role="img" aria-label="{escape(title)}">',
+            f'<text x="4" y="13" class="ct">{escape(title)}</text>']
+    for p in points:
+        dot = (f'<circle cx="{pad + (p.x - x0) * scale:.1f}" cy="{18 + pad + (p.y - y0) * scale:.1f}" r="{radius}" '
+               f'class="{p.cls}"><title>{escape(p.tip)}</title></circle>')
+        body.append(f'<a href="{escape(p.href)}">{dot}</a>' if p.href else dot)
+    for group, items in legends:
+        parts = []
+        for i, (label, cls) in enumerate(items):
+            y = 24 + 14 * i
+            parts.append(f'<circle cx="{size - 110}" cy="{y}" r="5" class="{cls}"/>'
+                         f'<text x="{size - 100}" y="{y + 4}" class="lg">{escape(label)}</text>')
+        body.append(f'<g class="{group}">{"".join(parts)}</g>')
+    body.append("</svg>")
+    return "".join(body)
 
 
 def lines(title: str, x: Sequence[float], series: Sequence[Series], xlabel: str, ylabel: str,
