@@ -112,6 +112,25 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
     return SmokeRun(run, args, proc.stdout, proc.stderr)
 
 
+@pytest.fixture(scope="session")
+def smoke_findings(smoke_run, tmp_path_factory) -> SmokeRun:
+    """The smoke run again with `--with findings`: its stages up to date, then the second
+    model (twin/), the family of SAEs, the findings and the site again (~6 s)."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("findings")
+    run = root / "reference"
+    shutil.copytree(smoke_run.run, run)
+    args = smoke_run.args + ["--with", "findings"]
+    args += [a for stage in ("family", "findings") for a in ("--set", f"{stage}.device=cpu")]
+    proc = subprocess.run([sys.executable, "-m", "monofast", *args, "--run", str(run)],
+                          capture_output=True, text=True, timeout=600, env=monofast_env(root))
+    assert proc.returncode == 0, proc.stderr
+    return SmokeRun(run, args, proc.stdout, proc.stderr)
+
+
 def make_run(root: Path, layer: int = 1, variant: str = "anthropic2023") -> dict[str, Path]:
     """data/ from two local sources, a random 2-layer GPT and a random sparse-ish SAE: the
     inputs of the analysis and site stages."""

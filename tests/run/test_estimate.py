@@ -49,8 +49,20 @@ def test_sizes_match_a_smoke_run(smoke_run):
     cfgs = {s.name: resolve_config(s, "smoke") for s in STAGES}
     got = estimate.estimate(cfgs, CPU)
     for stage in STAGES:
+        if stage.extra:
+            continue
         real = sum(p.stat().st_size for p in (smoke_run.run / stage.name).rglob("*") if p.is_file())
         assert real / 1.5 < got[stage.name].disk_bytes < real * 1.5, stage.name
+
+
+def test_sizes_of_the_findings_match_a_smoke_run(smoke_findings):
+    """The same for the stages of the findings (the site is measured without them)."""
+    cfgs = {s.name: resolve_config(s, "smoke") for s in STAGES}
+    got = estimate.estimate(cfgs, CPU)
+    for stage in STAGES:
+        if stage.extra:
+            real = sum(p.stat().st_size for p in (smoke_findings.run / stage.name).rglob("*") if p.is_file())
+            assert real / 2 < got[stage.name].disk_bytes < real * 2, stage.name
 
 
 def test_measured_device():

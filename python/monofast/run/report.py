@@ -9,6 +9,8 @@ Writes into DIR:
                              least 98% that source (else more than the analysis's pure share),
                              the one that fires most often (headless Chromium; skipped, with a
                              warning, where no Chromium is installed)
+    findings.png             with the findings (`monofast run --with findings`): a screenshot
+                             of the site's Findings page, its four figures and numbers
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from monofast.common import files
 from monofast.common.errors import UserError
 from monofast.common.log import logger
 from monofast.run import results
-from monofast.run.stages import STAGES
+from monofast.run.stages import STAGES, TWIN, TWIN_STAGES
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 SHOWCASE_PURITY = 0.98
@@ -32,6 +34,8 @@ source's most common tokens."""
 SCREEN = (1000, 1400)
 """Screenshot size in CSS pixels: the feature's facts, source share, token lists and the
 first top-activation windows."""
+FINDINGS_SCREEN = (1100, 4200)
+"""The whole Findings page: its four figures and tables."""
 
 
 def write_report(run: Path, out: Path, features: Optional[Sequence[int]] = None) -> list[Path]:
@@ -45,7 +49,7 @@ def write_report(run: Path, out: Path, features: Optional[Sequence[int]] = None)
     files.write_text(written[0], "\n\n".join([
         f"<!-- written by `monofast report {run} --out {out}` -->",
         results.markdown(res),
-        results.timings_markdown(res, [s.name for s in STAGES]),
+        results.timings_markdown(res, stage_folders()),
     ]) + "\n")
     files.write_text(written[1], purity_svg(res.summary or {}))
     if res.site_index is None:
@@ -69,7 +73,21 @@ def write_report(run: Path, out: Path, features: Optional[Sequence[int]] = None)
         target = out / f"feature-{label}.png"
         screenshot(browser, page, target)
         written.append(target)
+    findings_page = res.site_index.parent / "findings.html"
+    if findings_page.is_file():
+        written.append(out / "findings.png")
+        screenshot(browser, findings_page, written[-1], FINDINGS_SCREEN)
     return written
+
+
+def stage_folders() -> list[str]:
+    """Every stage folder a run can have, in pipeline order (the twin's before the family)."""
+    out = []
+    for stage in STAGES:
+        if stage.name == "family":
+            out += [f"{TWIN}/{name}" for name in TWIN_STAGES]
+        out.append(stage.name)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,11 +130,11 @@ def find_browser() -> Optional[str]:
     return None
 
 
-def screenshot(browser: str, page: Path, target: Path) -> None:
+def screenshot(browser: str, page: Path, target: Path, size: tuple[int, int] = SCREEN) -> None:
     """A PNG of the top of `page` (a file:// URL, so the page's scripts run as in a browser)."""
     tmp = target.with_name(f".{target.name}.tmp.png")
     args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            f"--window-size={SCREEN[0]},{SCREEN[1]}", f"--screenshot={tmp}", page.resolve().as_uri()]
+            f"--window-size={size[0]},{size[1]}", f"--screenshot={tmp}", page.resolve().as_uri()]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)

@@ -39,7 +39,9 @@ class Results(NamedTuple):
     """analysis/summary.json."""
     site_index: Optional[Path]
     seconds: dict[str, float]
-    """Seconds each finished stage took, from its manifest."""
+    """Seconds each finished stage took, from its manifest (the twin's as `twin/gpt`)."""
+    findings: Optional[dict[str, Any]] = None
+    """findings/findings.json, when the run had the findings."""
 
 
 def _finished(run: Path, stage: str) -> Optional[Path]:
@@ -76,13 +78,19 @@ def collect(run: str | Path) -> Results:
         summary = files.read_json(analysis_dir / "summary.json", "analysis summary")
     site_index = site_dir / "index.html" if site_dir and (site_dir / "index.html").is_file() else None
     seconds = {}
-    for folder in sorted(p for p in run.iterdir() if p.is_dir()) if run.is_dir() else []:
+    folders = [p for p in run.iterdir() if p.is_dir()] if run.is_dir() else []
+    folders += [p for p in (run / "twin").iterdir() if p.is_dir()] if (run / "twin").is_dir() else []
+    for folder in sorted(folders):
         if (folder / files.MANIFEST_FILE).is_file():
             try:
-                seconds[folder.name] = float(json.loads((folder / files.MANIFEST_FILE).read_text())["seconds"])
+                seconds[folder.relative_to(run).as_posix()] = float(
+                    json.loads((folder / files.MANIFEST_FILE).read_text())["seconds"])
             except (ValueError, KeyError, TypeError):
                 continue
-    return Results(run, gpt, sae_name, sae, shape, summary, site_index, seconds)
+    findings_dir = _finished(run, "findings")
+    findings = (files.read_json(findings_dir / "findings.json", "findings")
+                if findings_dir and (findings_dir / "findings.json").is_file() else None)
+    return Results(run, gpt, sae_name, sae, shape, summary, site_index, seconds, findings)
 
 
 # ---------------------------------------------------------------------------------------
@@ -123,6 +131,35 @@ def rows(res: Results) -> list[Row]:
         n_all = res.summary["purity"]["neurons"].get("pure_fraction")
         if f_all is not None and n_all is not None:
             out.append(Row(f"features > {pure:.0%} one source", f"{f_all:.1%}", f"MLP neurons {n_all:.1%}"))
+    if res.findings is not None:
+        out += findings_rows(res.findings)
+    return out
+
+
+def findings_rows(found: dict[str, Any]) -> list[Row]:
+    """The paper's other findings: splitting, universality, specificity, steering."""
+    out: list[Row] = []
+    pairs = found.get("family", {}).get("pairs", [])
+    if pairs:
+        detail = "; ".join(f"{p['small'][1:]}->{p['large'][1:]}: {p['clear_parent_share']:.0%}, "
+                           f"{p['children_mean'] or 0:.1f} children each" for p in pairs)
+        out.append(Row("features with a clear parent (splitting)",
+                       f"{sum(p['clear_parent_share'] for p in pairs) / len(pairs):.1%}", detail))
+    u = found.get("universality", {})
+    if u.get("features"):
+        f, n = u["features"], u["neurons"]
+        out.append(Row("features matched in a 2nd model (r > 0.7)", f"{f['above_0.7']:.1%}",
+                       f"MLP neurons {n['above_0.7']:.1%}; median best r {f['median'] or 0:.2f} vs {n['median'] or 0:.2f}"))
+    spec = found.get("specificity", {})
+    if spec.get("features", {}).get("specificity_high_median") is not None:
+        f, n = spec["features"], spec["neurons"]
+        out.append(Row("specificity at high activation (median)", f"{f['specificity_high_median']:.1%}",
+                       f"MLP neurons {n['specificity_high_median'] or 0:.1%}"))
+    steer = found.get("steering", {})
+    clamped, base = steer.get("clamped_share"), steer.get("baseline_share")
+    if isinstance(clamped, dict) and clamped.get("median") is not None and base is not None:
+        out.append(Row("steered continuations in the feature's source", f"{clamped['median']:.1%}",
+                       f"median over {steer.get('steered', '?')} features; unclamped {base:.1%}"))
     return out
 
 

@@ -1,0 +1,96 @@
+"""The findings stages end to end at smoke size: the second model, the family of SAEs and the
+findings pass, cached like every stage."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from monofast import cli
+from monofast.common.errors import UserError
+from monofast.findings.config import FamilyConfig, FindingsConfig
+from monofast.run.stages import RunDir, stage_named
+
+
+def test_the_twin_view_moves_the_model_stages_only(tmp_path):
+    twin = RunDir(tmp_path).twin()
+    assert twin.stage("gpt") == tmp_path / "twin" / "gpt"
+    assert twin.stage("sae") == tmp_path / "twin" / "sae"
+    assert twin.stage("data") == tmp_path / "data"  # the same tokens
+    assert stage_named("twin/gpt").name == "gpt"
+    with pytest.raises(UserError, match="--with findings"):
+        RunDir(tmp_path).require("twin/gpt")
+    with pytest.raises(UserError, match="--with findings"):
+        RunDir(tmp_path).require("family")
+
+
+def test_family_members_one_per_width():
+    cfg = FamilyConfig(variant="april2024", l1_coeff=(2.0,), expansions=(8, 1, 2))
+    assert cfg.members(64) == [("w64", 2.0, None, 64), ("w128", 2.0, None, 128), ("w512", 2.0, None, 512)]
+    cfg = FamilyConfig(variant="topk", k=(8, 16), expansions=(1, 2))
+    assert [(m[0], m[2]) for m in cfg.members(32)] == [("w32", 8), ("w64", 16)]
+    for bad in ({"expansions": ()}, {"expansions": (2, 2)}, {"expansions": (0,)},
+                {"l1_coeff": (1.0, 2.0), "expansions": (1, 2, 4)}):
+        with pytest.raises(ValueError):
+            FamilyConfig(**bad)
+    with pytest.raises(ValueError, match="twin_seed_offset"):
+        FindingsConfig(twin_seed_offset=0)
+
+
+def test_an_unknown_extra_is_refused(capsys):
+    assert cli.main(["run", "--preset", "smoke", "--with", "everything"]) == 2
+    assert "--with" in capsys.readouterr().err
+
+
+def test_smoke_findings_end_to_end(smoke_findings):
+    run = smoke_findings.run
+    for folder in ("twin/gpt", "twin/activations", "twin/sae", "family", "findings"):
+        assert (run / folder / "manifest.json").is_file(), folder
+    first = json.loads((run / "gpt" / "manifest.json").read_text())["config"]
+    second = json.loads((run / "twin" / "gpt" / "manifest.json").read_text())["config"]
+    assert second["seed"] == first["seed"] + 1
+    assert {k: v for k, v in second.items() if k != "seed"} == {k: v for k, v in first.items() if k != "seed"}
+    family = json.loads((run / "family" / "eval.json").read_text())
+    assert set(family["saes"]) == {"w128", "w512"}  # smoke: expansions 1 and 4 of 128 neurons
+
+    found = json.loads((run / "findings" / "findings.json").read_text())
+    widths = [w["width"] for w in found["family"]["widths"]]
+    assert widths == [128, 256, 512] and [w["main"] for w in found["family"]["widths"]] == [False, True, False]
+    assert [(p["small"], p["large"]) for p in found["family"]["pairs"]] == [("w128", "w256"), ("w256", "w512")]
+    assert len(found["family"]["quality"]) == 3
+    for pair in found["family"]["pairs"]:
+        assert 0 <= pair["clear_parent_share"] <= 1
+    u = found["universality"]
+    assert u["tokens"] >= 4096 and u["features"]["compared"] > 0 and u["neurons"]["compared"] > 0
+    assert sum(u["features"]["histogram"]) == u["features"]["compared"]
+
+    with np.load(run / "findings" / "family.npz") as z:
+        assert list(z["order"]) == ["w128", "w256", "w512"]
+        parent = z["w512_parent"]
+        assert parent.shape == (512,) and (parent >= 0).all() and (parent < 256).all()
+        ptr, ids = z["w256_child_ptr"], z["w256_child_ids"]
+        assert ptr[-1] == len(ids)
+        for i in range(256):  # every listed child names this feature as its parent
+            assert (parent[ids[ptr[i]:ptr[i + 1]]] == i).all()
+        assert z["map_xy"].shape[1] == 2 and len(z["map_width"]) == len(z["map_xy"])
+    with np.load(run / "findings" / "universality.npz") as z:
+        assert z["feature_match"].shape == (256,) and z["neuron_match"].shape == (128,)
+    with np.load(run / "findings" / "specificity.npz") as z:
+        levels = z["feature_levels"]
+        assert levels.shape[0] == 256 and levels.shape[2] == 2
+        assert levels.sum() > 0
+    assert "features matched in a 2nd model" in smoke_findings.stdout
+
+
+def test_findings_rerun_is_up_to_date_and_follows_a_change(smoke_findings, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_findings.run, run)
+    before = (run / "findings" / "findings.json").read_bytes()
+    assert cli.main(smoke_findings.args + ["--run", str(run)]) == 0
+    assert (run / "findings" / "findings.json").read_bytes() == before  # nothing ran
+    assert cli.main(smoke_findings.args + ["--run", str(run), "--set", "findings.specificity_bins=4"]) == 0
+    with np.load(run / "findings" / "specificity.npz") as z:
+        assert z["feature_levels"].shape[1] == 4
+    assert json.loads((run / "twin" / "gpt" / "manifest.json").read_text())["finished"] == \
+        json.loads((smoke_findings.run / "twin" / "gpt" / "manifest.json").read_text())["finished"]
