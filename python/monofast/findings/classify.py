@@ -11,8 +11,8 @@ so an unseen context falls back to the lower order, and every level is a distrib
 A sequence is classified by its log-likelihood under each source's model (the argmax; for
 two sources, the sign of the log-likelihood ratio). Counts are sorted int64 n-gram keys
 (w1 V^(n-1) + ... + wn) with their counts, looked up by binary search: training on the
-quick run's 0.77M tokens takes well under a second, and nothing is saved (it is rebuilt
-from the data in that time).
+quick run's 0.77M tokens takes 0.17 s and scoring its 2,097 validation chunks of 40 tokens
+0.05 s (2 cores), so nothing is saved: it is rebuilt from the data when needed.
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ class Accuracy(NamedTuple):
     """Chunks scored per source."""
     length: int
     """Tokens per chunk."""
+    token_logprob: dict[str, float]
+    """Mean log-probability per token of each source's chunks under its own model: what
+    real text of the source scores (generated text far below it is not fluent)."""
 
 
 @dataclass(frozen=True)
@@ -213,17 +216,19 @@ def accuracy(classifier: SourceClassifier, split: Split, length: int,
     `max_chunks` per source, evenly spaced)."""
     if length < 1:
         raise ValueError(f"length={length} must be at least 1 token")
-    right, chunks = {}, {}
+    right, chunks, logprob = {}, {}, {}
     for i, name in enumerate(classifier.sources):
         own = source_chunks(split, i, length)
         if max_chunks is not None and len(own) > max_chunks:
             own = own[np.linspace(0, len(own) - 1, max_chunks).astype(np.int64)]
         if len(own):
-            right[name] = int((classifier.classify(own) == i).sum())
+            ll = classifier.log_likelihood(own)  # (N, S)
+            right[name] = int((ll.argmax(axis=1) == i).sum())
             chunks[name] = len(own)
+            logprob[name] = float(ll[:, i].mean() / length)
     total = sum(chunks.values())
     return Accuracy(sum(right.values()) / total if total else float("nan"),
-                    {name: right[name] / chunks[name] for name in chunks}, chunks, length)
+                    {name: right[name] / chunks[name] for name in chunks}, chunks, length, logprob)
 
 
 def validation_accuracy(classifier: SourceClassifier, data_dir: str | Path, length: int,

@@ -172,8 +172,12 @@ def sample_clamped(model: GPT, prompts: torch.Tensor, tokens: int, sae: Optional
     eval mode and `clamps` applied at `layer` (none: the clean model).
 
     The generator is seeded with `seed` on the model's device for each call, so a clean
-    and a clamped call with the same seed draw the same random numbers: where the
-    intervention does not change the distribution, they pick the same tokens."""
+    and a clamped call with the same seed draw the same random numbers: the two samples
+    part only where the clamp moves the next-token distribution.
+
+    `GPT.generate` has no KV cache and reruns the whole context at every step. At the quick
+    run's size that costs little: 40 tokens for 8 prompts of 24 take 0.28 s on 2 CPU cores
+    (a forward pass over 24 positions 3.7 ms, over 63 positions 6.8 ms), the clamp ~10% more."""
     if prompts.dim() != 2 or prompts.shape[1] < 1:
         raise ValueError(f"prompts must be (B, T) token ids with T >= 1, got shape {tuple(prompts.shape)}")
     device = next(model.parameters()).device
