@@ -39,7 +39,9 @@ def test_family_members_one_per_width():
 
 
 def test_an_unknown_extra_is_refused(capsys):
-    assert cli.main(["run", "--preset", "smoke", "--with", "everything"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "--preset", "smoke", "--with", "everything"])
+    assert exit_.value.code == 2
     assert "--with" in capsys.readouterr().err
 
 

@@ -48,8 +48,15 @@ def _commands() -> dict[str, Command]:
         "activations": ("activations verify", Command("check every activation shard's checksum; name the first bad one",
                                                       module="monofast.cli.activations:VerifyCommand")),
     }
-    for number, stage in enumerate(STAGES, 1):
-        commands[stage.command or stage.name] = Command(f"stage {number}: {stage.about}", stage=stage.name)
+    number, extra = 0, ""
+    for stage in STAGES:
+        if stage.extra and stage.extra != extra:  # an extra's stages share a number (`--with findings`)
+            number += 1
+        elif not stage.extra:
+            number += 1
+        extra = stage.extra
+        label = f"stage {number} (--with {extra})" if extra else f"stage {number}"
+        commands[stage.command or stage.name] = Command(f"{label}: {stage.about}", stage=stage.name)
         if stage.name in tools:
             name, command = tools[stage.name]
             commands[name] = command

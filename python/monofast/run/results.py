@@ -156,10 +156,13 @@ def findings_rows(found: dict[str, Any]) -> list[Row]:
         out.append(Row("specificity at high activation (median)", f"{f['specificity_high_median']:.1%}",
                        f"MLP neurons {n['specificity_high_median'] or 0:.1%}"))
     steer = found.get("steering", {})
-    clamped, base = steer.get("clamped_share"), steer.get("baseline_share")
-    if isinstance(clamped, dict) and clamped.get("median") is not None and base is not None:
-        out.append(Row("steered continuations in the feature's source", f"{clamped['median']:.1%}",
-                       f"median over {steer.get('steered', '?')} features; unclamped {base:.1%}"))
+    clamped = steer.get("steered") or {}
+    base = (steer.get("baseline") or {}).get("share_clean")
+    null = ((steer.get("null") or {}).get("steered") or {}).get("median")
+    if clamped.get("median") is not None and base is not None:
+        control = f"; random mixed features {null:.1%}" if null is not None else ""
+        out.append(Row("clamped continuations in the feature's source", f"{clamped['median']:.1%}",
+                       f"median per feature; unclamped {base:.1%}{control}"))
     return out
 
 
