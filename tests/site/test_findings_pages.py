@@ -101,16 +101,19 @@ def write_findings(folder: Path, n_features: int, n_neurons: int, widths: tuple[
         example = {"prompt": "def f(x):\n    return x", "clean": " + 1  # clean & plain",
                    "clamped": f" thou art {SCRIPT}"}
         steering = {
-            "classifier": {"val_accuracy": 0.987, "val_accuracy_by_source": {"verse": 0.99, "code": 0.984}},
+            "classifier": {"val_accuracy": 0.987, "val_accuracy_by_source": {"verse": 0.99, "code": 0.984},
+                           "val_logprob_by_source": {"verse": -3.871, "code": -3.733}},
             "features": [{"feature": 5, "source": "verse", "purity": 0.97, "multiple": 4.0, "clamp": 7.25,
                           "prompt_sources": {"code": 8}, "share_clean": 0.125, "share_clamped": 0.875,
+                          "logprob_clean": -3.456, "logprob_clamped": -6.601,
                           "examples": [example, {"prompt": "x = 1", "clean": "\ny = 2", "clamped": " o sweet love"}]},
                          {"feature": 9, "source": "code"}],  # an entry with few keys
             "baseline": {"share_clean": 0.125, "by_source": {"verse": 0.125}},
             "steered": {"median": 0.875, "min": 0.5, "max": 1.0, "mean": 0.8},
+            "logprob": {"clean": -3.605, "clamped": -6.109},
             "null": {"features": [{"feature": 2, "source": "verse", "purity": 0.4, "clamp": 3.0,
                                    "share_clean": 0.125, "share_clamped": 0.25}],
-                     "steered": {"median": 0.25, "min": 0.25, "max": 0.25, "mean": 0.25}},
+                     "steered": {"median": 0.25, "min": 0.25, "max": 0.25, "mean": 0.25}, "logprob_clamped": -4.321},
         }
     (folder / "steering.json").write_text(json.dumps(steering))
 
@@ -221,7 +224,8 @@ def test_findings_page_is_linked_from_the_index_and_shows_the_numbers(run):
     for shown in ("43.2%", "0.679", "0.543", "66.7%", "1.75 / 2", "threshold 0.50", "0.499", "0.314",
                   "the valley of the best-match histogram", "L0 63.4 outside 5-50", "meets", "17.5",
                   "0.654", "0.211", "81.2%", "45.7%", "2.3%", "94.1%", "87.7%", "98.8%", "34.6%",
-                  "98.7%", "nearest-neighbour graph layout (UMAP-style)", "findings &lt;test&gt;"):
+                  "98.7%", "nearest-neighbour graph layout (UMAP-style)", "findings &lt;test&gt;",
+                  "clean -3.6, clamped -6.11, control clamped -4.32", "verse -3.87, code -3.73", "-6.6"):
         assert shown in text, shown
     assert "far more universal than neurons" in text and "Here features are more universal than neurons." in text
     assert text.count("<circle") >= 24 + 48  # every point of the map (and the legends)
@@ -279,6 +283,7 @@ def test_steered_features_show_clean_and_clamped_text_escaped(run):
     assert len(page.cells) == 6  # two examples: prompt, clean, clamped
     assert page.cells[2] == f" thou art {SCRIPT}" and page.cells[1] == " + 1  # clean & plain"
     assert "12.5%" in page.text and "87.5%" in page.text and "7.25" in page.text
+    assert "-3.46 clean, -6.6 clamped" in page.text
     sparse = Page(site / "features" / "9.html")  # an entry with only its id and source
     assert 'id="steering"' in sparse.text and not sparse.cells
     assert 'id="steering"' not in Page(site / "features" / "4.html").text

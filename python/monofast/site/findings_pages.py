@@ -216,6 +216,14 @@ def _text_cell(text: Any) -> str:
     return f'<div class="gen">{display(text) if isinstance(text, str) else ""}</div>'
 
 
+def _fluency(entry: dict[str, Any]) -> str:
+    """The continuations' mean log-probability per token under the source's n-gram model."""
+    if _num(entry.get("logprob_clean")) == "–" and _num(entry.get("logprob_clamped")) == "–":
+        return ""
+    return (f" Fluency (mean log p per token under the source's n-gram model): {_num(entry.get('logprob_clean'))} "
+            f"clean, {_num(entry.get('logprob_clamped'))} clamped.")
+
+
 def steering_section(data: SiteData, f: int) -> str:
     entry = _findings(data).steered().get(f)
     if entry is None:
@@ -230,7 +238,7 @@ def steering_section(data: SiteData, f: int) -> str:
     parts = [f'<h2 id="steering">Steering</h2><p>Clamped{how} at every position while the GPT continued prompts'
              f'{from_text}, from the same seed as the clean continuations. Continuations read as {source} by the '
              f'source classifier: <b>{_pct(entry.get("share_clean"))}</b> clean, '
-             f'<b>{_pct(entry.get("share_clamped"))}</b> clamped.</p>']
+             f'<b>{_pct(entry.get("share_clamped"))}</b> clamped.{_fluency(entry)}</p>']
     examples = _dicts(entry.get("examples"))
     if examples:
         rows = "".join(_text_cell(e.get("prompt")) + _text_cell(e.get("clean")) + _text_cell(e.get("clamped"))
@@ -498,7 +506,8 @@ def _steering_rows(entries: list[dict[str, Any]], null: bool) -> list[list[str]]
         name = (f'<a href="features/{f}.html{"" if null else "#steering"}">feature {f}</a>' if isinstance(f, int)
                 else "–")
         rows.append([name, escape(str(e.get("source", "–"))), _pct(e.get("purity")), _num(e.get("clamp")),
-                     _pct(e.get("share_clean")), _pct(e.get("share_clamped"))])
+                     _pct(e.get("share_clean")), _pct(e.get("share_clamped")), _num(e.get("logprob_clean")),
+                     _num(e.get("logprob_clamped"))])
     return rows
 
 
@@ -530,6 +539,13 @@ def _steering(data: SiteData) -> str:
         if spread:
             facts.append(f"<tr><th>{label}</th><td>median {_pct(spread.get('median'))} (from "
                          f"{_pct(spread.get('min'))} to {_pct(spread.get('max'))})</td></tr>")
+    logprob = _dict(st.get("logprob"))
+    if logprob or "logprob_clamped" in null:
+        real = _dict(classifier.get("val_logprob_by_source"))
+        real_text = f" (real text: {_by_source(real, False)})" if real else ""
+        facts.append("<tr><th>fluency: mean log p per token under the source's n-gram model</th><td>"
+                     f"clean {_num(logprob.get('clean'))}, clamped {_num(logprob.get('clamped'))}, control clamped "
+                     f"{_num(null.get('logprob_clamped'))}{real_text}</td></tr>")
     edges = np.linspace(0, 1, 11).tolist()
 
     def shares(items: list[dict[str, Any]], key: str) -> list[float]:
@@ -542,7 +558,8 @@ def _steering(data: SiteData) -> str:
         series.append(svg.Series("control clamped", shares(null_entries, "share_clamped")))
     chart = svg.histogram("share of continuations read as the feature's source", series, edges, "share",
                           "features", tick_every=2)
-    head_row = ["feature", "source", "purity", "clamp", "clean share", "clamped share"]
+    head_row = ["feature", "source", "purity", "clamp", "clean share", "clamped share", "log p clean",
+                "log p clamped"]
     parts = [head, f'<table class="facts">{"".join(facts)}</table>', f'<div class="figs">{chart}</div>',
              "<h3>Steered features</h3>", _table(head_row, _steering_rows(entries, False))]
     if null_entries:
