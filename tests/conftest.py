@@ -112,6 +112,45 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
     return SmokeRun(run, args, proc.stdout, proc.stderr)
 
 
+KILLER = r"""
+import os, signal, sys
+import tqdm.auto
+
+stage_bar, after = sys.argv[1], int(sys.argv[2])
+
+
+class Killer(tqdm.auto.tqdm):
+    '''A progress bar that SIGKILLs its own process at the `after`-th tick of one stage's bar.'''
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mine, self.ticks = kwargs.get("desc") == stage_bar, 0
+
+    def tick(self):
+        self.ticks += 1
+        if self.mine and self.ticks >= after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def update(self, n=1):
+        shown = super().update(n)
+        self.tick()
+        return shown
+
+    def __iter__(self):
+        for item in super().__iter__():
+            yield item
+            self.tick()
+
+
+tqdm.auto.tqdm = Killer
+from monofast.cli import main
+
+sys.exit(main(sys.argv[3:]))
+"""
+"""`python -c KILLER BAR N ARGS...`: `monofast ARGS` that SIGKILLs itself at the N-th tick of
+the progress bar named BAR."""
+
+
 @pytest.fixture(scope="session")
 def smoke_findings(smoke_run, tmp_path_factory) -> SmokeRun:
     """The smoke run again with `--with findings`: its stages up to date, then the second

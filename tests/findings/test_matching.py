@@ -44,12 +44,13 @@ def test_a_unit_that_never_varies_has_no_match():
 
 def test_pair_correlation_matches_numpy():
     g = torch.Generator().manual_seed(1)
-    x, y = torch.rand(500, 4, generator=g), torch.rand(500, 6, generator=g)
-    y[:, 5] = 2 * x[:, 2] + 0.1 * y[:, 5]
-    pairs = matching.PairMoments(np.array([2, 0, 3]), np.array([5, 1, 0]))
+    x = sparse_codes(500, 4, g, rate=0.3)
+    y = sparse_codes(500, 3, g, rate=0.3)
+    y[:, 0] = 2 * x[:, 2] + 0.1 * y[:, 0]  # feature 0 of Y follows feature 2 of X
+    pairs = matching.PairMoments(np.array([2, 0, 3]))
     pairs.add(x[:250], y[:250])
     pairs.add(x[250:], y[250:])
-    want = [np.corrcoef(x[:, i].numpy(), y[:, j].numpy())[0, 1] for i, j in [(2, 5), (0, 1), (3, 0)]]
+    want = [np.corrcoef(x[:, i].numpy(), y[:, k].numpy())[0, 1] for k, i in enumerate([2, 0, 3])]
     np.testing.assert_allclose(pairs.correlation(), want, atol=1e-6)
     assert pairs.correlation()[0] > 0.99
 

@@ -96,3 +96,39 @@ def test_findings_rerun_is_up_to_date_and_follows_a_change(smoke_findings, tmp_p
         assert z["feature_levels"].shape[1] == 4
     assert json.loads((run / "twin" / "gpt" / "manifest.json").read_text())["finished"] == \
         json.loads((smoke_findings.run / "twin" / "gpt" / "manifest.json").read_text())["finished"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder, bar, after", [
+    ("twin/gpt", "gpt", 12),  # after the twin's checkpoint of step 10
+    ("family", "sae", 5),  # after the family's checkpoint of step 4
+    ("findings", "findings", 1),
+], ids=lambda v: str(v))
+def test_sigkill_in_the_findings_then_rerun(smoke_findings, tmp_path, folder, bar, after):
+    """Killed in one of the findings' stages, the same command finishes the run with the
+    files of an uninterrupted one (wall times aside)."""
+    import subprocess
+    import sys
+
+    from conftest import KILLER, monofast_env
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_findings.run, run)
+    later = {"twin/gpt": ["twin", "family", "findings", "site"], "family": ["family", "findings", "site"],
+             "findings": ["findings", "site"]}[folder]
+    for name in later:
+        shutil.rmtree(run / name)
+    argv = smoke_findings.args + ["--run", str(run)]
+    proc = subprocess.run([sys.executable, "-c", KILLER, bar, str(after), *argv], capture_output=True,
+                          text=True, timeout=300, env=monofast_env(tmp_path))
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not (run / folder / "manifest.json").exists()
+    assert cli.main(argv) == 0
+    timing = {"findings.json", "metrics.jsonl", "eval.json", "steering.json", "checkpoint.pt"}  # wall times
+    for name in ("twin/gpt", "twin/activations", "twin/sae", "family", "findings"):
+        want = json.loads((smoke_findings.run / name / "manifest.json").read_text())["outputs"]
+        got = json.loads((run / name / "manifest.json").read_text())["outputs"]
+        assert set(got) == set(want), name
+        for rel in got:
+            if rel.split("/")[-1] not in timing:
+                assert got[rel]["digest"] == want[rel]["digest"], f"{name}/{rel}"

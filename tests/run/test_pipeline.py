@@ -16,16 +16,25 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from conftest import monofast_env
+from conftest import KILLER, monofast_env
 from monofast import cli
 from monofast.activations import store as activations
 from monofast.common import files
 from monofast.common.errors import UserError
 from monofast.data.prepare import DataConfig
 from monofast.run.manifest import ATTEMPT, run_stage, up_to_date
-from monofast.run.pipeline import _Clock, plan, run_all
+from monofast.run.pipeline import Job, _Clock, plan, run_all
 from monofast.run.resolve import file_layer, resolve_config
-from monofast.run.stages import STAGES, RunDir, Stage, stage_named
+from monofast.run.stages import STAGES as ALL_STAGES
+from monofast.run.stages import RunDir, Stage, stage_named
+
+STAGES = tuple(s for s in ALL_STAGES if not s.extra)
+"""The stages of a run without extras (the findings' own tests: tests/findings/test_run.py)."""
+
+
+def _plan(configs: dict, run: RunDir) -> dict[str, bool]:
+    return plan([Job(s, configs[s.name], run) for s in STAGES], {s.name: False for s in STAGES})
+
 
 CALLS: list[str] = []
 
@@ -212,41 +221,6 @@ def test_an_interrupted_stage_continues_only_with_the_same_config(tmp_path):
 # ---------------------------------------------------------------------------------------
 # The smoke preset end to end: every artifact, skip-when-unchanged, and SIGKILL in each stage
 
-KILLER = r"""
-import os, signal, sys
-import tqdm.auto
-
-stage_bar, after = sys.argv[1], int(sys.argv[2])
-
-
-class Killer(tqdm.auto.tqdm):
-    '''A progress bar that SIGKILLs its own process at the `after`-th tick of one stage's bar.'''
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.mine, self.ticks = kwargs.get("desc") == stage_bar, 0
-
-    def tick(self):
-        self.ticks += 1
-        if self.mine and self.ticks >= after:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def update(self, n=1):
-        shown = super().update(n)
-        self.tick()
-        return shown
-
-    def __iter__(self):
-        for item in super().__iter__():
-            yield item
-            self.tick()
-
-
-tqdm.auto.tqdm = Killer
-from monofast.cli import main
-
-sys.exit(main(sys.argv[3:]))
-"""
 
 TIMING_FILES = {"gpt/metrics.jsonl", "gpt/checkpoint.pt", "sae/metrics.jsonl", "analysis/summary.json"}
 """Outputs that hold wall times, so two identical runs write them differently."""
@@ -410,7 +384,7 @@ def test_compute_precision_is_runtime_storage_precision_is_config(smoke_run, tmp
 
     def todo(extra: dict[str, dict]) -> dict[str, bool]:
         configs = {s.name: resolve_config(s, "smoke", *layers[s.name], extra.get(s.name, {})) for s in STAGES}
-        return plan(list(STAGES), configs, run, {s.name: False for s in STAGES})
+        return _plan(configs, run)
 
     assert not any(todo({}).values())
     assert not any(todo({"gpt": {"dtype": "float32"}, "sae": {"compute_dtype": "bfloat16"},
@@ -433,8 +407,8 @@ def test_manifests_from_before_a_field_became_runtime_are_up_to_date(smoke_run, 
         path.write_text(json.dumps(manifest))
     layers = {s.name: _layers(smoke_run.args, s.name) for s in STAGES}
     configs = {s.name: resolve_config(s, "smoke", *layers[s.name]) for s in STAGES}
-    assert not any(plan(list(STAGES), configs, RunDir(run), {s.name: False for s in STAGES}).values())
+    assert not any(_plan(configs, RunDir(run)).values())
     manifest = json.loads((run / "sae" / "manifest.json").read_text())
     manifest["identity"]["epochs"] = 99  # a field that decides results still counts
     (run / "sae" / "manifest.json").write_text(json.dumps(manifest))
-    assert plan(list(STAGES), configs, RunDir(run), {s.name: False for s in STAGES})["sae"]
+    assert _plan(configs, RunDir(run))["sae"]

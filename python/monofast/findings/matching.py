@@ -126,8 +126,8 @@ class CrossMoments:
         self.n += x.shape[0]
         self.sx += x.sum(0, dtype=torch.float64)
         self.sy += y.sum(0, dtype=torch.float64)
-        self.sxx += (x.double() ** 2).sum(0)
-        self.syy += (y.double() ** 2).sum(0)
+        self.sxx += (x * x).sum(0, dtype=torch.float64)
+        self.syy += (y * y).sum(0, dtype=torch.float64)
         if self.sparse:
             with warnings.catch_warnings():  # "sparse CSR support is in beta": the product is exact
                 warnings.simplefilter("ignore", UserWarning)
@@ -149,23 +149,36 @@ class CrossMoments:
 
 
 class PairMoments:
-    """Running sums for the Pearson correlation of given column pairs (x[:, i[k]], y[:, j[k]])."""
+    """Running sums for the Pearson correlation of column pairs (x[:, i[k]], y[:, k]): each
+    column k of Y (a wider SAE's feature) with column i[k] of X (its parent). Only the
+    nonzero entries of Y are visited (a few features per token fire), so the cost is that
+    of the firings, not of n x K."""
 
-    def __init__(self, i: np.ndarray, j: np.ndarray):
-        self.i, self.j = torch.as_tensor(i, dtype=torch.long), torch.as_tensor(j, dtype=torch.long)
+    def __init__(self, i: np.ndarray):
+        self.i = torch.as_tensor(i, dtype=torch.long)  # (K,)
         self.n = 0
-        self.sums = torch.zeros(5, len(self.i), dtype=torch.float64)  # x, y, xx, yy, xy
+        self.x = torch.zeros(2, int(self.i.max()) + 1 if len(self.i) else 0, dtype=torch.float64)  # sums of x, xx
+        self.y = torch.zeros(3, len(self.i), dtype=torch.float64)  # sums of y, yy, xy
 
     def add(self, x: Tensor, y: Tensor) -> None:
-        a = x.float().cpu()[:, self.i].double()  # (n, K)
-        b = y.float().cpu()[:, self.j].double()  # (n, K)
-        self.n += a.shape[0]
-        self.sums += torch.stack([a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), (a * b).sum(0)])
+        """Rows x (n, P), y (n, K) of the same tokens."""
+        x, y = x.float().cpu(), y.float().cpu()
+        self.n += x.shape[0]
+        width = self.x.shape[1]
+        self.x[0] += x[:, :width].sum(0, dtype=torch.float64)
+        self.x[1] += (x[:, :width] * x[:, :width]).sum(0, dtype=torch.float64)
+        rows, cols = y.nonzero().unbind(1)  # (m,) each
+        b = y[rows, cols].double()
+        a = x[rows, self.i[cols]].double()
+        k = len(self.i)
+        self.y += torch.stack([torch.bincount(cols, b, minlength=k), torch.bincount(cols, b * b, minlength=k),
+                               torch.bincount(cols, a * b, minlength=k)])
 
     def correlation(self) -> np.ndarray:
         """(K,) Pearson correlation of each pair; NaN where a column never varied."""
         n = max(self.n, 1)
-        sx, sy, sxx, syy, sxy = self.sums / n
+        sx, sxx = self.x[:, self.i] / n
+        sy, syy, sxy = self.y / n
         vx, vy = (sxx - sx**2).clamp(min=0), (syy - sy**2).clamp(min=0)
         ok = (vx > 1e-12 * (1 + sx**2)) & (vy > 1e-12 * (1 + sy**2))
         r = (sxy - sx * sy) / (vx * vy).sqrt().clamp(min=1e-300)

@@ -75,7 +75,7 @@ class Scan:
         d_mlp = models.a.config.d_mlp
         self.features = CrossMoments(d_a, d_b, sparse=True)
         self.neurons = CrossMoments(d_mlp, d_mlp)
-        self.parents = {name: (small, PairMoments(parent.clip(min=0), np.arange(len(parent))))
+        self.parents = {name: (small, PairMoments(parent.clip(min=0)))
                         for name, (small, parent) in parents.items()}
         self.no_edges = torch.empty(0)  # one histogram bin: the counts here need none
         self.stats = {name: FeatureStats(enc.d_sae, n_sources, 1, vocab_size, torch.device("cpu"))

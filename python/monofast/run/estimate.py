@@ -253,7 +253,8 @@ def _findings(cfg: Any, sh: Shapes, device: Device, rates: Rates, family: Any) -
                       + 2 * (sh.d_sae**2 + sh.d_mlp**2))
     steered = 2 * cfg.steer_features * 3 * cfg.steer_prompts * cfg.steer_tokens * 64 * sh.forward_flops()
     seconds = (flops + steered) / (device.gflops * 1e9 * rates.analysis_share) + min(cfg.map_points, widths) * 0.01 + 5
-    return StageEstimate(seconds, int(widths * 400 + sh.d_sae * 2_000))
+    # ~40 B per feature of every width (family.npz), the specificity table, the JSON files
+    return StageEstimate(seconds, int(widths * 40 + sh.d_sae * 12 + 40_000))
 
 
 def _analysis(cfg: Any, sh: Shapes, device: Device, rates: Rates) -> StageEstimate:

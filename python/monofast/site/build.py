@@ -33,7 +33,7 @@ from monofast.analysis import output
 from monofast.common import files
 from monofast.common.log import logger, progress
 from monofast.site import findings as site_findings
-from monofast.site import findings_pages, pages
+from monofast.site import findings_page, findings_pages, pages
 from monofast.site.config import SiteConfig
 from monofast.site.text import Vocab
 
@@ -211,7 +211,7 @@ def build(cfg: SiteConfig, analysis_dir: str | Path, out: str | Path, sae_dir: O
     files.write_text(out / "features.js", pages.index_script(data))
     sizes = [f"features/ {_size(out / 'features')}"]
     if found is not None:
-        files.write_text(out / "findings.html", findings_pages.findings_page(data))
+        files.write_text(out / "findings.html", findings_page.findings_page(data))
         sizes += [f"family/ {_size(out / 'family')}", f"findings.html {_size(out / 'findings.html')}"]
     else:
         (out / "findings.html").unlink(missing_ok=True)
