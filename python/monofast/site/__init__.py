@@ -1,4 +1,4 @@
-"""Stage 6: the static feature browser (`monofast site`).
+"""Stage 7: the static feature browser (`monofast site`).
 
 Modules: config (SiteConfig), text (whole-window decoding and escaping), svg (charts),
 pages (the HTML), build (the stage driver); assets/ holds the CSS and the two scripts.
