@@ -96,13 +96,7 @@ def write(folder: Path, summary: dict[str, Any], features: dict[str, np.ndarray]
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing; re-run `monofast analysis --force`") from None
-    except (ValueError, OSError) as err:
-        raise DataError(f"{path} is unreadable ({err}); re-run `monofast analysis --force`") from None
+    return files.read_npz(path, "re-run `monofast analysis --force`")
 
 
 def load(folder: str | Path, verify: bool = True) -> Analysis:

@@ -191,3 +191,17 @@ def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
             f"{what} needs {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free "
             f"on the disk holding {folder}; free some space or choose another --run folder"
         )
+
+
+def read_npz(path: str | os.PathLike, redo: str) -> dict[str, Any]:
+    """Every array of a numpy .npz file (no pickles), read whole; a missing or unreadable file
+    is a `DataError` naming it and `redo`, the command that writes it again."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; {redo}") from None
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path} is unreadable ({err}); {redo}") from None

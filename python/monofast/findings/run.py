@@ -81,8 +81,9 @@ def measure(cfg: FindingsConfig, data_dir: Path, gpt_dir: Path, sae_dir: Path, a
     saes = {name: SparseAutoencoder.load(folder, device) for name, folder, _ in members}
     main = next(name for name, _, is_main in members if is_main)
     twin_sae = SparseAutoencoder.load(twin_sae_dir, device)
-    features = np.load(analysis_dir / "features.npz")
-    neurons = np.load(analysis_dir / "neurons.npz")
+    redo = "re-run `monofast analysis --force`"
+    features = files.read_npz(files.verify_recorded(analysis_dir / "features.npz"), redo)
+    neurons = files.read_npz(files.verify_recorded(analysis_dir / "neurons.npz"), redo)
 
     # Feature splitting is decided by decoder cosine (weights only): each feature's parent is
     # its most similar feature in the next smaller SAE.

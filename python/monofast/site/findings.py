@@ -124,13 +124,7 @@ class Findings(NamedTuple):
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing; {REDO}") from None
-    except (ValueError, OSError) as err:
-        raise DataError(f"{path} is unreadable ({err}); {REDO}") from None
+    return files.read_npz(path, REDO)
 
 
 def _main_member(numbers: dict[str, Any]) -> str:
