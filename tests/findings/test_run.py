@@ -75,7 +75,8 @@ def test_smoke_findings_end_to_end(smoke_findings):
         assert ptr[-1] == len(ids)
         for i in range(256):  # every listed child names this feature as its parent
             assert (parent[ids[ptr[i]:ptr[i + 1]]] == i).all()
-        assert z["map_xy"].shape[1] == 2 and len(z["map_width"]) == len(z["map_xy"])
+        assert z["map_xy"].shape[1] == 2 and len(z["map_width"]) == len(z["map_xy"]) == 200  # smoke's map_points
+        assert set(z["map_width"].tolist()) == {128, 256, 512}  # every width on the map
     with np.load(run / "findings" / "universality.npz") as z:
         assert z["feature_match"].shape == (256,) and z["neuron_match"].shape == (128,)
     with np.load(run / "findings" / "specificity.npz") as z:

@@ -65,8 +65,8 @@ class FindingsConfig:
     it from the data (the valley of the best-match distribution, never below the best match of
     random directions)."""
     map_points: int = 3_000
-    """Decoder directions placed on the family map (`monofast.findings.layout`); the smaller
-    widths first, whole."""
+    """Decoder directions placed on the family map (`monofast.findings.layout`), an equal share
+    from every width."""
     specificity_bins: int = 10
     """Activation bins (equal width, 0 to the feature's maximum) of the specificity plots."""
     steer_features: int = 4

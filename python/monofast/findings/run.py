@@ -147,12 +147,14 @@ def measure(cfg: FindingsConfig, data_dir: Path, gpt_dir: Path, sae_dir: Path, a
 
 
 def _map(saes: dict[str, SparseAutoencoder], order: list[str], family: Any, cfg: FindingsConfig) -> dict[str, np.ndarray]:
-    """Map coordinates of up to cfg.map_points decoder directions, the smaller widths whole."""
+    """Map coordinates of up to cfg.map_points decoder directions, an equal share from every
+    width (a width smaller than its share whole, what it leaves to the wider ones)."""
     rng = np.random.default_rng(cfg.seed)
     picked, budget = [], cfg.map_points
-    for name in order:
+    for i, name in enumerate(order):
         n = saes[name].cfg.d_sae
-        take = np.arange(n) if n <= budget else np.sort(rng.choice(n, size=max(budget, 0), replace=False))
+        share = budget // (len(order) - i)
+        take = np.arange(n) if n <= share else np.sort(rng.choice(n, size=share, replace=False))
         budget -= len(take)
         picked.append((name, take))
     rows = [saes[name].W_dec.detach().cpu().float()[take] for name, take in picked if len(take)]
