@@ -100,7 +100,7 @@ STAGES: tuple[Stage, ...] = (
           ("data", "gpt", "sae", "analysis", "family", "twin/gpt", "twin/sae"),
           "feature splitting, universality, specificity and steering", extra="findings"),
     Stage("site", "monofast.site.config:SiteConfig", "monofast.site.build:run_stage", ("sae", "analysis"),
-          "static feature browser that opens from file://", optional_inputs=("findings",)),
+          "static feature browser that opens from file://", optional_inputs=("findings", "data", "gpt")),
 )
 """Every stage, in pipeline order."""
 

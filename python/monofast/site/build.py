@@ -34,6 +34,7 @@ from monofast.common import files
 from monofast.common.log import logger, progress
 from monofast.site import findings as site_findings
 from monofast.site import findings_page, findings_pages, pages
+from monofast.site import lab as site_lab
 from monofast.site.config import SiteConfig
 from monofast.site.text import Vocab
 
@@ -44,8 +45,9 @@ def run_stage(cfg: SiteConfig, run: Any) -> None:
     """Pipeline entry point: analysis/ (and sae/'s training metrics, and findings/, if
     there) into site/."""
     sae_dir = run.stage("sae")
+    lab_inputs = site_lab.inputs(run.stage("data"), run.stage("gpt"), sae_dir) if cfg.lab else None
     build(cfg, run.require("analysis"), run.stage("site"), sae_dir if sae_dir.is_dir() else None,
-          run.stage("findings"))
+          run.stage("findings"), lab_inputs)
 
 
 def _metrics(sae_dir: Optional[Path]) -> list[dict[str, Any]]:
@@ -97,16 +99,16 @@ class Part(NamedTuple):
     """Pages 0..pages-1."""
 
 
-def _site_data(title: str, analysis: output.Analysis,
-               found: Optional[site_findings.Findings] = None) -> pages.SiteData:
+def _site_data(title: str, analysis: output.Analysis, found: Optional[site_findings.Findings] = None,
+               has_lab: bool = False) -> pages.SiteData:
     return pages.SiteData(title, analysis.summary, analysis.features, analysis.neurons, analysis.examples,
-                          Vocab(analysis.tokens), list(analysis.summary["sources"]), found)
+                          Vocab(analysis.tokens), list(analysis.summary["sources"]), found, has_lab)
 
 
-def _start_worker(title: str, analysis_dir: str, findings_dir: str) -> None:
+def _start_worker(title: str, analysis_dir: str, findings_dir: str, has_lab: bool) -> None:
     global _worker_data
     found = site_findings.load(findings_dir, verify=False) if findings_dir else None  # `build` checked them
-    _worker_data = _site_data(title, output.load(analysis_dir, verify=False), found)
+    _worker_data = _site_data(title, output.load(analysis_dir, verify=False), found, has_lab)
 
 
 def render(data: pages.SiteData, member: str, f: int) -> str:
@@ -164,7 +166,8 @@ def _write_pages(data: pages.SiteData, out: Path, parts: list[Part], analysis_di
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                     initargs=(data.title, str(analysis_dir), str(findings_dir or ""))) as pool:
+                                     initargs=(data.title, str(analysis_dir), str(findings_dir or ""),
+                                               data.lab)) as pool:
                 tasks = [pool.submit(_render, str(tmp / part.folder), part.member,
                                      range(i, min(i + PAGES_PER_TASK, part.pages)))
                          for part in parts for i in range(0, part.pages, PAGES_PER_TASK)]
@@ -191,9 +194,10 @@ def _size(path: Path) -> str:
 
 
 def build(cfg: SiteConfig, analysis_dir: str | Path, out: str | Path, sae_dir: Optional[Path] = None,
-          findings_dir: Optional[Path] = None) -> Path:
+          findings_dir: Optional[Path] = None, lab_inputs: Optional[site_lab.LabInputs] = None) -> Path:
     """Write the site into `out`; returns the path of its index.html. The findings are
-    shown when `findings_dir` holds a finished findings stage."""
+    shown when `findings_dir` holds a finished findings stage; the lab is built from
+    `lab_inputs` (the run's data, GPT and SAE) when given."""
     analysis = output.load(analysis_dir)
     found = site_findings.load(findings_dir) if findings_dir is not None else None
     if found is not None and findings_dir is not None:
@@ -204,7 +208,7 @@ def build(cfg: SiteConfig, analysis_dir: str | Path, out: str | Path, sae_dir: O
         for stale in out.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)
     (out / "index.html").unlink(missing_ok=True)
-    data = _site_data(cfg.title, analysis, found)
+    data = _site_data(cfg.title, analysis, found, lab_inputs is not None)
     parts = _parts(data, cfg)
     _copy_assets(out)
     _write_pages(data, out, parts, Path(analysis_dir), findings_dir if found is not None else None)
@@ -215,6 +219,12 @@ def build(cfg: SiteConfig, analysis_dir: str | Path, out: str | Path, sae_dir: O
         sizes += [f"family/ {_size(out / 'family')}", f"findings.html {_size(out / 'findings.html')}"]
     else:
         (out / "findings.html").unlink(missing_ok=True)
+    if lab_inputs is not None:
+        html = pages.page(f"Lab · {cfg.title}", site_lab.body(cfg.title), 0, site_lab.SCRIPTS)
+        sizes += site_lab.write(out, lab_inputs, html)
+    else:
+        for stale in (out / site_lab.LAB_PAGE, out / "lab", out / "assets" / "lab"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     index = out / "index.html"
     files.write_text(index, pages.index_page(data, _metrics(sae_dir), _evaluation(sae_dir)))
     family_pages = sum(part.pages for part in parts[1:])

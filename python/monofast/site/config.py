@@ -11,6 +11,9 @@ class SiteConfig:
 
     title: str = "monofast feature browser"
     """Title of the index page (and suffix of every feature page's title)."""
+    lab: bool = True
+    """Build the lab (lab.html): the run's tokenizer, GPT and SAE running in the page, where
+    a reader types text, sees features fire and steers generation (--no-lab leaves it out)."""
     max_pages: int = 0
     """Feature pages to write: 0 writes one for every feature; N writes features 0..N-1 only
     (the index still lists them all), and as many of each other family width's."""

@@ -15,6 +15,7 @@ import numpy as np
 
 from monofast.site import svg
 from monofast.site.findings import Findings
+from monofast.site.lab import try_it
 from monofast.site.text import Vocab, decode_window, display, escape, fmt
 
 ASSETS = "assets"
@@ -32,6 +33,8 @@ class SiteData(NamedTuple):
     sources: list[str]
     findings: Optional[Findings] = None
     """The findings stage's results, when the run has them (`monofast.site.findings`)."""
+    lab: bool = False
+    """Whether the site has the lab (`monofast.site.lab`): feature pages link to it."""
 
 
 def page(title: str, body: str, depth: int, script: str = "") -> str:
@@ -125,6 +128,15 @@ def _nav(f: int, n: int) -> str:
     return f'<nav class="nav">{prev_link} <a href="../index.html">index</a> {next_link}</nav>'
 
 
+def _top_text(data: SiteData, f: int) -> str:
+    """The text of the feature's top example window (empty when it never fired)."""
+    ex = data.examples
+    if not len(ex["top_rows"][f]) or ex["top_rows"][f, 0] < 0:
+        return ""
+    tokens = [int(t) for t in ex["top_tokens"][f, 0] if t >= 0]
+    return "".join(g.text for g in decode_window(data.vocab, tokens) if not g.special)
+
+
 def feature_page(data: SiteData, f: int, sections: Sequence[str] = ()) -> str:
     """features/<f>.html; `sections` (HTML: the findings') go after the histogram."""
     feats, ex, names = data.features, data.examples, data.sources
@@ -133,6 +145,9 @@ def feature_page(data: SiteData, f: int, sections: Sequence[str] = ()) -> str:
     fires = int(feats["fires"][f])
     dominant = int(feats["dominant"][f])
     parts = [_nav(f, n), f"<h1>Feature {f}</h1>"]
+    if data.lab:
+        parts.append(f'<p><a class="try" href="{escape(try_it(f, _top_text(data, f)))}">try it in the lab</a>: '
+                     f'its top example as the starting text, the feature shaded and ready to clamp</p>')
     if fires == 0:
         parts.append(f'<p class="muted">Never fired on the {data.summary.get("tokens", 0):,} analysed tokens (dead).</p>')
         parts += [s for s in sections if s]
@@ -311,6 +326,9 @@ def index_page(data: SiteData, metrics: list[dict[str, Any]], evaluation: dict[s
     s = data.summary
     by_source = ", ".join(f"{escape(k)} {v:,}" for k, v in s.get("tokens_by_source", {}).items())
     parts = [f"<h1>{escape(data.title)}</h1>"]
+    if data.lab:
+        parts.append('<nav class="top"><a href="lab.html">Lab</a>: type any text, see which features fire, clamp '
+                     'some and generate (the model runs in this page)</nav>')
     if data.findings is not None:
         parts.append('<nav class="top"><a href="findings.html">Findings</a>: feature splitting across SAE widths, '
                      'universality across two models, specificity, steering</nav>')
