@@ -34,6 +34,8 @@ source's most common tokens."""
 SCREEN = (1000, 1400)
 """Screenshot size in CSS pixels: the feature's facts, source share, token lists and the
 first top-activation windows."""
+LAB_SCREEN = (1100, 1500)
+"""The lab: the text, its tokens shaded, the features of the text, the steering controls."""
 FINDINGS_SCREEN = (1100, 4200)
 """The whole Findings page: its four figures and tables."""
 
@@ -77,7 +79,48 @@ def write_report(run: Path, out: Path, features: Optional[Sequence[int]] = None)
     if findings_page.is_file():
         written.append(out / "findings.png")
         screenshot(browser, findings_page, written[-1], FINDINGS_SCREEN)
+    lab = res.site_index.parent / "lab.html"
+    if lab.is_file() and not features:
+        written += lab_screenshots(browser, run, lab, out)
     return written
+
+
+def lab_screenshots(browser: str, run: Path, lab: Path, out: Path) -> list[Path]:
+    """lab-shaded.png: the last source's showcase feature shaded on its own top example;
+    lab-steer.png: the first source's feature clamped while the GPT continues that text."""
+    from monofast.analysis import output
+    from monofast.site.lab import try_it
+    from monofast.site.pages import top_text
+    from monofast.site.text import Vocab
+
+    picks = [f for _, f in showcase(run / "analysis")]
+    if len(picks) < 2 or picks[0] is None or picks[-1] is None:
+        logger.warning("report: no pure feature for two sources; no lab screenshots")
+        return []
+    analysis = output.load(run / "analysis")
+    text = top_text(analysis.examples, Vocab(analysis.tokens), picks[-1])
+    steer, prompt = _best_steered(run) or (picks[0], text)
+    shots = [(out / "lab-shaded.png", try_it(picks[-1], text, depth=0)),
+             (out / "lab-steer.png", try_it(steer, prompt, depth=0) + "&generate=1")]
+    for target, link in shots:
+        screenshot(browser, lab, target, LAB_SCREEN, fragment=link.partition("#")[2])
+    return [target for target, _ in shots]
+
+
+def _best_steered(run: Path) -> Optional[tuple[int, str]]:
+    """With the findings: of the steered features whose clamp turned at least half of the
+    continuations to their source, the one whose clamped text stayed most fluent (a clamp
+    can win the classifier with a stutter), and the first prompt it was steered from."""
+    path = run / "findings" / "steering.json"
+    if not path.is_file():
+        return None
+    entries = [e for e in files.read_json(path, "steering results").get("features", [])
+               if isinstance(e, dict) and e.get("examples")]
+    if not entries:
+        return None
+    steered = [e for e in entries if (e.get("share_clamped") or 0.0) >= 0.5] or entries
+    best = max(steered, key=lambda e: (e.get("logprob_clamped") or -1e9, -int(e["feature"])))
+    return int(best["feature"]), str(best["examples"][0].get("prompt", ""))
 
 
 def stage_folders() -> list[str]:
@@ -130,11 +173,14 @@ def find_browser() -> Optional[str]:
     return None
 
 
-def screenshot(browser: str, page: Path, target: Path, size: tuple[int, int] = SCREEN) -> None:
-    """A PNG of the top of `page` (a file:// URL, so the page's scripts run as in a browser)."""
+def screenshot(browser: str, page: Path, target: Path, size: tuple[int, int] = SCREEN, fragment: str = "") -> None:
+    """A PNG of the top of `page` (a file:// URL, so the page's scripts run as in a browser;
+    `fragment` goes after its #)."""
     tmp = target.with_name(f".{target.name}.tmp.png")
     args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            f"--window-size={size[0]},{size[1]}", f"--screenshot={tmp}", page.resolve().as_uri()]
+            "--virtual-time-budget=10000",  # the lab's scripts run the model before the shot
+            f"--window-size={size[0]},{size[1]}", f"--screenshot={tmp}",
+            page.resolve().as_uri() + (f"#{fragment}" if fragment else "")]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)

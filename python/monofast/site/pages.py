@@ -128,13 +128,12 @@ def _nav(f: int, n: int) -> str:
     return f'<nav class="nav">{prev_link} <a href="../index.html">index</a> {next_link}</nav>'
 
 
-def _top_text(data: SiteData, f: int) -> str:
-    """The text of the feature's top example window (empty when it never fired)."""
-    ex = data.examples
-    if not len(ex["top_rows"][f]) or ex["top_rows"][f, 0] < 0:
+def top_text(examples: dict[str, np.ndarray], vocab: Vocab, f: int) -> str:
+    """The text of feature f's top example window (empty when it never fired)."""
+    if not len(examples["top_rows"][f]) or examples["top_rows"][f, 0] < 0:
         return ""
-    tokens = [int(t) for t in ex["top_tokens"][f, 0] if t >= 0]
-    return "".join(g.text for g in decode_window(data.vocab, tokens) if not g.special)
+    tokens = [int(t) for t in examples["top_tokens"][f, 0] if t >= 0]
+    return "".join(g.text for g in decode_window(vocab, tokens) if not g.special)
 
 
 def feature_page(data: SiteData, f: int, sections: Sequence[str] = ()) -> str:
@@ -146,7 +145,7 @@ def feature_page(data: SiteData, f: int, sections: Sequence[str] = ()) -> str:
     dominant = int(feats["dominant"][f])
     parts = [_nav(f, n), f"<h1>Feature {f}</h1>"]
     if data.lab:
-        parts.append(f'<p><a class="try" href="{escape(try_it(f, _top_text(data, f)))}">try it in the lab</a>: '
+        parts.append(f'<p><a class="try" href="{escape(try_it(f, top_text(data.examples, data.vocab, f)))}">try it in the lab</a>: '
                      f'its top example as the starting text, the feature shaded and ready to clamp</p>')
     if fires == 0:
         parts.append(f'<p class="muted">Never fired on the {data.summary.get("tokens", 0):,} analysed tokens (dead).</p>')

@@ -141,6 +141,9 @@
       }
       $("lab-tokens").innerHTML = html.join("");
       $("lab-picked").innerHTML = featureLink(f);
+      var peak = 0;
+      for (t = 1; t < T; t++) { if (feats[t * F + f] > feats[peak * F + f]) { peak = t; } }
+      tokenDetail(peak);  // the features of the token where the shaded one peaks
       summary();
     }
 
@@ -178,7 +181,7 @@
       var strings = tok.tokenStrings([state.last.ids[t]]);
       $("lab-detail").innerHTML = "<h3>Token " + t + ": <code>" + escapeHtml(strings[0]) + "</code></h3>" +
         (top.length ? "<ol class=\"tl\">" + top.map(function (p) {
-          return '<li><button class="pick" data-f="' + p[0] + '">show</button> ' + featureLink(p[0], p[1]) + "</li>";
+          return '<li><button class="pick" data-f="' + p.id + '">show</button> ' + featureLink(p.id, p.value) + "</li>";
         }).join("") + "</ol>" : '<p class="muted">No feature fires on this token.</p>');
     }
 
