@@ -86,6 +86,8 @@
     state.text = hash.text !== undefined ? hash.text : $("lab-text").value;
     state.feature = Math.min(Math.max(parseInt(hash.f || "0", 10) || 0, 0), cfg.d_sae - 1);
     $("lab-text").value = state.text;
+    if (hash.temp !== undefined) { $("lab-temp").value = hash.temp; }
+    if (hash.n !== undefined) { $("lab-n").value = hash.n; }
     $("lab-feature").value = state.feature;
     $("lab-feature").max = cfg.d_sae - 1;
     if (hash.f !== undefined) { state.clamps = [{ feature: state.feature, multiple: 4 }]; }
@@ -211,6 +213,13 @@
       var clean = lab.generate(state.last.ids, n, opts);
       var steered = lab.generate(state.last.ids, n, Object.assign({}, opts, { clamps: clampValues() }));
       var ms = performance.now() - began;
+      if (hash.log) {  // one line for a browser driven from the command line (tests/site/test_lab_page.py)
+        console.log("monofast-lab " + JSON.stringify({ ids: Array.from(state.last.ids), clean: Array.from(clean),
+          clamped: Array.from(steered), top: Array.from(state.last.ids, function (_, t) {
+            var best = lab.topFeatures(state.last.feats, t, 1);
+            return best.length ? best[0].id : -1;
+          }), backend: lab.backend }));
+      }
       $("lab-gen").innerHTML = '<div class="cols"><div><h3>Unclamped</h3><div class="tx">' + escapeHtml(tok.decode(clean)) +
         '</div></div><div><h3>Clamped</h3><div class="tx">' + escapeHtml(tok.decode(steered)) + "</div></div></div>" +
         '<p class="muted">' + (2 * n) + " tokens in " + ms.toFixed(0) + " ms (" + (ms / (2 * n)).toFixed(1) + " ms a token)</p>";
