@@ -11,6 +11,10 @@ Writes into DIR:
                              warning, where no Chromium is installed)
     findings.png             with the findings (`monofast run --with findings`): a screenshot
                              of the site's Findings page, its four figures and numbers
+    lab-shaded.png           the lab: the last source's showcase feature shaded on its own
+                             top example
+    lab-steer.png            the lab: a steered feature (with the findings, the most fluent of
+                             those that turned half their continuations) clamped on a prompt
 """
 
 from __future__ import annotations
