@@ -54,6 +54,21 @@ def _marks(marks: Sequence[tuple[float, str]], x0: float, x1: float) -> list[str
     return out
 
 
+def _bar(b: int, bw: float, y: float, bh: float, fill: str, label: str, value: float, edges: Sequence[float],
+         opacity: float = 1.0) -> str:
+    """Bin b's bar from y down bh, with a tooltip naming the series, the value and the bin."""
+    see = f' fill-opacity="{opacity:g}"' if opacity < 1 else ""
+    return (f'<rect x="{LEFT + b * bw:.1f}" y="{y:.1f}" width="{max(bw - 1, 0.5):.1f}" height="{bh:.1f}" '
+            f'fill="{fill}"{see}><title>{escape(label)}: {escape(fmt(value))} in [{escape(fmt(edges[b]))}, '
+            f'{escape(fmt(edges[b + 1]))})</title></rect>')
+
+
+def _ticks(edges: Sequence[float], bw: float, h: float, every: int) -> list[str]:
+    """Labels of every `every`-th bin edge under the x axis (bins `bw` wide, plot `h` high)."""
+    return [f'<text x="{LEFT + b * bw:.1f}" y="{TOP + h + 12}" class="xl">{escape(fmt(edges[b], 2))}</text>'
+            for b in range(0, len(edges), max(every, 1))]
+
+
 def histogram(title: str, series: Sequence[Series], edges: Sequence[float], xlabel: str, ylabel: str,
               tick_every: int = 4, marks: Sequence[tuple[float, str]] = (), first_color: int = 0) -> str:
     """Overlaid bar histograms sharing the bins between `edges` (len = bins + 1); `marks` are
@@ -70,11 +85,8 @@ def histogram(title: str, series: Sequence[Series], edges: Sequence[float], xlab
             if v <= 0:
                 continue
             bh = h * v / y_max
-            body.append(f'<rect x="{LEFT + b * bw:.1f}" y="{TOP + h - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" '
-                        f'height="{bh:.1f}" fill="{color}" fill-opacity="0.6"><title>{escape(s.label)}: '
-                        f'{escape(fmt(v))} in [{escape(fmt(edges[b]))}, {escape(fmt(edges[b + 1]))})</title></rect>')
-    for b in range(0, bins + 1, max(tick_every, 1)):
-        body.append(f'<text x="{LEFT + b * bw:.1f}" y="{TOP + h + 12}" class="xl">{escape(fmt(edges[b], 2))}</text>')
+            body.append(_bar(b, bw, TOP + h - bh, bh, color, s.label, v, edges, opacity=0.6))
+    body += _ticks(edges, bw, h, tick_every)
     if bins > 0 and len(set(round(edges[b + 1] - edges[b], 9) for b in range(bins))) == 1:  # equal bins only
         body += _marks(marks, edges[0], edges[-1])
     return _frame(title, xlabel, ylabel, y_max, [s.label for s in series], body, first_color=first_color)
@@ -96,13 +108,10 @@ def stacked_bars(title: str, stacks: Sequence[Sequence[float]], edges: Sequence[
             if v <= 0:
                 continue
             bh = h * v / y_max
-            rects.append(f'<rect x="{LEFT + b * bw:.1f}" y="{TOP + h - base - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" '
-                         f'height="{bh:.1f}" fill="{COLORS[p % len(COLORS)]}"><title>{escape(labels[p])}: '
-                         f'{escape(fmt(v))} in [{escape(fmt(edges[b]))}, {escape(fmt(edges[b + 1]))})</title></rect>')
+            rects.append(_bar(b, bw, TOP + h - base - bh, bh, COLORS[p % len(COLORS)], labels[p], v, edges))
             base += bh
         body.append(f'<g class="stack">{"".join(rects)}</g>')
-    for b in range(0, bins + 1, max(tick_every, 1)):
-        body.append(f'<text x="{LEFT + b * bw:.1f}" y="{TOP + h + 12}" class="xl">{escape(fmt(edges[b], 2))}</text>')
+    body += _ticks(edges, bw, h, tick_every)
     return _frame(title, xlabel, ylabel, y_max, list(labels), body)
 
 
