@@ -119,6 +119,29 @@ def activate(pre: Tensor, k: Optional[int]) -> Tensor:
     return torch.zeros_like(pre).scatter_(1, indices, torch.relu(values))
 
 
+def batch_topk(pre: Tensor, k: int) -> Tensor:
+    """BatchTopK (Bussmann et al. 2024): ReLU, then keep the k x B largest activations of the
+    whole batch pre [B, F] and zero the rest, so a row may keep more or fewer than k.
+
+    Ties at the cut are broken by position (earlier rows, then lower features, first), so the
+    result is the same on every run and every device; no host-device sync.
+    """
+    acts = torch.relu(pre)  # [B, F]
+    flat = acts.reshape(-1)  # [B * F]
+    n = min(k * pre.shape[0], flat.numel())
+    cut = torch.topk(flat, n, sorted=False).values.min()  # the n-th largest activation
+    above = flat > cut
+    tied = flat == cut
+    keep = above | (tied & (torch.cumsum(tied, 0) <= n - above.sum()))  # [B * F]
+    return torch.where(keep, flat, torch.zeros_like(flat)).view_as(pre)
+
+
+def jump_relu(pre: Tensor, threshold: Tensor) -> Tensor:
+    """JumpReLU: pre where it exceeds `threshold` [F] (and 0), zero elsewhere; BatchTopK's
+    inference rule, with the threshold estimated in training."""
+    return torch.where(pre > threshold.clamp_min(0), pre, torch.zeros_like(pre))
+
+
 def encode(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: Optional[int] = None) -> EncodeOut:
     pre = (x - b_dec) @ w_enc + b_enc  # [B, F]
     feats = activate(pre, k)

@@ -74,6 +74,8 @@ class Encoder:
         raw = sae.W_enc.detach().float()  # (D, F)
         w_enc = raw * sae.input_scale.float()  # (D, F)
         self.k = sae.cfg.top_k
+        threshold = sae.inference_threshold()  # batchtopk, matryoshka: JumpReLU at inference
+        self.threshold = None if threshold is None else threshold.float().clamp_min(0)  # (F,)
         self.bias = sae.b_enc.detach().float() - sae.b_dec.detach().float() @ raw  # (F,)
         self.w_enc = w_enc.to(compute_dtype)  # (D, F)
         self.w_enc_f32 = w_enc  # (D, F)
@@ -95,6 +97,8 @@ class Encoder:
             torch.addmm(self.bias, x.float(), self.w_enc, out=out)
         else:
             torch.add(x.to(self.compute_dtype) @ self.w_enc, self.bias, out=out)
+        if self.threshold is not None:
+            return out.masked_fill_(out <= self.threshold, 0.0)
         if self.k is None:
             return out.relu_()
         values, indices = out.topk(self.k, dim=1, sorted=False)
@@ -108,6 +112,8 @@ class Encoder:
             return full.gather(2, features.view(B, 1, 1).expand(B, T, 1)).squeeze(2).clone()
         w = self.w_enc_f32[:, features].T  # (B, D)
         pre = torch.einsum("btd,bd->bt", x.float(), w) + self.bias[features][:, None]  # (B, T)
+        if self.threshold is not None:
+            return pre.masked_fill_(pre <= self.threshold[features][:, None], 0.0)
         return pre.relu()
 
 

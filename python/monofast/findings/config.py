@@ -9,6 +9,7 @@ from typing import ClassVar, Optional
 
 from monofast.common.device import DTYPE_CHOICES
 from monofast.sae.config import SAETrainConfig
+from monofast.sae.model import K_VARIANTS
 
 
 @dataclass
@@ -28,9 +29,9 @@ class FamilyConfig(SAETrainConfig):
                              f"e.g. --expansions 1,2,8")
         if len(set(self.expansions)) != len(self.expansions):
             raise ValueError(f"expansions {self.expansions} repeat a width; give each once")
-        if self.variant == "topk" and len(self.k) not in (1, len(self.expansions)):
+        if self.variant in K_VARIANTS and len(self.k) not in (1, len(self.expansions)):
             raise ValueError(f"k: give one value or one per expansion ({len(self.expansions)}), got {self.k}")
-        if self.variant != "topk" and len(self.l1_coeff) not in (1, len(self.expansions)):
+        if self.variant not in K_VARIANTS and len(self.l1_coeff) not in (1, len(self.expansions)):
             raise ValueError(f"l1_coeff: give one value or one per expansion ({len(self.expansions)}), "
                              f"got {self.l1_coeff}")
 
@@ -38,7 +39,7 @@ class FamilyConfig(SAETrainConfig):
         """One SAE per width, named `w<features>`, smallest first."""
         out = []
         for i, e in enumerate(sorted(self.expansions)):
-            if self.variant == "topk":
+            if self.variant in K_VARIANTS:
                 out.append((f"w{e * d_in}", 0.0, self.k[min(i, len(self.k) - 1)], e * d_in))
             else:
                 out.append((f"w{e * d_in}", self.l1_coeff[min(i, len(self.l1_coeff) - 1)], None, e * d_in))

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from monofast.sae.model import VARIANTS
+from monofast.sae.model import K_VARIANTS, VARIANTS
 
 
 @dataclass
@@ -23,7 +23,9 @@ class SAETrainConfig:
 
     variant: str = "anthropic2023"
     """anthropic2023 (unit-norm decoder, L1, resampling), april2024 (L1 x decoder norm,
-    lambda warm-up, LR decay) or topk (k largest pre-activations, AuxK)."""
+    lambda warm-up, LR decay), topk (k largest pre-activations, AuxK), batchtopk (k x batch
+    largest of the whole batch, AuxK, a learned threshold at inference) or matryoshka
+    (batchtopk with its loss summed over nested prefixes of the dictionary)."""
     expansion: int = 8
     """Features per activation dimension: d_sae = expansion x d_in (unless d_sae is set)."""
     d_sae: int = 0
@@ -32,9 +34,10 @@ class SAETrainConfig:
     """L1 coefficient(s); several (1,3,10) train one SAE each on the same batches. Inputs are
     scaled to E|x| = sqrt(d_in), so the April 2024 update's 5 is a sensible start."""
     k: tuple[int, ...] = (32,)
-    """topk: features kept per row; several train one SAE each."""
+    """topk: features kept per row (batchtopk, matryoshka: per row on average over a batch);
+    several train one SAE each."""
     aux_coeff: float = 1 / 32
-    """topk: weight of the AuxK loss."""
+    """topk, batchtopk, matryoshka: weight of the AuxK loss."""
     batch_size: int = 2048
     """Rows per step (the seed recipe's 2,048)."""
     epochs: int = 1
@@ -117,7 +120,7 @@ class SAETrainConfig:
 
     def sweep(self) -> list[tuple[str, float, Optional[int]]]:
         """(name, l1 coefficient, k) of every SAE to train."""
-        if self.variant == "topk":
+        if self.variant in K_VARIANTS:
             return [(f"k{k}", 0.0, k) for k in self.k]
         return [(f"l1_{c:g}", c, None) for c in self.l1_coeff]
 

@@ -153,7 +153,7 @@ def held_out_metrics(members: list[Member], store: ActivationStore, cutoff: int,
         counts = torch.histogram(log_density.float(), bins=torch.tensor(edges))[0]
         result["saes"][m.name] = {
             "l1_coeff": m.l1_coeff,
-            "k": m.sae.cfg.top_k,
+            "k": m.sae.cfg.k if m.sae.cfg.uses_k else None,
             "mse": t["sq_err"] / rows,
             "fvu": t["sq_err"] / variance if variance > 0 else float("nan"),
             "l0": t["l0"] / rows,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 
 from monofast.common.log import logger
+from monofast.sae.model import K_VARIANTS
 
 if TYPE_CHECKING:
     from monofast.sae.sweep import Member
@@ -45,8 +46,8 @@ def unavailable(enabled: bool, variant: str, device: torch.device, world_size: i
         return f"graphs are for CUDA devices, not {device.type}"
     if world_size > 1:
         return "several processes: gradients are all-reduced between the steps' halves"
-    if variant == "topk":
-        return "TopK's AuxK loss has data-dependent shapes"
+    if variant in K_VARIANTS:
+        return "the AuxK loss of the k variants has data-dependent shapes"
     return None
 
 

@@ -1,6 +1,7 @@
 """Sparse autoencoders: the config, the module, the decoder constraint, resampling, files.
 
-Three variants share one module and one fused step (`monofast.sae.backend.sae_step`):
+Five variants share one module; the first three run one fused step
+(`monofast.sae.backend.sae_step`), the BatchTopK pair an eager one (`monofast.sae.batchtopk`):
 
 - `anthropic2023` (Towards Monosemanticity): f = ReLU((x - b_dec) W_enc + b_enc),
   x_hat = f W_dec + b_dec; decoder rows kept at unit norm, with the gradient component
@@ -12,6 +13,15 @@ Three variants share one module and one fused step (`monofast.sae.backend.sae_st
 - `topk` (Gao et al. 2024): only the k largest pre-activations of each row survive; unit
   decoder rows as in anthropic2023; an AuxK loss reconstructs the residual from the
   dead features.
+- `batchtopk` (Bussmann et al. 2024): in training, the k x B largest pre-activations of
+  the whole batch of B rows survive (`reference.batch_topk`), so rows share a budget of k
+  on average; unit decoder rows and AuxK as topk. Inference cannot depend on the batch,
+  so `encode` (and the forward pass in eval mode) is a JumpReLU at a threshold estimated
+  in training (`threshold`, saved with the weights).
+- `matryoshka` (Matryoshka BatchTopK, Bussmann et al. 2025; Nabeshima 2024): batchtopk
+  whose reconstruction loss is summed over nested prefixes of the dictionary (the first
+  F/16, F/8, ..., F features, each with b_dec), so early features must reconstruct on
+  their own and stay general.
 
 Every variant may scale its inputs so that E|x| = sqrt(d_in) (`scale_inputs`, on by
 default, from the April 2024 update); the scale is folded into the weights when saving.
@@ -33,8 +43,17 @@ from monofast.common import files
 from monofast.common.device import PRECISION_NAMES, pick_dtype
 from monofast.common.errors import DataError, UserError
 from monofast.sae import backend
+from monofast.sae.batchtopk import batch_step
 
-VARIANTS = ("anthropic2023", "april2024", "topk")
+VARIANTS = ("anthropic2023", "april2024", "topk", "batchtopk", "matryoshka")
+K_VARIANTS = ("topk", "batchtopk", "matryoshka")
+"""Variants whose sparsity is set by k (and whose sweep is over k, with AuxK), not by L1."""
+BATCH_VARIANTS = ("batchtopk", "matryoshka")
+"""Variants that choose features over the whole batch in training and by threshold after."""
+SAE_LENS_ARCHITECTURES = {"topk": "topk", "batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}
+"""cfg.json's `architecture` (SAELens' names; the rest are "standard")."""
+MATRYOSHKA_PREFIXES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+"""The nested prefixes of Bussmann et al. 2025 (F/16, F/8, F/4, F/2, F), as fractions of F."""
 DTYPES = PRECISION_NAMES
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -50,11 +69,12 @@ class SAEConfig:
     """Number of features (the dictionary size)."""
     variant: str = "anthropic2023"
     """anthropic2023 (unit-norm decoder, L1), april2024 (L1 weighted by decoder norms, input
-    scaling), or topk (k largest pre-activations, AuxK)."""
+    scaling), topk (k largest pre-activations, AuxK), batchtopk (k x B largest of the batch,
+    AuxK, a threshold at inference) or matryoshka (batchtopk with nested-prefix losses)."""
     k: int = 32
-    """topk: features kept per row."""
+    """topk: features kept per row; batchtopk and matryoshka: per row on average over a batch."""
     aux_k: int = 256
-    """topk: dead features the AuxK loss may use per row (0 turns AuxK off)."""
+    """topk, batchtopk, matryoshka: dead features the AuxK loss may use per row (0 turns AuxK off)."""
     dead_tokens: int = 10_000_000
     """A feature that has not fired for this many tokens counts as dead (AuxK, statistics)."""
     dec_init_norm: float = 0.1
@@ -63,6 +83,9 @@ class SAEConfig:
     """Multiply inputs by sqrt(d_in) / E|x| (set by `set_input_scale`, folded into the weights
     when saving), as the April 2024 update does, so that one L1 coefficient means the same
     on any model's activations."""
+    matryoshka_prefixes: tuple[float, ...] = MATRYOSHKA_PREFIXES
+    """matryoshka: the nested prefixes whose reconstruction losses are summed, as increasing
+    fractions of d_sae ending at 1 (the paper's F/16 ... F by default)."""
     dtype: str = "float32"
     """Dtype of the parameters (float32 master weights train best)."""
     compute_dtype: str = "auto"
@@ -74,9 +97,11 @@ class SAEConfig:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant {self.variant!r} is unknown; choose one of {', '.join(VARIANTS)}")
-        if self.variant == "topk" and not 1 <= self.k <= self.d_sae:
+        if self.variant in K_VARIANTS and not 1 <= self.k <= self.d_sae:
             raise ValueError(f"k={self.k} must be between 1 and d_sae={self.d_sae}; "
                              f"set --k to the number of features each row keeps")
+        self.matryoshka_prefixes = tuple(float(f) for f in self.matryoshka_prefixes)  # JSON gives a list
+        check_prefixes(self.matryoshka_prefixes)
         if self.aux_k < 0:
             raise ValueError(f"aux_k must be >= 0 (0 turns AuxK off), got {self.aux_k}")
         if self.dead_tokens < 1:
@@ -96,8 +121,35 @@ class SAEConfig:
 
     @property
     def unit_decoder(self) -> bool:
-        """Decoder rows are held at unit norm (anthropic2023 and topk)."""
+        """Decoder rows are held at unit norm (every variant but april2024)."""
         return self.variant != "april2024"
+
+    @property
+    def uses_k(self) -> bool:
+        """Sparsity is set by k (topk, batchtopk, matryoshka), with AuxK for dead features."""
+        return self.variant in K_VARIANTS
+
+    @property
+    def batch_sparsity(self) -> bool:
+        """Features are chosen over the whole batch in training, by threshold at inference."""
+        return self.variant in BATCH_VARIANTS
+
+    @property
+    def prefix_sizes(self) -> list[int]:
+        """The matryoshka prefixes in features: increasing, at least 1, the last d_sae
+        (fractions that round to the same size count once); [d_sae] for the other variants."""
+        if self.variant != "matryoshka":
+            return [self.d_sae]
+        return sorted({max(1, round(f * self.d_sae)) for f in self.matryoshka_prefixes})
+
+
+def check_prefixes(fractions: tuple[float, ...]) -> None:
+    """Refuse matryoshka prefixes that are not increasing fractions in (0, 1] ending at 1."""
+    ok = bool(fractions) and fractions[-1] == 1.0 and all(0 < f <= 1 for f in fractions) and \
+        all(a < b for a, b in zip(fractions, fractions[1:]))
+    if not ok:
+        raise ValueError(f"matryoshka_prefixes must be increasing fractions of d_sae in (0, 1] ending "
+                         f"at 1, got {fractions}; e.g. 0.0625,0.125,0.25,0.5,1")
 
 
 class SAEOutput(NamedTuple):
@@ -111,7 +163,9 @@ class SAEOutput(NamedTuple):
     feats: Tensor
     """[B, d_sae] feature activations."""
     mse: Tensor
-    """Scalar: squared error summed over d_in, averaged over the batch."""
+    """Scalar: squared error summed over d_in, averaged over the batch. For matryoshka, the
+    training loss: that error summed over the nested prefixes (the full reconstruction's is
+    the last term; `x_hat` is the full one, which held-out metrics use)."""
     l1: Tensor
     """Scalar: feature activations summed per row (weighted by decoder row norms for
     april2024), averaged over the batch."""
@@ -120,8 +174,8 @@ class SAEOutput(NamedTuple):
     fired: Tensor
     """[d_sae] int32: rows of this batch each feature fired on (no gradient)."""
     aux: Tensor
-    """Scalar: the AuxK loss (normalised by the batch's variance); zero unless topk has dead
-    features in training mode."""
+    """Scalar: the AuxK loss (normalised by the batch's variance); zero unless a k variant has
+    dead features in training mode."""
 
 
 class SparseAutoencoder(nn.Module):
@@ -129,6 +183,8 @@ class SparseAutoencoder(nn.Module):
 
     input_scale: Tensor
     tokens_since_fired: Tensor
+    threshold: Tensor
+    threshold_batches: Tensor
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str = "cpu",
                  generator: Optional[torch.Generator] = None):
@@ -143,6 +199,12 @@ class SparseAutoencoder(nn.Module):
         """Inputs are multiplied by this (sqrt(d_in) / E|x| with scale_inputs); 1 once folded in."""
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.int64, device=device))
         """Tokens seen in training since each feature last fired."""
+        if cfg.batch_sparsity:  # only these variants have them, so older checkpoints still load
+            self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=torch.float32, device=device))
+            """[d_sae] the inference JumpReLU threshold (one value for all features; 0 = ReLU
+            until the first training batch)."""
+            self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.int64, device=device))
+            """Training batches that have updated `threshold`."""
         self.reset_parameters(generator)
 
     # ------------------------------------------------------------------ initialisation
@@ -197,16 +259,25 @@ class SparseAutoencoder(nn.Module):
                             f"{tuple(x.shape)}")
         scaled = self.cfg.scale_inputs
         xs = x * self.input_scale.to(x.dtype) if scaled else x
-        out = backend.sae_step(xs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, k=self.cfg.top_k,
-                               dec_norm=not self.cfg.unit_decoder, compute_dtype=self.compute_dtype)
+        if self.cfg.batch_sparsity:
+            out = batch_step(xs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold,
+                             self.threshold_batches, self.cfg.k, self.cfg.prefix_sizes, self.training,
+                             self.compute_dtype)
+        else:
+            out = backend.sae_step(xs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, k=self.cfg.top_k,
+                                   dec_norm=not self.cfg.unit_decoder, compute_dtype=self.compute_dtype)
         aux = torch.zeros((), dtype=torch.float32, device=x.device)
         if self.training:
             with torch.no_grad():
                 self.tokens_since_fired.add_(x.shape[0]).masked_fill_(out.fired > 0, 0)
-            if self.cfg.variant == "topk" and self.cfg.aux_k > 0:
+            if self.cfg.uses_k and self.cfg.aux_k > 0:
                 aux = self._aux_loss(xs, out.x_hat)
         x_hat = out.x_hat / self.input_scale.to(out.x_hat.dtype) if scaled else out.x_hat
         return SAEOutput(x_hat, out.feats, out.mse, out.l1, out.l0, out.fired, aux)
+
+    def inference_threshold(self) -> Optional[Tensor]:
+        """[d_sae] the JumpReLU threshold `encode` applies (batchtopk, matryoshka), else None."""
+        return self.threshold.detach() if self.cfg.batch_sparsity else None
 
     def dead_mask(self) -> Tensor:
         """[d_sae] bool: features that have not fired for `dead_tokens` training tokens."""
@@ -229,11 +300,15 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """[B, d_sae] feature activations (inference, plain PyTorch, parameter dtype)."""
-        from monofast.kernels.reference import activate
+        """[B, d_sae] feature activations (inference, plain PyTorch, parameter dtype); the
+        BatchTopK variants apply their threshold, so a row's features do not depend on the batch."""
+        from monofast.kernels.reference import activate, jump_relu
 
         xs = x.to(self.W_enc.dtype) * self.input_scale.to(self.W_enc.dtype)
-        return activate((xs - self.b_dec) @ self.W_enc + self.b_enc, self.cfg.top_k)
+        pre = (xs - self.b_dec) @ self.W_enc + self.b_enc  # [B, d_sae]
+        if self.cfg.batch_sparsity:
+            return jump_relu(pre, self.threshold.to(pre.dtype))
+        return activate(pre, self.cfg.top_k)
 
     @torch.no_grad()
     def decode(self, feats: Tensor) -> Tensor:
@@ -305,17 +380,20 @@ class SparseAutoencoder(nn.Module):
         and x_hat = (f W_dec + b_dec) / s = f (W_dec / s) + b_dec / s.
         """
         s = float(self.input_scale)
-        return {
+        weights = {
             "W_enc": (self.W_enc * s).contiguous(),
             "W_dec": (self.W_dec / s).contiguous(),
             "b_enc": self.b_enc.detach().clone(),
             "b_dec": (self.b_dec / s).contiguous(),
         }
+        if self.cfg.batch_sparsity:  # f is unchanged by the folding, and so is its threshold
+            weights["threshold"] = self.threshold.to(self.W_enc.dtype).clone()  # SAELens' JumpReLU name
+        return weights
 
     def sae_lens_cfg(self, **metadata: Any) -> dict[str, Any]:
         """`cfg.json` contents: SAELens keys, then monofast's own config under "monofast"."""
         cfg: dict[str, Any] = {
-            "architecture": "topk" if self.cfg.variant == "topk" else "standard",
+            "architecture": SAE_LENS_ARCHITECTURES.get(self.cfg.variant, "standard"),
             "d_in": self.cfg.d_in,
             "d_sae": self.cfg.d_sae,
             "dtype": self.cfg.dtype,
@@ -324,8 +402,10 @@ class SparseAutoencoder(nn.Module):
             "normalize_activations": "none",  # the input scale is folded into the weights
             "reshape_activations": "none",
         }
-        if self.cfg.variant == "topk":
+        if self.cfg.uses_k:
             cfg["k"] = self.cfg.k
+        if self.cfg.batch_sparsity:
+            cfg["topk_threshold"] = float(self.threshold[0])
         cfg.update({key: value for key, value in metadata.items() if value is not None})
         cfg["metadata"] = {key: value for key, value in metadata.items() if value is not None}
         cfg["monofast"] = {**asdict(self.cfg), "folded_input_scale": float(self.input_scale)}
@@ -345,20 +425,21 @@ class SparseAutoencoder(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, device: torch.device | str = "cpu") -> "SparseAutoencoder":
-        """Read an SAE written by `save` (or any SAELens-style standard/topk SAE)."""
+        """Read an SAE written by `save` (or any SAELens-style standard, topk or batchtopk SAE)."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         raw = files.read_json(files.verify_recorded(folder / CONFIG_FILE), "SAE config")
         mine = dict(raw.get("monofast", {}))
         mine.pop("folded_input_scale", None)
-        mine["scale_inputs"] = False  # the saved weights already act on unscaled inputs
         if not mine:
-            variant = "topk" if raw.get("architecture") == "topk" else "anthropic2023"
+            named = {arch: variant for variant, arch in SAE_LENS_ARCHITECTURES.items()}
+            variant = named.get(raw.get("architecture"), "anthropic2023")
             mine = {"d_in": raw["d_in"], "d_sae": raw["d_sae"], "variant": variant,
                     "dtype": raw.get("dtype", "float32"), "scale_inputs": False}
-            if variant == "topk":
+            if variant in K_VARIANTS:
                 mine["k"] = raw["k"]
+        mine["scale_inputs"] = False  # the saved weights already act on unscaled inputs
         try:
             cfg = SAEConfig(**mine)
         except (TypeError, ValueError) as err:
@@ -370,6 +451,8 @@ class SparseAutoencoder(nn.Module):
         sae = cls(cfg, device=device)
         expected = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in),
                     "b_enc": (cfg.d_sae,), "b_dec": (cfg.d_in,)}
+        if cfg.batch_sparsity:
+            expected["threshold"] = (cfg.d_sae,)
         for name, shape in expected.items():
             if name not in tensors or tuple(tensors[name].shape) != shape:
                 got = tuple(tensors[name].shape) if name in tensors else "missing"

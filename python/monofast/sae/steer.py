@@ -30,6 +30,7 @@ import torch
 from monofast.common import files
 from monofast.common.errors import DataError, UserError
 from monofast.gpt.model import GPT, MLPHook
+from monofast.kernels.reference import jump_relu
 from monofast.sae.model import CONFIG_FILE, SparseAutoencoder
 
 SPEC = re.compile(r"^\s*(\d+)\s*=\s*(\S+?)\s*(x?)\s*$")
@@ -119,13 +120,17 @@ def feature_acts(sae: SparseAutoencoder, x: torch.Tensor, features: torch.Tensor
 
     A ReLU SAE needs only those encoder columns (an (N, d_in) x (d_in, c) product where
     the full encoding is (d_in, d_sae): at d_sae = 2048 that is most of a clamped sample's
-    cost); a top-k SAE must rank all pre-activations, so it encodes in full."""
+    cost), and so does a BatchTopK one, whose inference threshold is per feature; a top-k
+    SAE must rank all pre-activations, so it encodes in full."""
     if sae.cfg.top_k is not None:
         return sae.encode(x)[:, features]
     with torch.no_grad():
         w = sae.W_enc
         xs = x.to(w.dtype) * sae.input_scale.to(w.dtype)  # (N, d_in)
         pre = (xs - sae.b_dec) @ w[:, features] + sae.b_enc[features]  # (N, c)
+        threshold = sae.inference_threshold()  # batchtopk, matryoshka: a per-feature JumpReLU
+        if threshold is not None:
+            return jump_relu(pre, threshold[features].to(pre.dtype))
         return torch.relu(pre)
 
 

@@ -21,7 +21,7 @@ from monofast.common import distributed
 from monofast.common.errors import UserError
 from monofast.sae import search as sae_search
 from monofast.sae.config import SAETrainConfig
-from monofast.sae.model import SAEConfig, SparseAutoencoder
+from monofast.sae.model import K_VARIANTS, SAEConfig, SparseAutoencoder
 
 
 class Member(NamedTuple):
@@ -81,11 +81,11 @@ def train_step(member: Member, x: torch.Tensor, lam: float, lr: float, aux_coeff
 
 
 def lambda_search(cfg: SAETrainConfig, members: list[Member], steps: int) -> Optional[sae_search.LambdaSearch]:
-    """The lambda search of --target-l0 for the L1 variants (TopK's L0 is its k: none)."""
+    """The lambda search of --target-l0 for the L1 variants (the k variants' L0 is their k: none)."""
     if cfg.target_l0 <= 0:
         return None
     sae_search.check_target(cfg.target_l0, min(m.sae.cfg.d_sae for m in members))
-    if cfg.variant == "topk":
+    if cfg.variant in K_VARIANTS:
         return None
     return sae_search.LambdaSearch(cfg.target_l0, [m.l1_coeff for m in members], steps)
 

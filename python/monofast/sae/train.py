@@ -186,7 +186,7 @@ def check_training(cfg: SAETrainConfig, members: list[Member], stats: Optional[l
         loss = float(losses[i]) if losses else math.nan
         if bool(flags[i]) and (not losses or math.isfinite(loss)):
             continue
-        what = f"k={m.sae.cfg.k}" if cfg.variant == "topk" else f"L1 coefficient {m.l1_coeff:g}"
+        what = f"k={m.sae.cfg.k}" if m.sae.cfg.uses_k else f"L1 coefficient {m.l1_coeff:g}"
         found = f"its loss is {loss}" if losses and not math.isfinite(loss) else "its weights hold NaN or Inf"
         since = f" (finite at step {checked})" if checked > 0 else ""
         fixes = [f"a lower --lr (now {cfg.lr:g})"]
