@@ -225,10 +225,12 @@ def _activations(cfg: Any, sh: Shapes, device: Device, rates: Rates) -> StageEst
 
 
 def _sae(cfg: Any, sh: Shapes, device: Device, rates: Rates, rows: int) -> StageEstimate:
-    members = len(cfg.k) if cfg.variant == "topk" else len(cfg.l1_coeff)
+    from monofast.sae.model import K_VARIANTS  # here: listing presets' estimates imports no torch until asked
+
+    members = len(cfg.k) if cfg.variant in K_VARIANTS else len(cfg.l1_coeff)
     held = min(cfg.held_out, rows // 10)
     steps = math.ceil(max(rows - held, 0) * cfg.epochs / cfg.batch_size)
-    products = 3 if cfg.variant == "topk" else 5  # TopK decodes k rows per token, not all F
+    products = 3 if cfg.variant in K_VARIANTS else 5  # TopK decodes k rows per token, not all F
     step_flops = members * products * 2 * cfg.batch_size * sh.d_mlp * sh.d_sae
     ce_flops = 3 * cfg.ce_eval_tokens * (sh.forward_flops() + members * 4 * sh.d_mlp * sh.d_sae)
     rate = device.gflops * 1e9

@@ -19,9 +19,13 @@ from typing import NamedTuple, Optional
 from urllib.parse import quote
 
 from monofast.common import files
+from monofast.common.log import logger
 from monofast.site.text import escape
 
 LAB_ASSETS = ("tokenizer.js", "engine.js", "lab.js")
+IN_PAGE = ("standard", "topk")
+"""SAE architectures (cfg.json's names) that lab/engine.js computes; a BatchTopK SAE's
+inference threshold is not among them yet."""
 LAB_PAGE = "lab.html"
 
 
@@ -38,6 +42,11 @@ def inputs(data_dir: Optional[Path], gpt_dir: Optional[Path], sae_dir: Optional[
     alone has no lab)."""
     folders = (data_dir, gpt_dir, sae_dir)
     if any(f is None or not (f / files.MANIFEST_FILE).is_file() for f in folders):
+        return None
+    assert sae_dir is not None
+    architecture = files.read_json(sae_dir / "cfg.json", "SAE config").get("architecture", "standard")
+    if architecture not in IN_PAGE:
+        logger.warning("site: no lab: the page's engine runs ReLU and TopK SAEs, not %s ones", architecture)
         return None
     return LabInputs(*folders)  # type: ignore[arg-type]
 
