@@ -9,8 +9,12 @@ Providers:
     matmul-bf16 / matmul-fp32   the step's five products alone (the floor)
     monofast-bf16 / -fp32       SparseAutoencoder on the device's backend (torch on CPUs)
     reference                   the eager oracle (kernels/reference.py) with the same optimizer
-    autograd-fp32 / -bf16       plain PyTorch autograd of the obvious formula (bf16: autocast)
-    saelens, sparsify           peer libraries, only where installed
+    autograd-fp32 / -bf16       plain PyTorch autograd of the obvious formula (bf16: autocast);
+                                the baseline of every row of its precision
+    saelens-fp32 / -bf16        SAELens' standard (ReLU + L1) SAE, its trainer's step
+    sparsify-fp32 / -bf16       sparsify's TopK SAE (k=32), its trainer's step
+                                (peers: bf16 is autocast over fp32 weights, as their trainers
+                                run it; installed with `pip install -e '.[peers]'`)
 
 Ratios come from one process with the providers interleaved round by round: each ratio is
 the median over rounds of the two providers' timings in the same round, so load from other
@@ -20,11 +24,16 @@ processes on a shared machine hits both sides of every ratio alike.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
+import importlib
+import importlib.util
+import os
 import statistics
 import sys
 import time
-from typing import Callable
+import warnings
+from collections.abc import Callable
+from types import ModuleType
 
 import pytest
 import torch
@@ -39,7 +48,17 @@ L1_COEFF = 1e-3
 
 FLOORS = ("matmul-bf16", "matmul-fp32")
 OURS = ("monofast-bf16", "monofast-fp32", "reference", "autograd-fp32", "autograd-bf16")
-PEERS = ("saelens", "sparsify")
+PEERS = ("saelens-fp32", "saelens-bf16", "sparsify-fp32", "sparsify-bf16")
+PEERS_INSTALL = "pip install -e '.[peers]'  (sae-lens==6.54.0 eai-sparsify==1.3.3)"
+"""How to install the peers; a peer's skip reason names it."""
+SPARSIFY_K = 32
+PEER_IMPORT_WARNINGS = {
+    # sae-lens 6.54 imports transformer_lens.utils, which TransformerLens 3.x deprecates on
+    # import: the peer's own import, not our code, so it is ignored while the peer imports
+    # and nowhere else.
+    "sae_lens": [(DeprecationWarning, r"The 'utils' module has been deprecated")],
+}
+"""Warnings a peer raises while it is imported: (category, message regex) per module."""
 
 
 def _batch(n_rows: int, d_in: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
@@ -108,46 +127,98 @@ def eager_step(n_rows: int, d_in: int, d_sae: int, how: str, device: str = "cpu"
     return run
 
 
-def saelens_step(n_rows: int, d_in: int, d_sae: int) -> Callable[[], None]:
-    """SAELens' standard SAE trained the way its trainer does (forward pass, backward, Adam)."""
-    sae_lens = pytest.importorskip("sae_lens")
-    cfg = sae_lens.StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=L1_COEFF)
-    sae = sae_lens.StandardTrainingSAE(cfg)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    x = _batch(n_rows, d_in)
+def import_peer(module: str) -> ModuleType:
+    """Import an optional peer library: skip when it is not installed, raise when it is
+    installed but does not import (a broken peer is an error, never a silent skip)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed: {PEERS_INSTALL}")
+    with warnings.catch_warnings():
+        for category, message in PEER_IMPORT_WARNINGS.get(module, []):
+            warnings.filterwarnings("ignore", message=message, category=category)
+        return importlib.import_module(module)
+
+
+def _peer_autocast(bf16: bool, device: str) -> contextlib.AbstractContextManager:
+    """bf16 the way both peers' trainers run it: fp32 weights and Adam, the forward under
+    bf16 autocast (SAELens: `autocast=True`; sparsify: its forward's own autocast, which
+    only names CUDA, so on a CPU it is applied here)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def saelens_step(n_rows: int, d_in: int, d_sae: int, bf16: bool = False, device: str = "cpu",
+                 lr: float = 1e-4) -> Callable[[], torch.Tensor]:
+    """SAELens' standard (ReLU + L1) SAE, one step as SAETrainer._train_step takes it: forward
+    under its autocast, firing statistics, backward, gradient clipping at 1, Adam.
+    Returns the step, which returns the step's loss (detached)."""
+    sae_lens = import_peer("sae_lens")
     from sae_lens.saes.sae import TrainStepInput
 
-    # Its fields changed across 6.x releases; fill the ones this version has.
-    offered = {"sae_in": x, "coefficients": {"l1": L1_COEFF}, "dead_neuron_mask": None, "n_training_steps": 0}
-    step_input = TrainStepInput(**{f.name: offered[f.name] for f in dataclasses.fields(TrainStepInput)
-                                   if f.name in offered})
+    cfg = sae_lens.StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=L1_COEFF, device=device)
+    with torch.random.fork_rng(devices=[]):  # its initialisation draws from the global generator
+        torch.manual_seed(0)
+        sae = sae_lens.StandardTrainingSAE(cfg)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))  # SAETrainer's optimizer
+    x = _batch(n_rows, d_in, device=device)  # [B, D]
+    act_freq = torch.zeros(d_sae, device=device)  # [F], the trainer's firing counts
+    step_input = TrainStepInput(sae_in=x, coefficients={"l1": L1_COEFF}, dead_neuron_mask=None,
+                                n_training_steps=0, is_logging_step=False)
 
-    def run() -> None:
-        sae.training_forward_pass(step_input).loss.backward()
+    def run() -> torch.Tensor:
+        sae.train()
+        with _peer_autocast(bf16, device):
+            out = sae.training_forward_pass(step_input)
+            with torch.no_grad():
+                act_freq.add_(out.feature_acts.bool().float().sum(-2))  # [B, F] -> [F]
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
+        return out.loss.detach()
 
     return run
 
 
-def sparsify_step(n_rows: int, d_in: int, d_sae: int) -> Callable[[], None]:
-    """sparsify's TopK SAE (k=32): forward, backward, Adam, decoder renormalisation."""
-    sparsify = pytest.importorskip("sparsify")
-    sae = sparsify.SparseCoder(d_in, sparsify.SparseCoderConfig(num_latents=d_sae, k=32))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    x = _batch(n_rows, d_in)
+def _import_sparsify(device: str) -> ModuleType:
+    """sparsify decodes with a Triton kernel whenever Triton imports, and that kernel
+    crashes on a CPU; its switch is read once, when it is first imported."""
+    if torch.device(device).type == "cpu":
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    sparsify = import_peer("sparsify")
+    from sparsify import sparse_coder, utils
 
-    def run() -> None:
-        sae(x).fvu.backward()
+    if torch.device(device).type == "cpu" and sparse_coder.decoder_impl is not utils.eager_decode:
+        raise RuntimeError("sparsify was imported with its Triton decoder, which cannot run on a CPU: "
+                           "set SPARSIFY_DISABLE_TRITON=1 before it is first imported")
+    return sparsify
+
+
+def sparsify_step(n_rows: int, d_in: int, d_sae: int, bf16: bool = False, device: str = "cpu",
+                  lr: float = 1e-4) -> Callable[[], torch.Tensor]:
+    """sparsify's TopK SAE (k=32), one step as its Trainer.fit takes it: decoder rows to unit
+    norm, forward (under autocast for bf16), FVU backward, the gradient parallel to the
+    decoder rows removed, Adam. Returns the step, which returns the FVU (detached)."""
+    sparsify = _import_sparsify(device)
+    with torch.random.fork_rng(devices=[]):  # its initialisation draws from the global generator
+        torch.manual_seed(0)
+        sae = sparsify.SparseCoder(d_in, sparsify.SparseCoderConfig(num_latents=d_sae, k=SPARSIFY_K),
+                                   device=device, dtype=torch.float32)  # its trainer keeps fp32 weights
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)  # its Trainer's without bitsandbytes
+    x = _batch(n_rows, d_in, device=device)  # [B, D]
+
+    def run() -> torch.Tensor:
+        sae.set_decoder_norm_to_unit_norm()
+        with _peer_autocast(bf16, device):
+            fvu = sae(x).fvu
+        fvu.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
+        opt.zero_grad()
+        return fvu.detach()
 
     return run
 
 
-def make(provider: str, n_rows: int, d_in: int, d_sae: int, device: str = "cpu") -> Callable[[], None]:
+def make(provider: str, n_rows: int, d_in: int, d_sae: int, device: str = "cpu") -> Callable[[], object]:
     if provider.startswith("matmul-"):
         return matmul_floor(n_rows, d_in, d_sae, torch.bfloat16 if provider.endswith("bf16") else torch.float32,
                             device)
@@ -156,10 +227,10 @@ def make(provider: str, n_rows: int, d_in: int, d_sae: int, device: str = "cpu")
                                  device)
     if provider in ("reference", "autograd-fp32", "autograd-bf16"):
         return eager_step(n_rows, d_in, d_sae, provider, device)
-    if provider == "saelens":
-        return saelens_step(n_rows, d_in, d_sae)
-    if provider == "sparsify":
-        return sparsify_step(n_rows, d_in, d_sae)
+    if provider.startswith("saelens-"):
+        return saelens_step(n_rows, d_in, d_sae, bf16=provider.endswith("bf16"), device=device)
+    if provider.startswith("sparsify-"):
+        return sparsify_step(n_rows, d_in, d_sae, bf16=provider.endswith("bf16"), device=device)
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -193,7 +264,7 @@ def test_sae_step(benchmark, provider):
 
 # ------------------------------------------------------------------------- the table
 
-def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+def time_interleaved(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
     """Milliseconds per call of each provider, one call of each per round (the order
     reversed every other round, so no provider always follows the same one)."""
     for step in steps.values():
@@ -215,39 +286,53 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
+def _peer_versions() -> str:
+    """", sae-lens 6.54.0, eai-sparsify 1.3.3" for the peers installed, for the table's header."""
+    from importlib import metadata
+
+    found = []
+    for dist in ("sae-lens", "eai-sparsify"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found.append(f", {dist} {metadata.version(dist)}")
+    return "".join(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="timed calls per provider (default 15)")
     parser.add_argument("--shape", action="append", default=None, metavar="B,D,F",
                         help="batch, d_in, d_sae (repeatable; default: the two real shapes)")
-    parser.add_argument("--providers", default=",".join(FLOORS + OURS),
-                        help="comma-separated providers (saelens and sparsify where installed)")
+    parser.add_argument("--providers", default=",".join(FLOORS + OURS + PEERS),
+                        help="comma-separated providers (the peers are skipped where not installed)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else list(REAL)
     providers = [p for p in args.providers.split(",") if p]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds. ms per step: "
-          f"median and best round; ratios: median over rounds of the two timings of one round")
-    print(f"{'shape':<18} {'provider':<15} {'median':>8} {'best':>8} {'floor/step':>11} {'vs reference':>13}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds{_peer_versions()}. "
+          f"ms per step: median and best round; ratios: median over rounds of the two timings of one round; "
+          f"floor: the five products of the step in its precision; vs autograd: autograd of the same precision "
+          f"over the step (above 1: faster than autograd)")
+    print(f"{'shape':<18} {'provider':<15} {'median':>8} {'best':>8} {'floor/step':>11} {'vs autograd':>12}")
     for n_rows, d_in, d_sae in shapes:
         steps = {}
         for provider in providers:
             try:
                 steps[provider] = make(provider, n_rows, d_in, d_sae)
-            except pytest.skip.Exception:
-                print(f"  ({provider} is not installed; skipped)")
+            except pytest.skip.Exception as skip:
+                print(f"  ({provider} skipped: {skip.msg})")
         times = time_interleaved(steps, args.rounds)
         shape = f"B{n_rows}-D{d_in}-F{d_sae}"
         for name, values in times.items():
             precision = "bf16" if name.endswith("bf16") else "fp32"
             floor = times.get(f"matmul-{precision}")
             ratio = f"{paired_ratio(floor, values):.0%}" if floor and not name.startswith("matmul") else ""
-            ref = times.get("reference")
-            speedup = f"{paired_ratio(ref, values):.2f}x" if ref else ""
+            baseline = times.get(f"autograd-{precision}")
+            speedup = (f"{paired_ratio(baseline, values):.2f}x"
+                       if baseline and not name.startswith(("matmul", "autograd")) else "")
             print(f"{shape:<18} {name:<15} {statistics.median(values):>8.1f} {min(values):>8.1f} "
-                  f"{ratio:>11} {speedup:>13}")
+                  f"{ratio:>11} {speedup:>12}")
     return 0
 
 
