@@ -51,7 +51,7 @@ def family_members(sae_dir: Path, family_dir: Path) -> list[tuple[str, Path, boo
     members = {main_width: (f"w{main_width}", sae_dir, True)}
     for folder in sorted(family_dir.glob("w*/")):
         width = int(files.read_json(folder / "cfg.json", "SAE config")["d_sae"])
-        if width != main_width and (folder / "cfg.json").is_file():
+        if width != main_width:
             members[width] = (f"w{width}", folder, False)
     if len(members) < 2:
         raise DataError(f"{family_dir} holds no SAE of another width than the run's ({main_width}); "

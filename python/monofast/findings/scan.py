@@ -7,8 +7,8 @@ SAE; then the running sums of
 - the correlation of every A feature with every B feature, and of every A neuron with
   every B neuron (`CrossMoments`);
 - the correlation of each family feature with its decoder-matched parent (`PairMoments`);
-- firing counts, activation mass per source and per token of every SAE's features
-  (`monofast.analysis.stats.FeatureStats`, as the analysis counts them);
+- firing counts, activation mass per source and per token of every SAE's features and of
+  both models' neurons (`monofast.analysis.stats`, as the analysis counts them);
 - per activation level and source, the firings of A's features and neurons (`Levels`).
 """
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from monofast.analysis.forward import Encoder
-from monofast.analysis.stats import FeatureStats, firings
+from monofast.analysis.stats import FeatureStats, NeuronStats, firings
 from monofast.findings.matching import CrossMoments, PairMoments
 from monofast.gpt.model import GPT
 
@@ -34,7 +34,6 @@ class Levels:
         self.top = torch.as_tensor(maxima, dtype=torch.float32).clamp(min=1e-12)  # (U,)
         self.bins, self.n_sources = bins, n_sources
         self.counts = torch.zeros(len(maxima) * bins * n_sources, dtype=torch.int64)  # (U * NB * S,)
-        self.tokens = torch.zeros(n_sources, dtype=torch.int64)  # (S,) tokens seen per source
 
     def add(self, acts: Tensor, sources: Tensor) -> None:
         """acts (n, U), sources (n,) of the same tokens."""
@@ -43,7 +42,6 @@ class Levels:
         level = (acts[rows, units] / self.top[units] * self.bins).long().clamp(max=self.bins - 1)
         cell = (units * self.bins + level) * self.n_sources + sources[rows]
         self.counts += torch.bincount(cell, minlength=self.counts.numel())
-        self.tokens += torch.bincount(sources, minlength=self.n_sources)
 
     def table(self) -> np.ndarray:
         """(U, NB, S) firing counts."""
@@ -80,11 +78,12 @@ class Scan:
         self.no_edges = torch.empty(0)  # one histogram bin: the counts here need none
         self.stats = {name: FeatureStats(enc.d_sae, n_sources, 1, vocab_size, torch.device("cpu"))
                       for name, enc in {**models.family, "twin": models.twin}.items()}
-        self.neuron_mass_a = torch.zeros(n_sources, d_mlp, dtype=torch.float64)
-        self.neuron_mass_b = torch.zeros(n_sources, d_mlp, dtype=torch.float64)
+        cpu = torch.device("cpu")
+        self.neuron_stats = {"a": NeuronStats(d_mlp, n_sources, cpu), "b": NeuronStats(d_mlp, n_sources, cpu)}
         self.feature_levels = Levels(feature_max, bins, n_sources)
         self.neuron_levels = Levels(neuron_max, bins, n_sources)
         self.tokens = 0
+        self.tokens_by_source = torch.zeros(n_sources, dtype=torch.int64)  # (S,)
 
     @torch.no_grad()
     def add(self, idx: np.ndarray, sources: np.ndarray) -> None:
@@ -95,13 +94,16 @@ class Scan:
         acts_a = self._mlp(self.models.a, x)  # (n, d_mlp)
         acts_b = self._mlp(self.models.b, x)  # (n, d_mlp)
         self.tokens += acts_a.shape[0]
+        self.tokens_by_source += torch.bincount(src, minlength=len(self.tokens_by_source))
         self.neurons.add(acts_a, acts_b)
         self.neuron_levels.add(acts_a, src)
-        self.neuron_mass_a.index_add_(0, src, acts_a.clamp(min=0).double())
-        self.neuron_mass_b.index_add_(0, src, acts_b.clamp(min=0).double())
+        by_context = torch.from_numpy(sources)  # (b, T)
+        self.neuron_stats["a"].update(acts_a.view(*sources.shape, -1), by_context)
+        self.neuron_stats["b"].update(acts_b.view(*sources.shape, -1), by_context)
+        # Each encoder writes into its own buffer, overwritten only by its next call (the next batch).
         encoded: dict[str, Tensor] = {}
         for name, encoder in self.models.family.items():
-            encoded[name] = encoder(acts_a.to(self.device)).float().cpu().clone()  # (n, F)
+            encoded[name] = encoder(acts_a.to(self.device)).float().cpu()  # (n, F)
         feats_b = self.models.twin(acts_b.to(self.device)).float().cpu()  # (n, F_b)
         main = encoded[self.models.main]
         self.features.add(main, feats_b)
@@ -115,14 +117,6 @@ class Scan:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             acts = model.mlp_activations(x, self.models.layer)  # (b, T, d_mlp)
         return acts.reshape(-1, acts.shape[-1]).float().cpu()  # (n, d_mlp)
-
-
-def neuron_shares(mass: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(U, S) share of positive activation mass per source, and the dominant source (U,)."""
-    m = mass.T.numpy()  # (U, S)
-    total = m.sum(1, keepdims=True)
-    share = np.divide(m, total, out=np.zeros_like(m), where=total > 0)
-    return share, np.where(total[:, 0] > 0, share.argmax(1), -1)
 
 
 def top_tokens(stats: FeatureStats, n: int) -> np.ndarray:

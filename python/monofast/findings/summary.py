@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
+import torch
 
 from monofast.analysis.stats import source_shares
 from monofast.common import files
 from monofast.findings import matching
-from monofast.findings.scan import Scan, neuron_shares, top_tokens
+from monofast.findings.scan import Scan, top_tokens
 
 GOAL = {"l0": (5.0, 50.0), "ce_loss_recovered": 0.85, "dead_fraction": 0.10}
 """The quality goal every SAE is held to: L0 5-50, CE-loss recovered >= 85% on every
@@ -100,8 +101,6 @@ def family(scan: Scan, order: list[str], main: str, parents: Mapping[str, tuple[
 
 
 def _matches(corr: np.ndarray, dom_a: np.ndarray, dom_b: np.ndarray) -> tuple[matching.Matches, dict[str, Any]]:
-    import torch
-
     m = matching.best_matches(torch.as_tensor(corr))
     has = m.index >= 0
     value = np.where(has, m.value, np.nan)
@@ -121,8 +120,7 @@ def universality(scan: Scan, sources: list[str]) -> Finding:
     fires_b, mass_b = scan.stats["twin"].by_source()
     dom_fa, dom_fb = source_shares(fires_a, mass_a).dominant, source_shares(fires_b, mass_b).dominant
     shares_b = source_shares(fires_b, mass_b)
-    _, dom_na = neuron_shares(scan.neuron_mass_a)
-    _, dom_nb = neuron_shares(scan.neuron_mass_b)
+    dom_na, dom_nb = (source_shares(*scan.neuron_stats[m].by_source()).dominant for m in ("a", "b"))
     fm, fnum = _matches(scan.features.correlation().numpy(), dom_fa, dom_fb)
     nm, nnum = _matches(scan.neurons.correlation().numpy(), dom_na, dom_nb)
     numbers = {"tokens": int(scan.tokens), "measure": "Pearson correlation of activations over the same tokens",
@@ -154,7 +152,7 @@ def _levels(table: np.ndarray, dominant: np.ndarray, tokens: np.ndarray) -> dict
 def specificity(scan: Scan, features: Mapping[str, np.ndarray], neurons: Mapping[str, np.ndarray],
                 sources: list[str]) -> Finding:
     """The paper's specificity plots: per activation level, the source of the tokens."""
-    tokens = scan.feature_levels.tokens.numpy()
+    tokens = scan.tokens_by_source.numpy()
     f_table, n_table = scan.feature_levels.table(), scan.neuron_levels.table()
     f = _levels(f_table, np.asarray(features["dominant"]), tokens)
     n = _levels(n_table, np.asarray(neurons["dominant"]), tokens)

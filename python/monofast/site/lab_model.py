@@ -151,12 +151,11 @@ def lab_weights(model: GPT, sae: SparseAutoencoder, layer: int) -> LabWeights:
                         f"train the SAE on this GPT (`monofast run --run RUN --from activations`)")
     tensors = {name: _half(name, t) for name, t in model.state_dict().items() if name != "lm_head.weight"}
     with torch.no_grad():
-        scale = sae.input_scale.float()
-        raw = sae.W_enc.float()  # (D, F)
+        w = {k: v.float() for k, v in sae.folded_weights().items()}  # acting on unscaled inputs
         folded = {
-            "sae.W_enc": raw * scale,  # (D, F)
-            "sae.b_enc": sae.b_enc.float() - sae.b_dec.float() @ raw,  # (F,): x W + b == (x s - b_dec) W + b_enc
-            "sae.W_dec": sae.W_dec.float() / scale,  # (F, D): decode's slope in the input space
+            "sae.W_enc": w["W_enc"],  # (D, F)
+            "sae.b_enc": w["b_enc"] - w["b_dec"] @ w["W_enc"],  # (F,): x W + b == (x - b_dec) W + b_enc
+            "sae.W_dec": w["W_dec"],  # (F, D): decode's slope in the input space
         }
     tensors.update({name: _half(name, t) for name, t in folded.items()})
     config = {
