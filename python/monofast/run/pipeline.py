@@ -14,7 +14,7 @@ from monofast.common.log import logger
 from monofast.run import estimate
 from monofast.run.manifest import run_stage, up_to_date
 from monofast.run.resolve import resolve_config
-from monofast.run.stages import EXTRAS, STAGES, TWIN, TWIN_STAGES, RunDir, Stage, stage_named
+from monofast.run.stages import EXTRAS, STAGES, TWIN, RunDir, Stage, run_order, stage_named
 
 
 class Job(NamedTuple):
@@ -76,21 +76,20 @@ def _jobs(preset: str, run: RunDir, layers: Mapping[str, Sequence[Mapping[str, A
           extras: Sequence[str]) -> list[Job]:
     """The stages of the run in order, with their configs; with the findings, the second
     model's GPT, harvest and SAE (the same configs, other seeds) come before the family."""
-    stages = [s for s in STAGES if not s.extra or s.extra in extras]
-    configs = {s.name: resolve_config(s, preset, *layers.get(s.name, [])) for s in stages}
+    order = run_order(extras)
+    configs = {stage.name: resolve_config(stage, preset, *layers.get(stage.name, []))
+               for folder, stage in order if folder == stage.name}
     jobs = []
-    for stage in stages:
-        if stage.name == "family":
+    for folder, stage in order:
+        cfg, view = configs[stage.name], run
+        if folder != stage.name:  # the second model: another seed, in twin/
             offset = configs["findings"].twin_seed_offset
-            twin = run.twin()
-            for name in TWIN_STAGES:
-                cfg = configs[name]
-                if name == "gpt":
-                    cfg = dataclasses.replace(cfg, seed=cfg.seed + offset)
-                elif name == "sae":  # far from the seeds (seed + i) of the first model's sweep
-                    cfg = dataclasses.replace(cfg, seed=cfg.seed + 7_919 * offset)
-                jobs.append(Job(stage_named(name), cfg, twin))
-        jobs.append(Job(stage, configs[stage.name], run))
+            view = run.twin()
+            if stage.name == "gpt":
+                cfg = dataclasses.replace(cfg, seed=cfg.seed + offset)
+            elif stage.name == "sae":  # far from the seeds (seed + i) of the first model's sweep
+                cfg = dataclasses.replace(cfg, seed=cfg.seed + 7_919 * offset)
+        jobs.append(Job(stage, cfg, view))
     return jobs
 
 

@@ -29,7 +29,7 @@ from monofast.common import files
 from monofast.common.errors import UserError
 from monofast.common.log import logger
 from monofast.run import results
-from monofast.run.stages import STAGES, TWIN, TWIN_STAGES
+from monofast.run.stages import run_order
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 SHOWCASE_PURITY = 0.98
@@ -55,7 +55,7 @@ def write_report(run: Path, out: Path, features: Optional[Sequence[int]] = None)
     files.write_text(written[0], "\n\n".join([
         f"<!-- written by `monofast report {run} --out {out}` -->",
         results.markdown(res),
-        results.timings_markdown(res, stage_folders()),
+        results.timings_markdown(res, [folder for folder, _ in run_order()]),
     ]) + "\n")
     files.write_text(written[1], purity_svg(res.summary or {}))
     if res.site_index is None:
@@ -125,16 +125,6 @@ def _best_steered(run: Path) -> Optional[tuple[int, str]]:
     steered = [e for e in entries if (e.get("share_clamped") or 0.0) >= 0.5] or entries
     best = max(steered, key=lambda e: (e.get("logprob_clamped") or -1e9, -int(e["feature"])))
     return int(best["feature"]), str(best["examples"][0].get("prompt", ""))
-
-
-def stage_folders() -> list[str]:
-    """Every stage folder a run can have, in pipeline order (the twin's before the family)."""
-    out = []
-    for stage in STAGES:
-        if stage.name == "family":
-            out += [f"{TWIN}/{name}" for name in TWIN_STAGES]
-        out.append(stage.name)
-    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -112,6 +112,19 @@ TWIN = "twin"
 TWIN_STAGES = ("gpt", "activations", "sae")
 
 
+def run_order(extras: tuple[str, ...] | list[str] = EXTRAS) -> list[tuple[str, Stage]]:
+    """(folder, stage) of every stage a run with `extras` has, in the order they run: the
+    second model's stages (`twin/gpt`, ...) come with the findings, before the family."""
+    out: list[tuple[str, Stage]] = []
+    for stage in STAGES:
+        if stage.extra and stage.extra not in extras:
+            continue
+        if stage.name == "family":
+            out += [(f"{TWIN}/{name}", stage_named(name)) for name in TWIN_STAGES]
+        out.append((stage.name, stage))
+    return out
+
+
 def stage_named(name: str) -> Stage:
     """The stage `name` (a twin's `twin/gpt` is the `gpt` stage)."""
     base = name.removeprefix(f"{TWIN}/")
