@@ -193,8 +193,8 @@ class SparseStep(torch.autograd.Function):
                 None, None, None)
 
 
-def sae_step(x: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, b_dec: Tensor, k: Optional[int] = None,
-             dec_norm: bool = False, compute_dtype: Optional[torch.dtype] = None) -> StepOut:
+def sparse_step(x: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, b_dec: Tensor, k: Optional[int] = None,
+                dec_norm: bool = False, compute_dtype: Optional[torch.dtype] = None) -> StepOut:
     """The SAE step (contract in `reference.py`) over the active entries; products in
     `compute_dtype` when given. x_hat and feats come back in the compute dtype."""
     if k is not None and not 1 <= k <= w_enc.shape[1]:

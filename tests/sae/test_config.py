@@ -27,8 +27,10 @@ def test_negative_budgets_are_refused(fields):
 
 
 def test_runtime_fields_do_not_change_the_identity():
-    assert SAETrainConfig.RUNTIME == frozenset({"device", "resume", "cuda_graphs", "compute_dtype", "verify"})
-    same = [config.identity(SAETrainConfig(device=d, resume=r)) for d, r in (("cpu", False), ("auto", True))]
+    assert SAETrainConfig.RUNTIME == frozenset({"device", "resume", "cuda_graphs", "compute_dtype", "verify",
+                                                "sparse_step"})
+    same = [config.identity(SAETrainConfig(device=d, resume=r, sparse_step=s))
+            for d, r, s in (("cpu", False, "auto"), ("auto", True, "off"))]
     assert same[0] == same[1] and "device" not in same[0] and "resume" not in same[0]
     assert config.identity(SAETrainConfig(checkpoint_every=7)) != config.identity(SAETrainConfig())
 

@@ -32,7 +32,13 @@ def test_sweep_trains_side_by_side_and_writes_everything(store_dir, small, tmp_p
     assert set(lines[-1]["saes"]) == {"l1_0.3", "l1_3"}
     assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(evaluation))
     # The precision the products ran in, and no CUDA here: plain steps.
-    assert evaluation["training"] == {"compute_dtype": "float32", "cuda_graph": False}
+    training = evaluation["training"]
+    assert {k: training[k] for k in ("compute_dtype", "cuda_graph")} == {"compute_dtype": "float32",
+                                                                         "cuda_graph": False}
+    sparse = training["sparse_step"]
+    assert sparse["mode"] == "auto" and set(sparse["saes"]) == {"l1_0.3", "l1_3"}
+    for record in sparse["saes"].values():  # every step counted, in one form or the other
+        assert sum(record["steps"].values()) == steps
 
     top = json.loads((out / "cfg.json").read_text())  # without --target-l0, the first is published
     assert top["sweep_member"] == "l1_0.3" and top["hook_name"] == "blocks.0.mlp.hook_post"

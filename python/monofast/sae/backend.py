@@ -7,6 +7,11 @@ Backends (all implement the contract in `monofast.kernels.reference`):
 - `torch`: plain PyTorch (`monofast.kernels.eager`), chosen on the CPU and the fallback
   everywhere else.
 
+Each backend also has a sparse form of the step (`sparse=True`: the same results, computed
+over the firing features only; `monofast.kernels.sparse`): Triton's own kernels on CUDA,
+plain PyTorch (with native CPU kernels where built) everywhere else. The trainer picks the
+form by the crossover it measures (`monofast.sae.crossover`).
+
 `MONOFAST_BACKEND=torch|triton|metal` forces one. A forced backend that cannot run on the
 tensors' device raises `BackendError` saying why; an automatically chosen one that fails
 to import or to launch falls back to `torch` and says so once in the log.
@@ -47,6 +52,10 @@ class Backend:
     casts_inputs: bool
     """True when it takes a single dtype for everything, so a compute dtype is applied by
     casting the inputs (differentiably) before the call."""
+    sparse_module: str = "monofast.kernels.sparse"
+    """Import path of the module defining its `sparse_step` (same signature as `sae_step`)."""
+    sparse_casts_inputs: bool = False
+    """`casts_inputs` of the sparse form."""
 
     def unavailable(self, device: torch.device) -> Optional[str]:
         """Why this backend cannot run on `device` (None when it can)."""
@@ -69,13 +78,19 @@ class Backend:
         return self.name == "triton" and device.type == "cpu" and \
             os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-    def step_fn(self) -> StepFn:
+    def step_fn(self, sparse: bool = False) -> StepFn:
+        if sparse:
+            return importlib.import_module(self.sparse_module).sparse_step
         return importlib.import_module(self.module).sae_step
+
+    def casts(self, sparse: bool) -> bool:
+        return self.sparse_casts_inputs if sparse else self.casts_inputs
 
 
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", "monofast.kernels.eager", (), casts_inputs=False),
-    "triton": Backend("triton", "monofast.kernels.triton", ("cuda",), casts_inputs=True),
+    "triton": Backend("triton", "monofast.kernels.triton", ("cuda",), casts_inputs=True,
+                      sparse_module="monofast.kernels.triton.sparse", sparse_casts_inputs=True),
     "metal": Backend("metal", "monofast.kernels.metal", ("mps",), casts_inputs=True),
 }
 
@@ -127,9 +142,11 @@ def resolve(device: torch.device | str) -> Backend:
 
 def sae_step(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: torch.Tensor,
              b_dec: torch.Tensor, k: Optional[int] = None, dec_norm: bool = False,
-             compute_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
+             compute_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None,
+             sparse: bool = False):
     """The fused SAE step (`monofast.kernels.reference` documents the contract) on the
-    backend for x's device, or on `backend` when named (checked like MONOFAST_BACKEND).
+    backend for x's device, or on `backend` when named (checked like MONOFAST_BACKEND);
+    `sparse` takes its sparse form (the same results).
 
     `compute_dtype` (e.g. torch.bfloat16) runs the products in that dtype while the
     parameters and their gradients keep theirs, like autocast.
@@ -146,23 +163,23 @@ def sae_step(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: t
         chosen = resolve(x.device)
         forced = requested() is not None
     try:
-        return _call(chosen, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype)
+        return _call(chosen, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype, sparse)
     except (ValueError, TypeError):
         raise  # bad inputs: the same on every backend
     except Exception as err:  # a compiler or driver failure in an automatic choice
         if forced or chosen.name == "torch" or _capturing(x):
             raise  # (while a CUDA graph is captured, the capture failed, not the backend)
         fallback = _fall_back(chosen.name, x.device, f"{type(err).__name__}: {err}")
-        return _call(fallback, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype)
+        return _call(fallback, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype, sparse)
 
 
 def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _call(backend: Backend, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype):
-    step = backend.step_fn()
-    if not backend.casts_inputs:
+def _call(backend: Backend, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype, sparse=False):
+    step = backend.step_fn(sparse)
+    if not backend.casts(sparse):
         return step(x, w_enc, b_enc, w_dec, b_dec, k=k, dec_norm=dec_norm, compute_dtype=compute_dtype)
     dtype = compute_dtype or x.dtype
     x, w_enc, b_enc, w_dec, b_dec = (t.to(dtype) for t in (x, w_enc, b_enc, w_dec, b_dec))

@@ -17,7 +17,8 @@ from monofast.sae.model import K_VARIANTS, VARIANTS
 
 @dataclass
 class SAETrainConfig:
-    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device", "resume", "cuda_graphs", "compute_dtype", "verify"})
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device", "resume", "cuda_graphs", "compute_dtype", "verify",
+                                                      "sparse_step"})
     """Fields that change how a run executes, not what it computes: the manifest and the
     checkpoint's identity ignore them."""
 
@@ -82,6 +83,10 @@ class SAETrainConfig:
     cuda_graphs: bool = True
     """On CUDA, replay the whole training step as one CUDA graph after a few eager steps
     (anthropic2023 and april2024 in one process; the same arithmetic, far fewer launches)."""
+    sparse_step: str = "auto"
+    """auto: each SAE takes the sparse form of the step (the same results, computed over the
+    firing features only) once its firing density is below the crossover measured on this
+    machine (`monofast.sae.crossover`); on: always; off: never (ReLU and TopK variants)."""
     seed: int = 0
     """Seed of the initialisation, the data order and the resampling."""
     verify: bool = True
@@ -114,6 +119,8 @@ class SAETrainConfig:
             raise ValueError("held_out must be >= 0, log_every and resample_rows >= 1")
         if not self.target_l0 >= 0 or not math.isfinite(self.target_l0):
             raise ValueError(f"target_l0 must be >= 0 (0: no target), got {self.target_l0}")
+        if self.sparse_step not in ("auto", "on", "off"):
+            raise ValueError(f"sparse_step {self.sparse_step!r} is unknown; choose auto, on or off")
         if self.ce_eval_tokens < 0 or self.checkpoint_every < 0:
             raise ValueError(f"ce_eval_tokens and checkpoint_every must be >= 0 (0 turns them off), got "
                              f"{self.ce_eval_tokens}, {self.checkpoint_every}")

@@ -205,6 +205,9 @@ class SparseAutoencoder(nn.Module):
             until the first training batch)."""
             self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.int64, device=device))
             """Training batches that have updated `threshold`."""
+        self.sparse_step = False
+        """Take the sparse form of the fused step (same results; the trainer sets it by the
+        measured crossover, `monofast.sae.crossover`). The BatchTopK variants ignore it."""
         self.reset_parameters(generator)
 
     # ------------------------------------------------------------------ initialisation
@@ -265,7 +268,8 @@ class SparseAutoencoder(nn.Module):
                              self.compute_dtype)
         else:
             out = backend.sae_step(xs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, k=self.cfg.top_k,
-                                   dec_norm=not self.cfg.unit_decoder, compute_dtype=self.compute_dtype)
+                                   dec_norm=not self.cfg.unit_decoder, compute_dtype=self.compute_dtype,
+                                   sparse=self.sparse_step)
         aux = torch.zeros((), dtype=torch.float32, device=x.device)
         if self.training:
             with torch.no_grad():

@@ -39,6 +39,8 @@ class TrainState(NamedTuple):
     """Lines of metrics.jsonl written so far."""
     seconds: float
     """Training time so far (for the rows/s of the metrics)."""
+    sparse: Optional[dict[str, Any]] = None
+    """Which SAE takes the sparse step, and its switches so far (`SparseSwitch.state`)."""
 
 
 def checkpoint_identity(cfg: SAETrainConfig, store: ActivationStore) -> dict[str, Any]:
@@ -72,6 +74,7 @@ def save_checkpoint(out: Path, cfg: SAETrainConfig, store: ActivationStore, memb
         "batches": batches.state(),
         "rng": json.dumps(rng.bit_generator.state),  # JSON: PCG64's state holds 128-bit integers
         "search": search.state() if search is not None else None,
+        "sparse": state.sparse,
     }
     if positions is not None:
         payload.update(batches=positions, world_size=here.size)
@@ -96,7 +99,8 @@ def load_checkpoint(out: Path, cfg: SAETrainConfig, store: ActivationStore, memb
     if search is not None:
         search.restore(payload["search"])
         set_lambdas(members, search.lambdas)
-    return TrainState(int(payload["step"]), list(payload["records"]), float(payload["seconds"]))
+    return TrainState(int(payload["step"]), list(payload["records"]), float(payload["seconds"]),
+                      payload.get("sparse"))
 
 
 def start_state(cfg: SAETrainConfig, out: Path, store: ActivationStore, members: list[Member],

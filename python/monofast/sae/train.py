@@ -51,6 +51,7 @@ from monofast.common.device import dtype_name, pick_device, pick_dtype
 from monofast.common.errors import DataError, UserError
 from monofast.common.log import logger, progress
 from monofast.sae import graph as sae_graph
+from monofast.sae.crossover import SparseSwitch
 from monofast.sae import search as sae_search
 from monofast.sae.batches import (
     TrainingBatches,
@@ -95,7 +96,8 @@ def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatch
               ) -> dict[str, Any]:
     """Train from `state.step` to `steps`, logging metrics and writing checkpoints; with a
     lambda search (and its probe rows), steer the members' lambdas at its control points.
-    Returns whether the steps ran as CUDA graph replays (`sae_graph.describe`)."""
+    Returns how the steps ran: as CUDA graph replays or not (`sae_graph.describe`), and
+    which SAE took the sparse step when (`SparseSwitch.report`)."""
     search, probe = search_and_probe
     resample_at = set(resample_steps(cfg, steps))
     window = dead_window(cfg, steps)
@@ -107,6 +109,9 @@ def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatch
     reason = sae_graph.unavailable(cfg.cuda_graphs, cfg.variant, batches.device, here.size)
     if reason is None:
         graphs = sae_graph.GraphedSteps(members, cfg.batch_size, store.dim, batches.device, cfg.aux_coeff)
+    switch = SparseSwitch(cfg.sparse_step, [m.sae for m in members], [m.name for m in members],
+                          cfg.batch_size // here.size, start=state.step, resumed=state.sparse,
+                          unavailable="the dense step replays as a CUDA graph" if graphs is not None else None)
     input_sum = torch.zeros((), device=batches.device)
     checked = state.step  # the last step whose losses and weights were seen finite
     with open(out / METRICS_FILE if here.is_main else os.devnull, "a", encoding="utf-8") as log_file:
@@ -124,6 +129,7 @@ def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatch
                 check_training(cfg, members, stats, x, input_sum, step + 1, checked, here)
                 checked = step + 1
                 input_sum.zero_()
+                switch.update(step + 1, [float(s["l0"]) for s in stats])
             if search is not None and probe is not None and search.due(step + 1):
                 l0s = probe_l0(members, probe, cfg.batch_size)  # same weights, same rows on every rank
                 # Rank 0's lambdas everywhere: devices may round the probe differently.
@@ -147,10 +153,10 @@ def run_steps(cfg: SAETrainConfig, members: list[Member], batches: TrainingBatch
                 bar.set_postfix(mse=f"{first['mse']:.3g}", l0=f"{first['l0']:.1f}",
                                 dead=first["dead"], rows_s=f"{record['rows_per_s']:.0f}")
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                done = TrainState(step + 1, records, time.perf_counter() - started)
+                done = TrainState(step + 1, records, time.perf_counter() - started, switch.state())
                 save_checkpoint(out, cfg, store, members, batches, rng, done, search=search)
     bar.close()
-    return sae_graph.describe(graphs)
+    return {**sae_graph.describe(graphs), "sparse_step": switch.report()}
 
 
 def _reads_back(cfg: SAETrainConfig, done: int, steps: int, resample_at: set[int],
