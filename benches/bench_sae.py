@@ -7,7 +7,9 @@ against the bare matrix products of the same shapes and precision, timed in the 
 
 Providers:
     matmul-bf16 / matmul-fp32   the step's five products alone (the floor)
-    monofast-bf16 / -fp32       SparseAutoencoder on the device's backend (torch on CPUs)
+    monofast-bf16 / -fp32       SparseAutoencoder on the device's backend (torch on CPUs), dense step
+    sparse-bf16 / -fp32         the same SAE taking the sparse step (`monofast.kernels.sparse`)
+    topk-bf16                   monofast's TopK SAE (k=32), sparse step; topk-dense-bf16: dense step
     reference                   the eager oracle (kernels/reference.py) with the same optimizer
     autograd-fp32 / -bf16       plain PyTorch autograd of the obvious formula (bf16: autocast);
                                 the baseline of every row of its precision
@@ -15,6 +17,10 @@ Providers:
     sparsify-fp32 / -bf16       sparsify's TopK SAE (k=32), its trainer's step
                                 (peers: bf16 is autocast over fp32 weights, as their trainers
                                 run it; installed with `pip install -e '.[peers]'`)
+
+monofast's SAEs fire like trained ones: each encoder bias is set so that its feature fires
+on L0 / F of the rows (L0 = 32), the density of the presets' trained SAEs; the peers' and the
+floor's costs do not depend on it.
 
 Ratios come from one process with the providers interleaved round by round: each ratio is
 the median over rounds of the two providers' timings in the same round, so load from other
@@ -47,11 +53,14 @@ REAL = ((2048, 768, 1536), (2048, 512, 4096))
 L1_COEFF = 1e-3
 
 FLOORS = ("matmul-bf16", "matmul-fp32")
-OURS = ("monofast-bf16", "monofast-fp32", "reference", "autograd-fp32", "autograd-bf16")
+OURS = ("monofast-bf16", "monofast-fp32", "sparse-bf16", "sparse-fp32", "topk-bf16", "topk-dense-bf16",
+        "reference", "autograd-fp32", "autograd-bf16")
 PEERS = ("saelens-fp32", "saelens-bf16", "sparsify-fp32", "sparsify-bf16")
 PEERS_INSTALL = "pip install -e '.[peers]'  (sae-lens==6.54.0 eai-sparsify==1.3.3)"
 """How to install the peers; a peer's skip reason names it."""
 SPARSIFY_K = 32
+TRAINED_L0 = 32
+"""Features a row fires in monofast's SAEs here (a trained SAE's L0)."""
 PEER_IMPORT_WARNINGS = {
     # sae-lens 6.54 imports transformer_lens.utils, which TransformerLens 3.x deprecates on
     # import: the peer's own import, not our code, so it is ignored while the peer imports
@@ -86,13 +95,20 @@ def matmul_floor(n_rows: int, d_in: int, d_sae: int, dtype: torch.dtype,
     return run
 
 
-def sae_training_step(n_rows: int, d_in: int, d_sae: int, compute_dtype: str,
-                      device: str = "cpu") -> Callable[[], None]:
-    """monofast's own step: SparseAutoencoder.forward, backward, fused Adam, renormalisation."""
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, compute_dtype=compute_dtype)
+def sae_training_step(n_rows: int, d_in: int, d_sae: int, compute_dtype: str, device: str = "cpu",
+                      sparse: bool = False, k: int | None = None) -> Callable[[], None]:
+    """monofast's own step: SparseAutoencoder.forward, backward, fused Adam, renormalisation;
+    ReLU firing like a trained SAE (`TRAINED_L0`), or TopK with `k`; dense or sparse."""
+    from monofast.sae.crossover import _fire_at
+
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, compute_dtype=compute_dtype, variant="topk" if k else "anthropic2023",
+                    k=k or SPARSIFY_K)
     sae = SparseAutoencoder(cfg, device=device, generator=torch.Generator().manual_seed(0))
+    sae.sparse_step = sparse
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
     x = _batch(n_rows, d_in, device=device)
+    if not k:
+        _fire_at(sae, x, min(1.0, TRAINED_L0 / d_sae))
 
     def run() -> None:
         out = sae(x)
@@ -222,9 +238,12 @@ def make(provider: str, n_rows: int, d_in: int, d_sae: int, device: str = "cpu")
     if provider.startswith("matmul-"):
         return matmul_floor(n_rows, d_in, d_sae, torch.bfloat16 if provider.endswith("bf16") else torch.float32,
                             device)
-    if provider.startswith("monofast-"):
-        return sae_training_step(n_rows, d_in, d_sae, "bfloat16" if provider.endswith("bf16") else "float32",
-                                 device)
+    precision = "bfloat16" if provider.endswith("bf16") else "float32"
+    if provider.startswith(("monofast-", "sparse-")):
+        return sae_training_step(n_rows, d_in, d_sae, precision, device, sparse=provider.startswith("sparse-"))
+    if provider.startswith("topk-"):
+        return sae_training_step(n_rows, d_in, d_sae, precision, device, sparse="dense" not in provider,
+                                 k=min(SPARSIFY_K, d_sae))
     if provider in ("reference", "autograd-fp32", "autograd-bf16"):
         return eager_step(n_rows, d_in, d_sae, provider, device)
     if provider.startswith("saelens-"):
@@ -255,7 +274,7 @@ def _assert_matches_reference() -> None:
 @pytest.mark.parametrize("provider", FLOORS + OURS + PEERS)
 def test_sae_step(benchmark, provider):
     benchmark.group = f"sae_step B{SMALL[0]}-D{SMALL[1]}-F{SMALL[2]}"
-    if provider.startswith("monofast"):
+    if provider.startswith(("monofast", "sparse")):
         _assert_matches_reference()
     step = make(provider, *SMALL)
     step()  # warm-up: first-call allocations and lazy initialisation
@@ -313,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds{_peer_versions()}. "
           f"ms per step: median and best round; ratios: median over rounds of the two timings of one round; "
           f"floor: the five products of the step in its precision; vs autograd: autograd of the same precision "
-          f"over the step (above 1: faster than autograd)")
-    print(f"{'shape':<18} {'provider':<15} {'median':>8} {'best':>8} {'floor/step':>11} {'vs autograd':>12}")
+          f"over the step (above 1: faster than autograd); vs SAELens / sparsify: the peer's step over ours, same "
+          f"precision (SAELens: ReLU + L1; sparsify: TopK k={SPARSIFY_K})")
+    print(f"{'shape':<18} {'provider':<15} {'median':>8} {'best':>8} {'floor/step':>11} {'vs autograd':>12} "
+          f"{'vs SAELens':>11} {'vs sparsify':>12}")
     for n_rows, d_in, d_sae in shapes:
         steps = {}
         for provider in providers:
@@ -331,8 +352,13 @@ def main(argv: list[str] | None = None) -> int:
             baseline = times.get(f"autograd-{precision}")
             speedup = (f"{paired_ratio(baseline, values):.2f}x"
                        if baseline and not name.startswith(("matmul", "autograd")) else "")
+            peers = []
+            for peer in ("saelens", "sparsify"):
+                theirs = times.get(f"{peer}-{precision}")
+                ours = name.startswith(("monofast", "sparse", "topk"))
+                peers.append(f"{paired_ratio(theirs, values):.2f}x" if theirs and ours else "")
             print(f"{shape:<18} {name:<15} {statistics.median(values):>8.1f} {min(values):>8.1f} "
-                  f"{ratio:>11} {speedup:>12}")
+                  f"{ratio:>11} {speedup:>12} {peers[0]:>11} {peers[1]:>12}")
     return 0
 
 

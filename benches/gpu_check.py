@@ -8,10 +8,12 @@ Sections, in order of value, each guarded so a failure is recorded and the next 
 
     env        card, driver-visible properties, torch and Triton versions
     ceilings   the card's measured bf16 matrix-product rate, device copy and host->device rates
-    kernels    the Triton SAE step (forward, statistics, every gradient) against the float64
-               oracle, fp32 / bf16 / fp16, ReLU, TopK and the decoder-norm L1
+    kernels    the Triton SAE step, dense and sparse (forward, statistics, every gradient)
+               against the float64 oracle, fp32 / bf16 / fp16, ReLU, TopK and the
+               decoder-norm L1
     sae        one full training step per provider (floor, eager oracle, autograd, compiled,
-               monofast on Triton and on torch, with and without CUDA graphs), two shapes
+               monofast on Triton and on torch, with and without CUDA graphs, the sparse
+               step firing like a trained SAE, TopK k=32 sparse and dense), two shapes
     sae_train  `monofast sae train` with the step replayed as a CUDA graph and without
     pytest     the test files with GPU-only cases
     laptop     `monofast run --preset laptop` end to end, per-stage seconds (then the SAE
@@ -286,10 +288,14 @@ def section_kernels(rep: Report, device: torch.device, small: bool) -> None:
             rep.failures.append("kernels: cuda did not choose the triton backend")
     worst: dict[str, float] = {}
     results = []
-    for i, (shape, dtype, k, dec_norm) in enumerate(kernel_cases(small)):
-        errors = check_step_case(triton_kernels.sae_step, shape, dtype, k, dec_norm, device, seed=100 + i)
+    cases = [(case, form) for case in kernel_cases(small) for form in ("dense", "sparse")]
+    for i, ((shape, dtype, k, dec_norm), form) in enumerate(cases):
+        if form == "sparse" and shape == PAPER_SHAPE:
+            continue  # its dense check covers the tile sizes; the sparse kernels' cost is per entry
+        step = triton_kernels.sae_step if form == "dense" else triton_kernels.sparse_step
+        errors = check_step_case(step, shape, dtype, k, dec_norm, device, seed=100 + i // 2)
         name = f"B{shape[0]}-D{shape[1]}-F{shape[2]} {str(dtype)[6:]}" + (f" top{k}" if k else "") + \
-            (" l1norm" if dec_norm else "")
+            (" l1norm" if dec_norm else "") + (" sparse" if form == "sparse" else "")
         # TopK in low precision may swap near-tied features; fp32 must match.
         tol = REL_TOL[dtype]
         # Firing decisions within rounding of the threshold (or, for TopK, of the k-th value)
@@ -466,6 +472,11 @@ def section_sae(rep: Report, device: torch.device, small: bool) -> None:
                 bench_sae.make("monofast-bf16", n_rows, d_in, d_sae, str(device)), "torch"),
             "monofast triton fp32": lambda: bench_sae.make("monofast-fp32", n_rows, d_in, d_sae, str(device)),
             "monofast triton bf16": lambda: bench_sae.make("monofast-bf16", n_rows, d_in, d_sae, str(device)),
+            "monofast triton sparse bf16": lambda: bench_sae.make("sparse-bf16", n_rows, d_in, d_sae, str(device)),
+            "monofast torch sparse bf16": lambda: forced(
+                bench_sae.make("sparse-bf16", n_rows, d_in, d_sae, str(device)), "torch"),
+            "topk32 triton sparse bf16": lambda: bench_sae.make("topk-bf16", n_rows, d_in, d_sae, str(device)),
+            "topk32 triton dense bf16": lambda: bench_sae.make("topk-dense-bf16", n_rows, d_in, d_sae, str(device)),
         }
         if device.type == "cuda":
             providers["monofast torch backend bf16 + graph"] = lambda: graphed_step(n_rows, d_in, d_sae, device,
