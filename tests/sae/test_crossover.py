@@ -58,6 +58,20 @@ def test_a_measurement_is_cached_per_machine_and_shape(monkeypatch):
     assert len(json.loads(path.read_text())) == 1
 
 
+def test_a_disturbed_measurement_serves_its_run_but_is_not_cached(monkeypatch):
+    calls = []
+
+    def busy(sae, batch_size):
+        calls.append(1)
+        return Crossover(sae.cfg.d_sae, None, 10.0, {}, 0.3, steady=False)
+
+    monkeypatch.setattr(crossover, "measure", busy)
+    (files.cache_dir() / crossover.CACHE_FILE).unlink(missing_ok=True)
+    assert crossover.measured(_sae(d_sae=80), 128).density == 0.3
+    assert crossover.measured(_sae(d_sae=80), 128).density == 0.3
+    assert len(calls) == 2 and not (files.cache_dir() / crossover.CACHE_FILE).exists()
+
+
 def _switch(monkeypatch, density=0.1, **kw):
     monkeypatch.setattr(crossover, "measured",
                         lambda sae, b: Crossover(sae.cfg.d_sae, sae.cfg.top_k, 10.0, {}, density))

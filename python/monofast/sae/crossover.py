@@ -43,8 +43,11 @@ PROBE_DENSITIES = (0.01, 0.08)
 """Firing densities at which the sparse step is timed: around a trained SAE's and well above."""
 MARGIN = 0.15
 """Hysteresis: switch to sparse below (1 - MARGIN) x the crossover, back above (1 + MARGIN) x."""
-REPEATS = 3
-"""Timed steps per measurement (after one untimed), the median kept."""
+ROUNDS = 7
+"""Timed steps per case (after one untimed), the best kept."""
+STEADY = 1.5
+"""Timings whose median is above this x their best were disturbed (another process ran):
+such a measurement serves its run but is not cached."""
 CACHE_FILE = "sparse_crossover.json"
 
 
@@ -60,26 +63,42 @@ class Crossover:
     """Forward and backward of the sparse step, ms, by firing density (as text, for JSON)."""
     density: float
     """Firing density below which the sparse step is faster (0: never; 1: always)."""
+    steady: bool = True
+    """Whether the timings were undisturbed (only those are cached)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _time(sae: SparseAutoencoder, x: torch.Tensor, sparse: bool) -> float:
+def _step_ms(sae: SparseAutoencoder, x: torch.Tensor, sparse: bool) -> float:
+    """One forward and backward of `sae` on x, in ms."""
     sae.sparse_step = sparse
-    params = list(sae.parameters())
-    times = []
-    for i in range(REPEATS + 1):
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        start = time.perf_counter()
-        out = sae(x)
-        torch.autograd.grad(out.mse + out.l1, params)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        if i:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    start = time.perf_counter()
+    out = sae(x)
+    torch.autograd.grad(out.mse + out.l1, list(sae.parameters()))
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _time(sae: SparseAutoencoder, x: torch.Tensor,
+          cases: dict[Any, tuple[bool, Optional[float]]]) -> tuple[dict[Any, float], bool]:
+    """Each case's best time over `ROUNDS` rounds, one step of every case per round (so a
+    burst of load from elsewhere hits all of them alike, and the best is the least
+    disturbed), and whether the timings were steady (every case's median within
+    `STEADY` x its best). A case is (sparse, firing density to set, None for as it is)."""
+    times: dict[Any, list[float]] = {name: [] for name in cases}
+    for round_ in range(ROUNDS + 1):
+        for name, (sparse, density) in cases.items():
+            if density is not None:
+                _fire_at(sae, x, density)
+            ms = _step_ms(sae, x, sparse)
+            if round_:  # the first round warms up
+                times[name].append(ms)
+    steady = all(statistics.median(t) <= STEADY * min(t) for t in times.values())
+    return {name: min(t) for name, t in times.items()}, steady
 
 
 @torch.no_grad()
@@ -98,23 +117,20 @@ def measure(sae: SparseAutoencoder, batch_size: int) -> Crossover:
     x = torch.randn(batch_size, sae.cfg.d_in, generator=gen).to(sae.W_enc.device)
     k = sae.cfg.top_k
     if k is not None:
-        dense = _time(probe, x, False)
-        sparse = _time(probe, x, True)
-        return Crossover(sae.cfg.d_sae, k, dense, {f"{k / sae.cfg.d_sae:.4g}": sparse},
-                         1.0 if sparse < dense else 0.0)
-    _fire_at(probe, x, 0.5)
-    dense = _time(probe, x, False)
-    timed = {}
-    for density in PROBE_DENSITIES:
-        _fire_at(probe, x, density)
-        timed[density] = _time(probe, x, True)
+        timed, steady = _time(probe, x, {"dense": (False, None), "sparse": (True, None)})
+        return Crossover(sae.cfg.d_sae, k, timed["dense"], {f"{k / sae.cfg.d_sae:.4g}": timed["sparse"]},
+                         1.0 if timed["sparse"] < timed["dense"] else 0.0, steady)
+    cases: dict[Any, tuple[bool, Optional[float]]] = {"dense": (False, 0.5)}
+    cases.update({density: (True, density) for density in PROBE_DENSITIES})
+    timed, steady = _time(probe, x, cases)
+    dense = timed.pop("dense")
     (d1, t1), (d2, t2) = timed.items()
     slope = (t2 - t1) / (d2 - d1)
     if slope <= 0:  # noise swamped the density's effect: go by the lower density's timing
         density = 1.0 if t1 < dense else 0.0
     else:
         density = min(1.0, max(0.0, d1 + (dense - t1) / slope))
-    return Crossover(sae.cfg.d_sae, None, dense, {f"{d:g}": t for d, t in timed.items()}, density)
+    return Crossover(sae.cfg.d_sae, None, dense, {f"{d:g}": t for d, t in timed.items()}, density, steady)
 
 
 def _machine(device: torch.device) -> str:
@@ -149,6 +165,10 @@ def measured(sae: SparseAutoencoder, batch_size: int) -> Crossover:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     crossover = measure(sae, batch_size)
+    if not crossover.steady:
+        logger.warning("sae: the machine was busy while the sparse step's crossover was measured (timings "
+                       "varied by more than %.1fx); this run uses it, the next one measures again", STEADY)
+        return crossover
     try:
         known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         if not isinstance(known, dict):

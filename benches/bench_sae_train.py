@@ -1,0 +1,142 @@
+"""The SAE trainer end to end against its bare step: what the stream, the logging, the
+checks, the resampling and the evaluation cost on top of the steps themselves.
+
+    python benches/bench_sae_train.py --run runs/quick     a finished quick run's store
+    pytest benches/bench_sae_train.py                      the same code on a small random store
+
+The trainer runs `monofast sae train` as the run's preset configures it (same store, same
+GPT for CE-loss recovered), timed whole. The bare step is the step alone on one batch of
+the store, in a loop: the SAE's forward, backward, optimizer step and decoder constraint,
+dense and sparse (firing at the trained SAE's density). Its rate is what the trainer's
+steps would cost with nothing around them: each form's bare time times the steps the
+trainer took in that form (eval.json records them). The ratio printed is that bare time
+over the trainer's whole wall time (1.0: nothing but steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from monofast.activations.store import open_store
+from monofast.sae import train as sae_train
+from monofast.sae.batches import sample_rows
+from monofast.sae.config import SAETrainConfig
+from monofast.sae.crossover import _fire_at
+from monofast.sae.model import SAEConfig, SparseAutoencoder
+
+
+
+def small_store(folder: Path, rows: int, dim: int) -> None:
+    """Random rows in contexts of 10 (the pytest case's store)."""
+    from monofast.activations.store import ActivationWriter
+
+    index = np.arange(rows)
+    values = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
+    with ActivationWriter(folder, dim, "fp32") as writer:
+        writer.append(values, np.zeros(rows, np.int32), (index // 500 % 2).astype(np.uint8),
+                      (index // 10).astype(np.int32), (index % 10).astype(np.int32))
+        writer.finish()
+
+
+def bare_step_ms(cfg: SAETrainConfig, d_in: int, batch: torch.Tensor, sparse: bool, density: float,
+                 reps: int = 10) -> float:
+    """Median ms of the SAE step alone (forward, backward, Adam, constraint) on `batch`,
+    with every feature firing on `density` of the rows."""
+    k = cfg.k[0] if cfg.variant == "topk" else 32
+    sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=cfg.d_sae or cfg.expansion * d_in, variant=cfg.variant, k=k,
+                                      compute_dtype=cfg.compute_dtype), generator=torch.Generator().manual_seed(0))
+    sae.set_input_scale(batch)
+    if cfg.variant != "topk":
+        _fire_at(sae, batch * sae.input_scale, density)
+    sae.sparse_step = sparse
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-5, fused=True)
+    times = []
+    for i in range(reps + 2):
+        start = time.perf_counter()
+        out = sae(batch)
+        (out.mse + out.l1).backward()
+        sae.optimizer_step(opt)
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure(cfg: SAETrainConfig, store_dir: Path, gpt_dir: Optional[Path] = None, data_dir: Optional[Path] = None,
+            reps: int = 10) -> dict[str, Any]:
+    store = open_store(store_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        evaluation = sae_train.train(cfg, store_dir, Path(tmp) / "sae", gpt_dir=gpt_dir, data_dir=data_dir)
+        wall = time.perf_counter() - start
+        lines = (Path(tmp) / "sae" / "metrics.jsonl").read_text().splitlines()
+        loop_seconds = json.loads(lines[-1])["seconds"]
+    name, sae_eval = next(iter(evaluation["saes"].items()))
+    steps = evaluation["training"]["sparse_step"].get("saes", {}).get(name, {}).get("steps")
+    total_steps = int(json.loads(lines[-1])["step"])
+    steps = steps or {"dense": total_steps, "sparse": 0}
+    batch = sample_rows(store, cfg.batch_size, store.rows, np.random.default_rng(0))
+    d_sae = cfg.d_sae or cfg.expansion * store.dim
+    density = min(1.0, sae_eval["l0"] / d_sae)
+    bare = {"dense": bare_step_ms(cfg, store.dim, batch, False, 0.5, reps),
+            "sparse": bare_step_ms(cfg, store.dim, batch, True, density, reps)}
+    bare_seconds = sum(steps[form] * bare[form] for form in ("dense", "sparse")) / 1e3
+    return {"wall_s": wall, "loop_s": loop_seconds, "steps": steps, "bare_ms": bare, "bare_s": bare_seconds,
+            "l0": sae_eval["l0"], "ratio": bare_seconds / wall, "loop_ratio": bare_seconds / loop_seconds}
+
+
+def report(result: dict[str, Any]) -> str:
+    steps, bare = result["steps"], result["bare_ms"]
+    return (f"trainer: {result['wall_s']:.1f} s whole ({result['loop_s']:.1f} s in the training loop), "
+            f"{steps['dense']} dense + {steps['sparse']} sparse steps, held-out L0 {result['l0']:.1f}\n"
+            f"bare step: dense {bare['dense']:.1f} ms, sparse {bare['sparse']:.1f} ms -> {result['bare_s']:.1f} s "
+            f"for those steps\n"
+            f"bare / trainer: {result['ratio']:.0%} of the whole stage, {result['loop_ratio']:.0%} of the loop")
+
+
+def test_trainer_against_bare_step(tmp_path):
+    store = tmp_path / "activations"
+    small_store(store, 6000, 32)
+    cfg = SAETrainConfig(expansion=4, batch_size=256, held_out=600, ce_eval_tokens=0, log_every=5,
+                         compute_dtype="float32", device="cpu", b_dec_init="mean", resample_rows=512)
+    result = measure(cfg, store, reps=2)
+    assert sum(result["steps"].values()) == (6000 - 600) // 256
+    assert result["wall_s"] > 0 and result["bare_s"] > 0 and result["ratio"] > 0
+    print(report(result))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from monofast.run.resolve import resolve_config
+    from monofast.run.stages import stage_named
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, default=Path("runs/quick"), help="a finished run (default runs/quick)")
+    parser.add_argument("--preset", default="quick", help="the preset that made it (default quick)")
+    parser.add_argument("--sparse-step", default="auto", choices=("auto", "on", "off"))
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.run / "activations").is_dir():
+        print(f"{args.run}/activations not found: run `monofast run --preset {args.preset} --run {args.run}` first",
+              file=sys.stderr)
+        return 2
+    cfg = resolve_config(stage_named("sae"), args.preset, {"sparse_step": args.sparse_step})
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} SAE config on "
+          f"{args.run}/activations, --sparse-step {args.sparse_step}")
+    result = measure(cfg, args.run / "activations", args.run / "gpt", args.run / "data")
+    print(report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
