@@ -43,6 +43,33 @@ def sample_positions(
 ) -> npt.NDArray[np.int64]:
     """(B, count) sorted positions in [skip, length): the `count` with the smallest keys."""
 
+def positive_entries(
+    feats: npt.NDArray[Any], threads: int = 1
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[Any]]:
+    """(row_ptr [B + 1], col [nnz], val [nnz]) of the entries of feats (B, F) (float32, or
+    uint16 / int16 bf16 bits) that are positive or NaN; val float32 or uint16 bf16 bits."""
+
+def sampled_dot(
+    a: npt.NDArray[np.float32],
+    b: npt.NDArray[Any],
+    row_ptr: npt.NDArray[np.int64],
+    col: npt.NDArray[np.int64],
+    out: npt.NDArray[np.float32],
+    threads: int = 1,
+) -> None:
+    """out[j] = a[r] . b[col[j]] for each entry j of row r; b float32 or bf16 bits."""
+
+def segment_sum(
+    table: npt.NDArray[Any],
+    index: npt.NDArray[np.int64],
+    ptr: npt.NDArray[np.int64],
+    weights: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
+    transpose: bool = False,
+    threads: int = 1,
+) -> None:
+    """out[s] (out[:, s] when transpose) = sum over j in ptr[s]:ptr[s+1] of weights[j] * table[index[j]]."""
+
 class ShardWriter:
     """Writes an activation store on a background thread."""
 

@@ -10,6 +10,7 @@ pub mod error;
 pub mod format;
 pub mod rng;
 pub mod shuffle;
+pub mod sparse;
 pub mod store;
 pub mod stream;
 pub mod writer;

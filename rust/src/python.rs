@@ -21,10 +21,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use half::f16;
-use numpy::ndarray::ArrayView2;
+use numpy::ndarray::{ArrayView2, Dimension};
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
-    PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray, PyReadonlyArray1,
+    PyReadonlyArray2, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::{PyIndexError, PyOSError, PyRuntimeError, PyValueError};
@@ -38,6 +38,7 @@ use crate::error::Error;
 use crate::format::DType;
 use crate::rng;
 use crate::shuffle::Mode;
+use crate::sparse;
 use crate::store::{self, MetaColumns};
 use crate::stream::{self, Position, StreamConfig};
 use crate::writer::{self, Part, Rows, WriterSpec};
@@ -596,6 +597,199 @@ impl Stream {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Sparse SAE kernels (`kernels/native_sparse.py` checks the tensors and allocates outputs)
+
+/// A read-only 2-D matrix of f32, or of bf16 as its raw bits (uint16 or int16).
+enum Matrix<'py> {
+    F32(PyReadonlyArray2<'py, f32>),
+    U16(PyReadonlyArray2<'py, u16>),
+    I16(PyReadonlyArray2<'py, i16>),
+}
+
+/// The elements of a `Matrix`.
+enum Elements<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'py> Matrix<'py> {
+    fn extract(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
+        obj.extract()
+            .map(Matrix::F32)
+            .or_else(|_| obj.extract().map(Matrix::U16))
+            .or_else(|_| obj.extract().map(Matrix::I16))
+            .map_err(|_| {
+                PyValueError::new_err(format!(
+                    "{name} must be a 2-D numpy array of float32, or of uint16 or int16 holding bfloat16 bits"
+                ))
+            })
+    }
+
+    fn shape(&self) -> [usize; 2] {
+        let shape = match self {
+            Matrix::F32(a) => a.shape(),
+            Matrix::U16(a) => a.shape(),
+            Matrix::I16(a) => a.shape(),
+        };
+        [shape[0], shape[1]]
+    }
+
+    fn elements(&self, name: &str) -> PyResult<Elements<'_>> {
+        Ok(match self {
+            Matrix::F32(a) => Elements::F32(contiguous(a, name)?),
+            Matrix::U16(a) => Elements::Bf16(contiguous(a, name)?),
+            Matrix::I16(a) => {
+                let bits = contiguous(a, name)?;
+                // SAFETY: i16 and u16 have one size and alignment; the same bits, reread.
+                Elements::Bf16(unsafe {
+                    std::slice::from_raw_parts(bits.as_ptr().cast(), bits.len())
+                })
+            }
+        })
+    }
+}
+
+fn contiguous<'a, T: numpy::Element, D: Dimension>(
+    array: &'a PyReadonlyArray<'_, T, D>,
+    name: &str,
+) -> PyResult<&'a [T]> {
+    array
+        .as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
+}
+
+/// (row_ptr [B + 1] int64, col [nnz] int64, val [nnz]) of the entries of feats [B, F] that
+/// are positive or NaN, row-major; val is float32, or uint16 bf16 bits for bf16 input.
+/// Scanned on `threads` threads with the GIL released.
+#[pyfunction]
+#[pyo3(signature = (feats, threads = 1))]
+fn positive_entries<'py>(
+    py: Python<'py>,
+    feats: &Bound<'py, PyAny>,
+    threads: usize,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let matrix = Matrix::extract(feats, "feats")?;
+    let [rows, cols] = matrix.shape();
+    let (row_ptr, col, val) = match matrix.elements("feats")? {
+        Elements::F32(m) => {
+            let e = py
+                .detach(|| sparse::positive_entries(m, rows, cols, threads))
+                .map_err(to_py_err)?;
+            (e.row_ptr, e.col, e.val.into_pyarray(py).into_any())
+        }
+        Elements::Bf16(m) => {
+            let e = py
+                .detach(|| sparse::positive_entries(m, rows, cols, threads))
+                .map_err(to_py_err)?;
+            (e.row_ptr, e.col, e.val.into_pyarray(py).into_any())
+        }
+    };
+    PyTuple::new(
+        py,
+        [
+            row_ptr.into_pyarray(py).into_any(),
+            col.into_pyarray(py).into_any(),
+            val,
+        ],
+    )
+}
+
+/// out[j] = a[r] . b[col[j]] for each entry j of row r: a [B, D] float32, b [F, D] float32
+/// or bf16 bits, row_ptr [B + 1], col [nnz], out [nnz] float32 (written). Summed in
+/// float32 on `threads` threads with the GIL released.
+#[pyfunction]
+#[pyo3(signature = (a, b, row_ptr, col, out, threads = 1))]
+fn sampled_dot<'py>(
+    py: Python<'py>,
+    a: PyReadonlyArray2<'py, f32>,
+    b: &Bound<'py, PyAny>,
+    row_ptr: PyReadonlyArray1<'py, i64>,
+    col: PyReadonlyArray1<'py, i64>,
+    mut out: PyReadwriteArray1<'py, f32>,
+    threads: usize,
+) -> PyResult<()> {
+    let b = Matrix::extract(b, "b")?;
+    let [n_b, dim] = b.shape();
+    if a.shape()[1] != dim {
+        return Err(PyValueError::new_err(format!(
+            "a has {} columns and b {dim}; they must match",
+            a.shape()[1]
+        )));
+    }
+    let (a, row_ptr, col) = (
+        contiguous(&a, "a")?,
+        column(&row_ptr, "row_ptr")?,
+        column(&col, "col")?,
+    );
+    let out = out
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("out must be a contiguous 1-D array"))?;
+    let result = match b.elements("b")? {
+        Elements::F32(b) => {
+            py.detach(|| sparse::sampled_dot(a, b, n_b, dim, row_ptr, col, out, threads))
+        }
+        Elements::Bf16(b) => {
+            py.detach(|| sparse::sampled_dot(a, b, n_b, dim, row_ptr, col, out, threads))
+        }
+    };
+    result.map_err(to_py_err)
+}
+
+/// out[s] = sum over j in ptr[s]..ptr[s+1] of weights[j] * table[index[j]]: table [N, D]
+/// float32 or bf16 bits, index and weights (float32) [nnz], ptr [S + 1]; out float32
+/// [S, D], or [D, S] when `transpose` (written). Summed in float32 on `threads` threads
+/// with the GIL released.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)] // mirrors the Python signature
+#[pyo3(signature = (table, index, ptr, weights, out, transpose = false, threads = 1))]
+fn segment_sum<'py>(
+    py: Python<'py>,
+    table: &Bound<'py, PyAny>,
+    index: PyReadonlyArray1<'py, i64>,
+    ptr: PyReadonlyArray1<'py, i64>,
+    weights: PyReadonlyArray1<'py, f32>,
+    mut out: PyReadwriteArray2<'py, f32>,
+    transpose: bool,
+    threads: usize,
+) -> PyResult<()> {
+    let table = Matrix::extract(table, "table")?;
+    let [n_table, dim] = table.shape();
+    let segments = ptr.len().saturating_sub(1);
+    let want = if transpose {
+        [dim, segments]
+    } else {
+        [segments, dim]
+    };
+    if out.shape() != want {
+        return Err(PyValueError::new_err(format!(
+            "out has shape {:?}; it must be {want:?}",
+            out.shape()
+        )));
+    }
+    let (index, ptr, weights) = (
+        column(&index, "index")?,
+        column(&ptr, "ptr")?,
+        column(&weights, "weights")?,
+    );
+    let out = out
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
+    let result = match table.elements("table")? {
+        Elements::F32(t) => py.detach(|| {
+            sparse::segment_sum(
+                t, n_table, dim, index, ptr, weights, out, transpose, threads,
+            )
+        }),
+        Elements::Bf16(t) => py.detach(|| {
+            sparse::segment_sum(
+                t, n_table, dim, index, ptr, weights, out, transpose, threads,
+            )
+        }),
+    };
+    result.map_err(to_py_err)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -605,6 +799,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(merge_parts, m)?)?;
     m.add_function(wrap_pyfunction!(sample_positions, m)?)?;
+    m.add_function(wrap_pyfunction!(positive_entries, m)?)?;
+    m.add_function(wrap_pyfunction!(sampled_dot, m)?)?;
+    m.add_function(wrap_pyfunction!(segment_sum, m)?)?;
     m.add_class::<ShardWriter>()?;
     m.add_class::<Store>()?;
     m.add_class::<Stream>()?;

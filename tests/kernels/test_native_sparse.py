@@ -1,0 +1,236 @@
+"""The Rust kernels of the sparse step (kernels/native_sparse.py) against plain torch: the
+entries of nonzero(), float64 sampled dots and segment sums, on odd shapes with empty rows,
+all-zero input, a dense row, both table dtypes, NaN and -0.0, bad inputs, and one and two
+threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monofast.kernels import native_sparse as ns
+
+pytestmark = pytest.mark.skipif(not ns.available(), reason="the built extension predates the sparse kernels")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (B, F, D): none a multiple of 16 or 64.
+SHAPES = [(37, 203, 45), (5, 70, 1), (130, 1000, 77)]
+
+
+def shape_id(shape) -> str:
+    n_rows, d_sae, d_in = shape
+    return f"B{n_rows}-F{d_sae}-D{d_in}"
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def threads(request):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
+def relu_feats(n_rows, d_sae, dtype, density=0.05, seed=0) -> torch.Tensor:
+    """[B, F] ReLU-like features, about `density` firing; row 1 empty, row 2 fully dense."""
+    gen = torch.Generator().manual_seed(seed)
+    pre = torch.rand(n_rows, d_sae, generator=gen, dtype=torch.float64)
+    feats = torch.where(pre < density, pre + 0.01, 0.0)
+    if n_rows > 2:
+        feats[1] = 0.0
+        feats[2] = torch.rand(d_sae, generator=gen, dtype=torch.float64) + 0.01
+    return feats.to(dtype)
+
+
+def nonzero_entries(feats: torch.Tensor):
+    row, col = feats.nonzero().unbind(1)
+    row_ptr = torch.zeros(feats.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(row, minlength=feats.shape[0]), 0, out=row_ptr[1:])
+    return row_ptr, col, feats[row, col]
+
+
+def assert_same_entries(got, want):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert torch.equal(g.view(torch.int16) if g.dtype == torch.bfloat16 else g,
+                           w.view(torch.int16) if w.dtype == torch.bfloat16 else w)
+
+
+# ---------------------------------------------------------------------------------------
+# positive_entries
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_positive_entries_equal_nonzero(shape, dtype, threads):
+    feats = relu_feats(shape[0], shape[1], DTYPES[dtype])
+    assert_same_entries(ns.positive_entries(feats), nonzero_entries(feats))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_positive_entries_of_all_zeros_and_empty(dtype):
+    row_ptr, col, val = ns.positive_entries(torch.zeros(9, 130, dtype=DTYPES[dtype]))
+    assert row_ptr.tolist() == [0] * 10 and col.numel() == 0 and val.dtype == DTYPES[dtype]
+    row_ptr, col, _ = ns.positive_entries(torch.zeros(0, 7, dtype=DTYPES[dtype]))
+    assert row_ptr.tolist() == [0] and col.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_positive_entries_keep_nan_and_skip_negative_zero(dtype):
+    feats = torch.zeros(2, 100, dtype=DTYPES[dtype])
+    feats[0, 63] = -0.0
+    feats[0, 64] = float("nan")
+    feats[1, 5] = 2.0
+    feats[1, 99] = float("inf")
+    row_ptr, col, val = ns.positive_entries(feats)
+    assert row_ptr.tolist() == [0, 1, 3]
+    assert col.tolist() == [64, 5, 99]
+    assert val[0].isnan() and val[1:].tolist() == [2.0, float("inf")]
+
+
+def test_positive_entries_rejects_bad_input():
+    with pytest.raises(ValueError, match="feats must be"):
+        ns.positive_entries(torch.ones(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="feats must be 2-D"):
+        ns.positive_entries(torch.ones(3))
+    with pytest.raises(ValueError, match="feats must be contiguous"):
+        ns.positive_entries(torch.ones(4, 3).T)
+
+
+# ---------------------------------------------------------------------------------------
+# sampled_dot
+
+
+def dense_inputs(n_rows, d_sae, d_in, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n_rows, d_in, generator=gen), torch.randn(d_sae, d_in, generator=gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_sampled_dot_matches_float64(shape, dtype, threads):
+    n_rows, d_sae, _ = shape
+    a, b = dense_inputs(*shape)
+    b = b.to(DTYPES[dtype])
+    row_ptr, col, _ = nonzero_entries(relu_feats(n_rows, d_sae, torch.float32))
+    row = torch.repeat_interleave(torch.arange(n_rows), row_ptr.diff())
+    want = (a.double()[row] * b.double()[col]).sum(1)
+    torch.testing.assert_close(ns.sampled_dot(a, b, row_ptr, col).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_dot_is_the_same_on_one_and_two_threads():
+    a, b = dense_inputs(*SHAPES[2])
+    row_ptr, col, _ = nonzero_entries(relu_feats(SHAPES[2][0], SHAPES[2][1], torch.float32))
+    results = []
+    for n in (1, 2):
+        saved = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            results.append(ns.sampled_dot(a, b, row_ptr, col))
+        finally:
+            torch.set_num_threads(saved)
+    assert torch.equal(*results)
+
+
+def test_sampled_dot_rejects_bad_input():
+    a, b = dense_inputs(3, 5, 4)
+    row_ptr, col = torch.tensor([0, 1, 1, 2]), torch.tensor([0, 4])
+    assert ns.sampled_dot(a, b, row_ptr, col).shape == (2,)
+    with pytest.raises(ValueError, match="a must be torch.float32"):
+        ns.sampled_dot(a.double(), b, row_ptr, col)
+    with pytest.raises(ValueError, match="b must have a's 4 columns"):
+        ns.sampled_dot(a, b[:, :3].contiguous(), row_ptr, col)
+    with pytest.raises(ValueError, match="col must be torch.int64"):
+        ns.sampled_dot(a, b, row_ptr, col.int())
+    with pytest.raises(ValueError, match=r"col\[1\] = 5 is outside 0..5"):
+        ns.sampled_dot(a, b, row_ptr, torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="outside"):
+        ns.sampled_dot(a, b, row_ptr, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="row_ptr must have 3 \\+ 1 entries"):
+        ns.sampled_dot(a, b, row_ptr[:3], col)
+    with pytest.raises(ValueError, match="row_ptr decreases"):
+        ns.sampled_dot(a, b, torch.tensor([0, 2, 1, 2]), col)
+    with pytest.raises(ValueError, match="row_ptr runs from"):
+        ns.sampled_dot(a, b, torch.tensor([0, 1, 1, 3]), col)
+
+
+# ---------------------------------------------------------------------------------------
+# segment_sum
+
+
+def segments(n_segments, n_table, seed=2):
+    """(index, ptr, weights) with empty segments and one long one (some table rows twice;
+    at most 300 entries, whose float32 sum stays within the tolerance)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 4, (n_segments,), generator=gen)
+    lengths[0] = 0
+    lengths[n_segments // 2] = min(2 * n_table, 300)
+    ptr = torch.zeros(n_segments + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=ptr[1:])
+    nnz = int(ptr[-1])
+    index = torch.randint(0, n_table, (nnz,), generator=gen)
+    return index, ptr, torch.randn(nnz, generator=gen)
+
+
+def reference_sum(table, index, ptr, weights) -> torch.Tensor:
+    out = torch.zeros(ptr.shape[0] - 1, table.shape[1], dtype=torch.float64)
+    seg = torch.repeat_interleave(torch.arange(ptr.shape[0] - 1), ptr.diff())
+    return out.index_add_(0, seg, weights.double()[:, None] * table.double()[index])
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["SD", "DS"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_segment_sum_matches_float64(shape, dtype, transpose, threads):
+    n_segments, n_table, d_in = shape
+    table = dense_inputs(n_table, 1, d_in)[0].to(DTYPES[dtype])
+    index, ptr, weights = segments(n_segments, n_table)
+    want = reference_sum(table, index, ptr, weights)
+    got = ns.segment_sum(table, index, ptr, weights, transpose=transpose)
+    if transpose:
+        assert got.shape == (d_in, n_segments) and got.is_contiguous()
+        got = got.T
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert not got[0].any()  # an empty segment
+
+
+def test_segment_sum_is_the_same_on_one_and_two_threads():
+    table = dense_inputs(300, 1, 77)[0]
+    index, ptr, weights = segments(301, 300)
+    results = []
+    for n in (1, 2):
+        saved = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            results.append([ns.segment_sum(table, index, ptr, weights, transpose=t) for t in (False, True)])
+        finally:
+            torch.set_num_threads(saved)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+    assert torch.equal(results[0][0].T, results[0][1])
+
+
+def test_segment_sum_of_no_segments_and_no_entries():
+    table = torch.ones(4, 3)
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert ns.segment_sum(table, empty, torch.zeros(1, dtype=torch.int64), torch.zeros(0)).shape == (0, 3)
+    out = ns.segment_sum(table, empty, torch.zeros(5, dtype=torch.int64), torch.zeros(0), transpose=True)
+    assert out.shape == (3, 4) and not out.any()
+
+
+def test_segment_sum_rejects_bad_input():
+    table = torch.ones(4, 3)
+    index, ptr, weights = torch.tensor([0, 3]), torch.tensor([0, 1, 2]), torch.ones(2)
+    assert ns.segment_sum(table, index, ptr, weights).tolist() == [[1.0] * 3] * 2
+    with pytest.raises(ValueError, match="table must be"):
+        ns.segment_sum(table.half(), index, ptr, weights)
+    with pytest.raises(ValueError, match="weights must be torch.float32"):
+        ns.segment_sum(table, index, ptr, weights.double())
+    with pytest.raises(ValueError, match="weights must match"):
+        ns.segment_sum(table, index, ptr, torch.ones(3))
+    with pytest.raises(ValueError, match=r"index\[1\] = 4 is outside 0..4"):
+        ns.segment_sum(table, torch.tensor([0, 4]), ptr, weights)
+    with pytest.raises(ValueError, match="ptr decreases"):
+        ns.segment_sum(table, index, torch.tensor([0, 2, 1, 2]), weights)
+    with pytest.raises(ValueError, match="ptr runs from"):
+        ns.segment_sum(table, index, torch.tensor([0, 1]), weights)
+    with pytest.raises(ValueError, match="ptr must have S \\+ 1 entries"):
+        ns.segment_sum(table, index, torch.zeros(0, dtype=torch.int64), torch.zeros(0))
