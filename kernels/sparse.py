@@ -32,8 +32,16 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from . import native_sparse
 from .eager import linear
 from .reference import StepOut, l1_weights
+
+_NATIVE = native_sparse.available()
+"""Whether the Rust CPU kernels are built (they serve CPU tensors; torch ops otherwise)."""
+
+
+def _native(*tensors: Tensor) -> bool:
+    return _NATIVE and all(t.device.type == "cpu" for t in tensors)
 
 
 class Active(NamedTuple):
@@ -69,8 +77,14 @@ def active_entries(row: Tensor, col: Tensor, val: Tensor, n_rows: int, d_sae: in
 
 def relu_active(feats: Tensor) -> Active:
     """The positive entries of ReLU features feats [B, F]."""
+    n_rows, d_sae = feats.shape
+    if _native(feats) and feats.dtype in (torch.float32, torch.bfloat16) and feats.is_contiguous():
+        row_ptr, col, val = native_sparse.positive_entries(feats)
+        row = torch.repeat_interleave(torch.arange(n_rows), row_ptr.diff(), output_size=col.shape[0])
+        by_feature = torch.argsort(col, stable=True)
+        return Active(row_ptr, row, col, val, by_feature, _pointers(col, d_sae))
     row, col = feats.nonzero().unbind(1)
-    return active_entries(row, col, feats[row, col], feats.shape[0], feats.shape[1])
+    return active_entries(row, col, feats[row, col], n_rows, d_sae)
 
 
 def topk_active(indices: Tensor, values: Tensor, d_sae: int) -> Active:
@@ -82,14 +96,20 @@ def topk_active(indices: Tensor, values: Tensor, d_sae: int) -> Active:
     return active_entries(row, indices.reshape(-1), values.reshape(-1), n_rows, d_sae)
 
 
-def gather_sum(table: Tensor, index: Tensor, ptr: Tensor, weights: Tensor) -> Tensor:
-    """[S, D] segment sums: out[s] = sum over j in ptr[s]:ptr[s+1] of weights[j] * table[index[j]].
+def gather_sum(table: Tensor, index: Tensor, ptr: Tensor, weights: Tensor, transpose: bool = False,
+               out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """[S, D] segment sums: out[s] = sum over j in ptr[s]:ptr[s+1] of weights[j] * table[index[j]]
+    ([D, S] with `transpose`), in `out_dtype` (default table's).
 
     table [N, D]; index, weights [nnz] (weights in table's dtype); ptr [S + 1]. An empty
-    segment gives a zero row.
+    segment gives a zero row. One `embedding_bag` (with the transpose and the cast in one
+    copy): on CPUs it matched a native segment sum inside the step, so there is none.
     """
-    return torch.nn.functional.embedding_bag(index, table, ptr, per_sample_weights=weights, mode="sum",
-                                             include_last_offset=True)
+    out = torch.nn.functional.embedding_bag(index, table, ptr, per_sample_weights=weights, mode="sum",
+                                            include_last_offset=True)
+    if transpose:
+        return torch.empty(out.shape[::-1], dtype=out_dtype or out.dtype, device=out.device).copy_(out.T)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 _SAMPLED_CHUNK = 1 << 14
@@ -99,10 +119,14 @@ _SAMPLED_CHUNK = 1 << 14
 def sampled_dot(a: Tensor, b: Tensor, active: Active) -> Tensor:
     """[nnz] a[row] . b[col] at the active entries: the product a @ b.T sampled there.
 
-    a [B, D], b [F, D], one dtype. On CPUs in float32 and float64 this is ATen's
-    sampled_addmm over a CSR pattern (one pass, no copies); elsewhere rows are gathered in
-    chunks.
+    a [B, D], b [F, D] (cast to a's dtype where the kernel needs one dtype). On CPUs a float32
+    `a` runs the native kernel, float64 ATen's sampled_addmm over a CSR pattern (one pass,
+    no copies); elsewhere rows are gathered in chunks.
     """
+    if _native(a, b) and a.dtype == torch.float32 and b.dtype in (torch.float32, torch.bfloat16) \
+            and a.is_contiguous() and b.is_contiguous():
+        return native_sparse.sampled_dot(a, b, active.row_ptr, active.col)
+    b = b.to(a.dtype)
     if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
         with warnings.catch_warnings():  # "sparse CSR support is in beta": the one op used is stable
             warnings.simplefilter("ignore", UserWarning)
@@ -124,8 +148,7 @@ class SparseStep(torch.autograd.Function):
     def forward(ctx, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype):
         dt = compute_dtype or x.dtype
         n_rows, d_sae = x.shape[0], w_enc.shape[1]
-        x_c32 = x - b_dec  # [B, D]
-        x_c = x_c32.to(dt)
+        x_c = (x - b_dec).to(dt)  # [B, D]
         w_dec_c = w_dec.to(dt)  # [F, D]
         if k is None:
             feats = linear(x_c, w_enc.to(dt).T, b_enc.to(dt), relu=True)  # [B, F]
@@ -147,8 +170,8 @@ class SparseStep(torch.autograd.Function):
         w = l1_weights(w_dec, dec_norm)  # [F] float32
         l1 = col_sum @ w / n_rows
         l0 = fired.sum().to(acc) / n_rows
-        ctx.save_for_backward(x_c32, w_enc, w_dec, err, col_sum, w, *active)
-        ctx.dtypes = (x.dtype, b_enc.dtype, b_dec.dtype, dt)
+        ctx.save_for_backward(x_c, w_enc, w_dec, w_dec_c, err, col_sum, w, *active)
+        ctx.dtypes = (x.dtype, b_enc.dtype, b_dec.dtype)
         ctx.dec_norm = dec_norm
         ctx.mark_non_differentiable(l0, fired)
         ctx.set_materialize_grads(False)
@@ -156,41 +179,43 @@ class SparseStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_x_hat, g_feats, g_mse, g_l1, _g_l0, _g_fired):
-        x_c32, w_enc, w_dec, err, col_sum, w, *entries = ctx.saved_tensors
+        x_c, w_enc, w_dec, w_dec_c, err, col_sum, w, *entries = ctx.saved_tensors
         active = Active(*entries)
-        x_dtype, b_enc_dtype, b_dec_dtype, dt = ctx.dtypes
-        n_rows, d_in = x_c32.shape
-        d_sae = w_dec.shape[0]
-        scale = 2.0 * g_mse / n_rows if g_mse is not None else torch.zeros((), device=err.device)
+        x_dtype, b_enc_dtype, b_dec_dtype = ctx.dtypes
+        dt = x_c.dtype
+        n_rows = x_c.shape[0]
         acc = torch.promote_types(err.dtype, torch.float32)
-        g = err.to(acc) * scale  # [B, D] d loss / d x_hat
+        scale = 2.0 * g_mse / n_rows if g_mse is not None else torch.zeros((), device=err.device)
+        g = err.to(acc) * scale  # [B, D] d loss / d x_hat, summed in float32 (or float64)
         if g_x_hat is not None:
             g = g.add_(g_x_hat.to(acc))
         g_sum = g.sum(0)  # [D]
         rows_f = active.row[active.by_feature]  # [nnz] rows in feature-major order
-        d_w_dec = gather_sum(g, rows_f, active.feat_ptr, active.val[active.by_feature].to(g.dtype))  # [F, D]
+        # The two weight gradients take their products' inputs in the compute dtype, as the
+        # dense step's products do (the segment sums accumulate in float32).
+        d_w_dec = gather_sum(g.to(dt), rows_f, active.feat_ptr, active.val[active.by_feature]).to(w_dec.dtype)
         if ctx.dec_norm and g_l1 is not None:
             row_scale = torch.where(w > 0, g_l1 * col_sum / n_rows / w.clamp_min(1e-30), 0.0)
             d_w_dec.addcmul_(row_scale[:, None].to(d_w_dec.dtype), w_dec)
 
-        d_val = sampled_dot(g, w_dec.to(g.dtype), active)  # [nnz] g @ w_dec.T at the active entries
+        d_val = sampled_dot(g, w_dec_c, active)  # [nnz] g @ w_dec.T at the active entries
         if g_l1 is not None:
             d_val += (g_l1 * w / n_rows).to(d_val.dtype)[active.col]
         if g_feats is not None:
             d_val += g_feats[active.row, active.col].to(d_val.dtype)
         d_val.mul_(active.val > 0)  # ReLU's mask (TopK entries ReLU zeroed)
 
-        d_w_enc_t = gather_sum(x_c32.to(g.dtype), rows_f, active.feat_ptr, d_val[active.by_feature])  # [F, D]
-        d_w_enc = torch.empty(d_in, d_sae, dtype=w_enc.dtype, device=w_enc.device).copy_(d_w_enc_t.T)
-        d_b_enc = torch.zeros(d_sae, dtype=d_val.dtype, device=d_val.device).index_add_(0, active.col, d_val)
+        d_w_enc = gather_sum(x_c, rows_f, active.feat_ptr, d_val[active.by_feature].to(dt),
+                             transpose=True, out_dtype=w_enc.dtype)  # [D, F]
+        d_b_enc = torch.zeros(w_dec.shape[0], dtype=d_val.dtype, device=d_val.device).index_add_(
+            0, active.col, d_val)  # [F]
         d_b_dec = g_sum - torch.mv(w_enc.to(d_b_enc.dtype), d_b_enc)  # [D]
         d_x = None
         if ctx.needs_input_grad[0]:  # not in training (x needs no gradient there): dense is fine
-            d_pre = torch.zeros(n_rows, d_sae, dtype=d_val.dtype, device=d_val.device)
+            d_pre = torch.zeros(n_rows, w_dec.shape[0], dtype=d_val.dtype, device=d_val.device)
             d_pre[active.row, active.col] = d_val
             d_x = (d_pre @ w_enc.to(acc).T - err.to(acc) * scale).to(x_dtype)
-        return (d_x, d_w_enc, d_b_enc.to(b_enc_dtype), d_w_dec.to(w_dec.dtype), d_b_dec.to(b_dec_dtype),
-                None, None, None)
+        return (d_x, d_w_enc, d_b_enc.to(b_enc_dtype), d_w_dec, d_b_dec.to(b_dec_dtype), None, None, None)
 
 
 def sparse_step(x: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, b_dec: Tensor, k: Optional[int] = None,
