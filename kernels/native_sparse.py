@@ -1,13 +1,14 @@
-"""The three CPU kernels of the sparse SAE step, in Rust (`rust/src/sparse.rs`).
+"""The two CPU kernels of the sparse SAE step, in Rust (`rust/src/sparse.rs`).
 
 `sparse.py` runs the step over the firing entries with torch ops; these are faster CPU
-forms of its three inner operations, with the same results up to float32 summation order:
+forms of two of its inner operations, with the same results up to float32 summation order:
 
 - `positive_entries`: the CSR entries of a ReLU feature matrix (`feats.nonzero()` plus a
   gather),
-- `sampled_dot`: a @ b.T at those entries (`torch.sparse.sampled_addmm`),
-- `segment_sum`: weighted sums of table rows per segment (`embedding_bag`), optionally
-  written transposed (no separate transposing copy).
+- `sampled_dot`: a @ b.T at those entries (`torch.sparse.sampled_addmm`).
+
+The step's segment sums stay on torch's `embedding_bag` (`sparse.gather_sum`): a native
+segment sum measured no faster inside the step.
 
 Each checks device, dtype, contiguity and shapes here, allocates its output with torch and
 hands the kernel numpy views of the tensors (no copies; bfloat16 as its int16 bits). The
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from .. import _native
 
-_FUNCTIONS = ("positive_entries", "sampled_dot", "segment_sum")
+_FUNCTIONS = ("positive_entries", "sampled_dot")
 _FLOATS = (torch.float32, torch.bfloat16)
 
 
@@ -49,10 +50,10 @@ def _array(t: Tensor) -> np.ndarray:
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
-def _check_pointers(name: str, ptr: Tensor, segments: int | None = None) -> None:
+def _check_pointers(name: str, ptr: Tensor, segments: int) -> None:
     _check(name, ptr, (torch.int64,), 1)
-    if ptr.shape[0] < 1 or (segments is not None and ptr.shape[0] != segments + 1):
-        raise ValueError(f"{name} must have {'S' if segments is None else segments} + 1 entries, got {ptr.shape[0]}")
+    if ptr.shape[0] != segments + 1:
+        raise ValueError(f"{name} must have {segments} + 1 entries, got {ptr.shape[0]}")
 
 
 def positive_entries(feats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,25 +89,5 @@ def sampled_dot(a: Tensor, b: Tensor, row_ptr: Tensor, col: Tensor) -> Tensor:
     _check("col", col, (torch.int64,), 1)
     out = torch.empty(col.shape[0], dtype=torch.float32)
     _native.sampled_dot(_array(a), _array(b), _array(row_ptr), _array(col), out.numpy(),
-                        torch.get_num_threads())
-    return out
-
-
-def segment_sum(table: Tensor, index: Tensor, ptr: Tensor, weights: Tensor, transpose: bool = False) -> Tensor:
-    """[S, D] float32 segment sums: out[s] = sum over j in ptr[s]:ptr[s+1] of
-    weights[j] * table[index[j]]; with `transpose`, [D, S] (out[:, s]), written directly.
-
-    table [N, D] float32 or bfloat16; index [nnz] int64 (values in 0..N, checked); ptr
-    [S + 1] int64; weights [nnz] float32. Sums in float32; an empty segment gives zeros.
-    """
-    _check("table", table, _FLOATS, 2)
-    _check("index", index, (torch.int64,), 1)
-    _check_pointers("ptr", ptr)
-    _check("weights", weights, (torch.float32,), 1)
-    if weights.shape != index.shape:
-        raise ValueError(f"weights must match index's shape {tuple(index.shape)}, got {tuple(weights.shape)}")
-    segments, dim = ptr.shape[0] - 1, table.shape[1]
-    out = torch.empty((dim, segments) if transpose else (segments, dim), dtype=torch.float32)
-    _native.segment_sum(_array(table), _array(index), _array(ptr), _array(weights), out.numpy(), transpose,
                         torch.get_num_threads())
     return out

@@ -59,17 +59,6 @@ def sampled_dot(
 ) -> None:
     """out[j] = a[r] . b[col[j]] for each entry j of row r; b float32 or bf16 bits."""
 
-def segment_sum(
-    table: npt.NDArray[Any],
-    index: npt.NDArray[np.int64],
-    ptr: npt.NDArray[np.int64],
-    weights: npt.NDArray[np.float32],
-    out: npt.NDArray[np.float32],
-    transpose: bool = False,
-    threads: int = 1,
-) -> None:
-    """out[s] (out[:, s] when transpose) = sum over j in ptr[s]:ptr[s+1] of weights[j] * table[index[j]]."""
-
 class ShardWriter:
     """Writes an activation store on a background thread."""
 

@@ -24,7 +24,7 @@ use half::f16;
 use numpy::ndarray::{ArrayView2, Dimension};
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray, PyReadonlyArray1,
-    PyReadonlyArray2, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArrayMethods,
+    PyReadonlyArray2, PyReadwriteArray1, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::{PyIndexError, PyOSError, PyRuntimeError, PyValueError};
@@ -736,60 +736,6 @@ fn sampled_dot<'py>(
     result.map_err(to_py_err)
 }
 
-/// out[s] = sum over j in ptr[s]..ptr[s+1] of weights[j] * table[index[j]]: table [N, D]
-/// float32 or bf16 bits, index and weights (float32) [nnz], ptr [S + 1]; out float32
-/// [S, D], or [D, S] when `transpose` (written). Summed in float32 on `threads` threads
-/// with the GIL released.
-#[pyfunction]
-#[allow(clippy::too_many_arguments)] // mirrors the Python signature
-#[pyo3(signature = (table, index, ptr, weights, out, transpose = false, threads = 1))]
-fn segment_sum<'py>(
-    py: Python<'py>,
-    table: &Bound<'py, PyAny>,
-    index: PyReadonlyArray1<'py, i64>,
-    ptr: PyReadonlyArray1<'py, i64>,
-    weights: PyReadonlyArray1<'py, f32>,
-    mut out: PyReadwriteArray2<'py, f32>,
-    transpose: bool,
-    threads: usize,
-) -> PyResult<()> {
-    let table = Matrix::extract(table, "table")?;
-    let [n_table, dim] = table.shape();
-    let segments = ptr.len().saturating_sub(1);
-    let want = if transpose {
-        [dim, segments]
-    } else {
-        [segments, dim]
-    };
-    if out.shape() != want {
-        return Err(PyValueError::new_err(format!(
-            "out has shape {:?}; it must be {want:?}",
-            out.shape()
-        )));
-    }
-    let (index, ptr, weights) = (
-        column(&index, "index")?,
-        column(&ptr, "ptr")?,
-        column(&weights, "weights")?,
-    );
-    let out = out
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
-    let result = match table.elements("table")? {
-        Elements::F32(t) => py.detach(|| {
-            sparse::segment_sum(
-                t, n_table, dim, index, ptr, weights, out, transpose, threads,
-            )
-        }),
-        Elements::Bf16(t) => py.detach(|| {
-            sparse::segment_sum(
-                t, n_table, dim, index, ptr, weights, out, transpose, threads,
-            )
-        }),
-    };
-    result.map_err(to_py_err)
-}
-
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -801,7 +747,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sample_positions, m)?)?;
     m.add_function(wrap_pyfunction!(positive_entries, m)?)?;
     m.add_function(wrap_pyfunction!(sampled_dot, m)?)?;
-    m.add_function(wrap_pyfunction!(segment_sum, m)?)?;
     m.add_class::<ShardWriter>()?;
     m.add_class::<Store>()?;
     m.add_class::<Stream>()?;

@@ -3,12 +3,10 @@
 //!
 //! - `positive_entries`: the entries > 0 of a feature matrix, in CSR form.
 //! - `sampled_dot`: the product a @ b.T at those entries only.
-//! - `segment_sum`: weighted sums of table rows over segments of an index list
-//!   (optionally written transposed, [D, S]).
 //!
 //! Matrices are row-major slices with their shapes passed beside them; f32, or bf16 as its
 //! raw 16 bits (`u16`, numpy has no bfloat16). Sums accumulate in f32. Each kernel splits
-//! its rows or segments into runs of about equal work, one per thread (`std::thread::scope`).
+//! its rows into runs of about equal work, one per thread (`std::thread::scope`).
 //!
 //! Each kernel is compiled twice: as portable Rust, and on x86-64 for AVX2 + FMA with the
 //! inner loops in intrinsics (`mod avx2`), chosen at run time (`Isa::detect`). AVX-512 is left out: Zen 4 runs it on the same 256-bit units, and its
@@ -20,10 +18,6 @@ use crate::error::{Error, Result};
 
 /// Values per step of the dot products: four 8-wide registers of independent sums.
 const LANES: usize = 32;
-
-/// Segments per block of the transposed `segment_sum`: their [BLOCK, D] sums stay in L1
-/// (16 did not: 48 KB at D 768) while each output row gets a 32-byte run.
-const BLOCK: usize = 8;
 
 /// An element of an input matrix: f32, or bf16 as its raw bits.
 pub trait Value: Copy + Send + Sync {
@@ -206,8 +200,8 @@ fn check_indices(name: &str, index: &[i64], n: usize) -> Result<()> {
 }
 
 /// Up to `parts` consecutive ranges covering 0..n, of about equal cost, where item s costs
-/// its entries ptr[s]..ptr[s+1] plus `overhead`; boundaries at multiples of `align`.
-fn balanced_ranges(ptr: &[i64], parts: usize, overhead: i64, align: usize) -> Vec<Range<usize>> {
+/// its entries ptr[s]..ptr[s+1] plus `overhead`.
+fn balanced_ranges(ptr: &[i64], parts: usize, overhead: i64) -> Vec<Range<usize>> {
     let n = ptr.len() - 1;
     let cost = |s: usize| ptr[s] + overhead * s as i64;
     let total = cost(n);
@@ -228,7 +222,7 @@ fn balanced_ranges(ptr: &[i64], parts: usize, overhead: i64, align: usize) -> Ve
                     hi = mid
                 }
             }
-            (lo.div_ceil(align) * align).min(n)
+            lo
         };
         if end > start {
             ranges.push(start..end);
@@ -385,7 +379,7 @@ pub fn sampled_dot<T: Value>(
     check_len("out", out.len(), &[col.len()])?;
     check_pointers("row_ptr", row_ptr, col.len())?;
     check_indices("col", col, n_b)?;
-    let ranges = balanced_ranges(row_ptr, threads.max(1), 1, 1);
+    let ranges = balanced_ranges(row_ptr, threads.max(1), 1);
     let lengths = ranges
         .iter()
         .map(|r| (row_ptr[r.end] - row_ptr[r.start]) as usize);
@@ -492,164 +486,6 @@ fn dot<T: Value, const SIMD: bool>(a: &[f32], b: &[T]) -> f32 {
     acc.iter().sum()
 }
 
-// ---------------------------------------------------------------------------------------
-// segment_sum
-
-/// out[s] = sum over j in ptr[s]..ptr[s+1] of weights[j] * table[index[j]], summed in f32:
-/// table [N, D], index and weights [nnz], ptr [S + 1]; out [S, D], or [D, S] (out[:, s])
-/// when `transpose`. An empty segment gives zeros.
-#[allow(clippy::too_many_arguments)] // the table with its shape, the segments, the output
-pub fn segment_sum<T: Value>(
-    table: &[T],
-    n_table: usize,
-    dim: usize,
-    index: &[i64],
-    ptr: &[i64],
-    weights: &[f32],
-    out: &mut [f32],
-    transpose: bool,
-    threads: usize,
-) -> Result<()> {
-    let segments = ptr.len().saturating_sub(1);
-    check_len("table", table.len(), &[n_table, dim])?;
-    check_len("weights", weights.len(), &[index.len()])?;
-    check_len("out", out.len(), &[segments, dim])?;
-    check_pointers("ptr", ptr, index.len())?;
-    check_indices("index", index, n_table)?;
-    let job = Segments {
-        table,
-        dim,
-        index,
-        ptr,
-        weights,
-    };
-    let isa = Isa::detect();
-    if transpose {
-        let ranges = balanced_ranges(ptr, threads.max(1), 1, BLOCK);
-        let out = Transposed {
-            ptr: out.as_mut_ptr(),
-            segments,
-        };
-        run_parallel(ranges, |range| match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `detect` found AVX2 and FMA; the ranges are disjoint.
-            Isa::Avx2Fma => unsafe { job.transposed_avx2(range, &out) },
-            // SAFETY: the ranges are disjoint.
-            _ => unsafe { job.transposed::<false>(range, &out) },
-        });
-    } else {
-        let ranges = balanced_ranges(ptr, threads.max(1), 1, 1);
-        let pieces = split_lengths(out, ranges.iter().map(|r| r.len() * dim));
-        run_parallel(
-            ranges.into_iter().zip(pieces).collect(),
-            |(range, out)| match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `detect` found AVX2 and FMA.
-                Isa::Avx2Fma => unsafe { job.rows_avx2(range, out) },
-                _ => job.rows::<false>(range, out),
-            },
-        );
-    }
-    Ok(())
-}
-
-/// The inputs of one `segment_sum`, checked.
-struct Segments<'a, T> {
-    table: &'a [T], // [N, D]
-    dim: usize,
-    index: &'a [i64],   // [nnz]
-    ptr: &'a [i64],     // [S + 1]
-    weights: &'a [f32], // [nnz]
-}
-
-/// The [D, S] output of a transposed `segment_sum`, shared by threads that each write
-/// their own columns.
-struct Transposed {
-    ptr: *mut f32,
-    segments: usize,
-}
-
-// SAFETY: the threads write disjoint column ranges of the array behind `ptr`, which
-// outlives them (`run_parallel` joins them before `segment_sum` returns).
-unsafe impl Sync for Transposed {}
-
-impl<T: Value> Segments<'_, T> {
-    /// acc = segment s's sum (acc [D] is overwritten).
-    #[inline(always)]
-    fn sum_into<const SIMD: bool>(&self, s: usize, acc: &mut [f32]) {
-        let (dim, entries) = (self.dim, self.ptr[s] as usize..self.ptr[s + 1] as usize);
-        #[cfg(target_arch = "x86_64")]
-        if SIMD {
-            // SAFETY: SIMD is true only inside the `_avx2` kernels; index was checked
-            // against the table's rows.
-            return unsafe {
-                avx2::segment(self.table, dim, self.index, self.weights, entries, acc)
-            };
-        }
-        acc.fill(0.0);
-        for j in entries {
-            let i = self.index[j] as usize;
-            let w = self.weights[j];
-            for (a, &x) in acc.iter_mut().zip(&self.table[i * dim..(i + 1) * dim]) {
-                *a += w * x.to_f32();
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_avx2(&self, segments: Range<usize>, out: &mut [f32]) {
-        self.rows::<true>(segments, out)
-    }
-
-    /// Segments `segments` into out [len, D].
-    #[inline(always)]
-    fn rows<const SIMD: bool>(&self, segments: Range<usize>, out: &mut [f32]) {
-        if self.dim == 0 {
-            return;
-        }
-        for (s, acc) in segments.zip(out.chunks_exact_mut(self.dim)) {
-            self.sum_into::<SIMD>(s, acc);
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn transposed_avx2(&self, segments: Range<usize>, out: &Transposed) {
-        self.transposed::<true>(segments, out)
-    }
-
-    /// Segments `segments` into columns of out [D, S], `BLOCK` at a time: their sums go
-    /// to a [BLOCK, D] buffer, then each output row gets one contiguous run of `BLOCK`.
-    ///
-    /// # Safety
-    /// No other thread may write these columns of `out` meanwhile.
-    #[inline(always)]
-    unsafe fn transposed<const SIMD: bool>(&self, segments: Range<usize>, out: &Transposed) {
-        let dim = self.dim;
-        let mut block = vec![0.0f32; BLOCK * dim]; // [BLOCK, D]
-        let mut start = segments.start;
-        while start < segments.end {
-            let end = (start + BLOCK).min(segments.end);
-            for (s, acc) in (start..end).zip(block.chunks_exact_mut(dim.max(1))) {
-                self.sum_into::<SIMD>(s, acc);
-            }
-            let columns = end - start;
-            for d in 0..dim {
-                // SAFETY: row d, columns start..end of the [D, S] output; this thread's own.
-                // Reads: block[k * dim + d] for k < columns, inside the [BLOCK, D] block.
-                unsafe {
-                    let (to, from) = (out.ptr.add(d * out.segments + start), block.as_ptr().add(d));
-                    for k in 0..columns {
-                        *to.add(k) = *from.add(k * dim);
-                    }
-                }
-            }
-            start = end;
-        }
-    }
-}
-
 /// The inner loops with AVX2 + FMA intrinsics. LLVM's own vectorisation of the portable
 /// loops used 128-bit halves here: 12.3 ms for the sampled dot at B 2048, D 768, F 1536
 /// (65k entries, one thread) against 4.0 ms with these.
@@ -657,9 +493,7 @@ impl<T: Value> Segments<'_, T> {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use std::ops::Range;
-
-    use super::{Value, LANES, PREFETCH};
+    use super::{Value, LANES};
 
     /// Asks for the cache lines of `bytes` bytes from p ahead of their use.
     #[target_feature(enable = "avx2,fma")]
@@ -707,55 +541,6 @@ mod avx2 {
             sum += a[j] * b[j].to_f32();
         }
         sum
-    }
-
-    /// out [D] = sum over j in `entries` of weights[j] * table[index[j]], 64 columns at a
-    /// time: eight 8-wide sums stay in registers through the whole segment (an
-    /// accumulator row in memory costs a store per 8 values per entry: 4.6 against 3.8 ms
-    /// in float32, 3.7 against 2.3 ms in bf16, at D 768 with 65k entries, one thread).
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    pub(super) unsafe fn segment<T: Value>(
-        table: &[T], // [N, D], every index[j] < N
-        dim: usize,
-        index: &[i64],   // [nnz]
-        weights: &[f32], // [nnz]
-        entries: Range<usize>,
-        out: &mut [f32], // [D]
-    ) {
-        let (pt, po) = (table.as_ptr(), out.as_mut_ptr());
-        let row = |j: usize, column: usize| pt.add(index[j] as usize * dim + column);
-        let mut start = 0;
-        while start + 64 <= dim {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for j in entries.clone() {
-                if let Some(&ahead) = index.get(j + PREFETCH) {
-                    prefetch(pt.wrapping_add(ahead as usize * dim + start), 64);
-                }
-                let (x, w) = (row(j, start), _mm256_set1_ps(weights[j]));
-                for (k, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(w, T::load8(x.add(8 * k)), *acc);
-                }
-            }
-            for (k, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(po.add(start + 8 * k), *acc);
-            }
-            start += 64;
-        }
-        // The last dim % 64 columns: eight at a time, then one.
-        while start + 8 <= dim {
-            let mut acc = _mm256_setzero_ps();
-            for j in entries.clone() {
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[j]), T::load8(row(j, start)), acc);
-            }
-            _mm256_storeu_ps(po.add(start), acc);
-            start += 8;
-        }
-        for (column, o) in out.iter_mut().enumerate().take(dim).skip(start) {
-            *o = entries.clone().fold(0.0, |sum, j| {
-                weights[j].mul_add((*row(j, column)).to_f32(), sum)
-            });
-        }
     }
 
     /// The dots of a with four rows of b at once (a loaded once for all four), two 8-wide
@@ -973,85 +758,6 @@ mod tests {
     }
 
     #[test]
-    fn segment_sum_matches_f64_sums_both_layouts() {
-        let (n_table, dim, segments) = (29, 70, 41);
-        let mut gen = Gen(11);
-        let table: Vec<f32> = (0..n_table * dim).map(|_| gen.next()).collect();
-        let table16: Vec<u16> = table.iter().map(|&x| bf16(x)).collect();
-        // Segment s holds s % 4 entries (empty ones included), one of them 9 long.
-        let mut ptr = vec![0i64];
-        for s in 0..segments {
-            let len = if s == 5 { 9 } else { s as i64 % 4 };
-            ptr.push(ptr[s] + len);
-        }
-        let nnz = *ptr.last().unwrap() as usize;
-        let index: Vec<i64> = (0..nnz).map(|j| (j * 7 % n_table) as i64).collect();
-        let weights: Vec<f32> = (0..nnz).map(|_| gen.next()).collect();
-        let want = |s: usize, d: usize, t: &dyn Fn(usize) -> f64| -> f64 {
-            (ptr[s] as usize..ptr[s + 1] as usize)
-                .map(|j| f64::from(weights[j]) * t(index[j] as usize * dim + d))
-                .sum()
-        };
-        for threads in [1, 2, 7] {
-            for transpose in [false, true] {
-                let mut out = vec![f32::NAN; segments * dim];
-                let mut out16 = vec![f32::NAN; segments * dim];
-                segment_sum(
-                    &table, n_table, dim, &index, &ptr, &weights, &mut out, transpose, threads,
-                )
-                .unwrap();
-                segment_sum(
-                    &table16, n_table, dim, &index, &ptr, &weights, &mut out16, transpose, threads,
-                )
-                .unwrap();
-                for s in 0..segments {
-                    for d in 0..dim {
-                        let at = if transpose {
-                            d * segments + s
-                        } else {
-                            s * dim + d
-                        };
-                        assert!(
-                            close(out[at], want(s, d, &|i| f64::from(table[i]))),
-                            "{s} {d}"
-                        );
-                        assert!(close(
-                            out16[at],
-                            want(s, d, &|i| f64::from(table16[i].to_f32()))
-                        ));
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn segment_sum_checks_its_inputs() {
-        let table = vec![1.0f32; 6];
-        let mut out = vec![0.0; 4];
-        let run = |index: &[i64], ptr: &[i64], out: &mut [f32]| {
-            segment_sum(
-                &table,
-                3,
-                2,
-                index,
-                ptr,
-                &[1.0; 2][..index.len()],
-                out,
-                false,
-                2,
-            )
-        };
-        assert!(run(&[0, 2], &[0, 1, 2], &mut out).is_ok());
-        assert!(run(&[0, 3], &[0, 1, 2], &mut out)
-            .unwrap_err()
-            .to_string()
-            .contains("index[1] = 3"));
-        assert!(run(&[0, 1], &[0, 1], &mut out).is_err()); // out is [2, 2], ptr has one segment
-        assert!(run(&[0, 1], &[0, 2, 1], &mut out).is_err());
-    }
-
-    #[test]
     fn portable_kernels_pass_the_same_tests() {
         FORCE_PORTABLE.set(true);
         assert_eq!(Isa::detect(), Isa::Portable);
@@ -1059,7 +765,6 @@ mod tests {
         positive_entries_keep_nan_and_drop_negative_zero();
         every_bf16_pattern_is_classified_like_its_float();
         sampled_dot_matches_f64_dots();
-        segment_sum_matches_f64_sums_both_layouts();
         FORCE_PORTABLE.set(false);
     }
 
@@ -1067,15 +772,11 @@ mod tests {
     fn balanced_ranges_cover_everything_in_order() {
         let ptr = [0, 100, 100, 101, 102, 103, 104, 400];
         for parts in 1..10 {
-            for align in [1, 2, 16] {
-                let ranges = balanced_ranges(&ptr, parts, 1, align);
-                assert!(ranges.len() <= parts && ranges[0].start == 0);
-                assert_eq!(ranges.last().unwrap().end, 7);
-                assert!(ranges
-                    .windows(2)
-                    .all(|w| w[0].end == w[1].start && w[0].end % align == 0));
-            }
+            let ranges = balanced_ranges(&ptr, parts, 1);
+            assert!(ranges.len() <= parts && ranges[0].start == 0);
+            assert_eq!(ranges.last().unwrap().end, 7);
+            assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
         }
-        assert_eq!(balanced_ranges(&[0], 4, 1, 1), vec![]);
+        assert_eq!(balanced_ranges(&[0], 4, 1), vec![]);
     }
 }

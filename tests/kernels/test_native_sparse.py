@@ -1,7 +1,6 @@
 """The Rust kernels of the sparse step (kernels/native_sparse.py) against plain torch: the
-entries of nonzero(), float64 sampled dots and segment sums, on odd shapes with empty rows,
-all-zero input, a dense row, both table dtypes, NaN and -0.0, bad inputs, and one and two
-threads."""
+entries of nonzero() and float64 sampled dots, on odd shapes with empty rows, all-zero
+input, a dense row, both dtypes, NaN and -0.0, bad inputs, and one and two threads."""
 
 from __future__ import annotations
 
@@ -150,87 +149,3 @@ def test_sampled_dot_rejects_bad_input():
         ns.sampled_dot(a, b, torch.tensor([0, 2, 1, 2]), col)
     with pytest.raises(ValueError, match="row_ptr runs from"):
         ns.sampled_dot(a, b, torch.tensor([0, 1, 1, 3]), col)
-
-
-# ---------------------------------------------------------------------------------------
-# segment_sum
-
-
-def segments(n_segments, n_table, seed=2):
-    """(index, ptr, weights) with empty segments and one long one (some table rows twice;
-    at most 300 entries, whose float32 sum stays within the tolerance)."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(0, 4, (n_segments,), generator=gen)
-    lengths[0] = 0
-    lengths[n_segments // 2] = min(2 * n_table, 300)
-    ptr = torch.zeros(n_segments + 1, dtype=torch.int64)
-    torch.cumsum(lengths, 0, out=ptr[1:])
-    nnz = int(ptr[-1])
-    index = torch.randint(0, n_table, (nnz,), generator=gen)
-    return index, ptr, torch.randn(nnz, generator=gen)
-
-
-def reference_sum(table, index, ptr, weights) -> torch.Tensor:
-    out = torch.zeros(ptr.shape[0] - 1, table.shape[1], dtype=torch.float64)
-    seg = torch.repeat_interleave(torch.arange(ptr.shape[0] - 1), ptr.diff())
-    return out.index_add_(0, seg, weights.double()[:, None] * table.double()[index])
-
-
-@pytest.mark.parametrize("transpose", [False, True], ids=["SD", "DS"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_segment_sum_matches_float64(shape, dtype, transpose, threads):
-    n_segments, n_table, d_in = shape
-    table = dense_inputs(n_table, 1, d_in)[0].to(DTYPES[dtype])
-    index, ptr, weights = segments(n_segments, n_table)
-    want = reference_sum(table, index, ptr, weights)
-    got = ns.segment_sum(table, index, ptr, weights, transpose=transpose)
-    if transpose:
-        assert got.shape == (d_in, n_segments) and got.is_contiguous()
-        got = got.T
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    assert not got[0].any()  # an empty segment
-
-
-def test_segment_sum_is_the_same_on_one_and_two_threads():
-    table = dense_inputs(300, 1, 77)[0]
-    index, ptr, weights = segments(301, 300)
-    results = []
-    for n in (1, 2):
-        saved = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
-            results.append([ns.segment_sum(table, index, ptr, weights, transpose=t) for t in (False, True)])
-        finally:
-            torch.set_num_threads(saved)
-    for one, two in zip(*results):
-        assert torch.equal(one, two)
-    assert torch.equal(results[0][0].T, results[0][1])
-
-
-def test_segment_sum_of_no_segments_and_no_entries():
-    table = torch.ones(4, 3)
-    empty = torch.zeros(0, dtype=torch.int64)
-    assert ns.segment_sum(table, empty, torch.zeros(1, dtype=torch.int64), torch.zeros(0)).shape == (0, 3)
-    out = ns.segment_sum(table, empty, torch.zeros(5, dtype=torch.int64), torch.zeros(0), transpose=True)
-    assert out.shape == (3, 4) and not out.any()
-
-
-def test_segment_sum_rejects_bad_input():
-    table = torch.ones(4, 3)
-    index, ptr, weights = torch.tensor([0, 3]), torch.tensor([0, 1, 2]), torch.ones(2)
-    assert ns.segment_sum(table, index, ptr, weights).tolist() == [[1.0] * 3] * 2
-    with pytest.raises(ValueError, match="table must be"):
-        ns.segment_sum(table.half(), index, ptr, weights)
-    with pytest.raises(ValueError, match="weights must be torch.float32"):
-        ns.segment_sum(table, index, ptr, weights.double())
-    with pytest.raises(ValueError, match="weights must match"):
-        ns.segment_sum(table, index, ptr, torch.ones(3))
-    with pytest.raises(ValueError, match=r"index\[1\] = 4 is outside 0..4"):
-        ns.segment_sum(table, torch.tensor([0, 4]), ptr, weights)
-    with pytest.raises(ValueError, match="ptr decreases"):
-        ns.segment_sum(table, index, torch.tensor([0, 2, 1, 2]), weights)
-    with pytest.raises(ValueError, match="ptr runs from"):
-        ns.segment_sum(table, index, torch.tensor([0, 1]), weights)
-    with pytest.raises(ValueError, match="ptr must have S \\+ 1 entries"):
-        ns.segment_sum(table, index, torch.zeros(0, dtype=torch.int64), torch.zeros(0))
