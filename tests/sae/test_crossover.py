@@ -58,18 +58,23 @@ def test_a_measurement_is_cached_per_machine_and_shape(monkeypatch):
     assert len(json.loads(path.read_text())) == 1
 
 
-def test_a_disturbed_measurement_serves_its_run_but_is_not_cached(monkeypatch):
+def test_a_disturbed_measurement_is_tried_again_then_kept(monkeypatch, caplog):
     calls = []
 
     def busy(sae, batch_size):
         calls.append(1)
-        return Crossover(sae.cfg.d_sae, None, 10.0, {}, 0.3, steady=False)
+        return Crossover(sae.cfg.d_sae, None, 10.0, {}, 0.1 * len(calls), steady=len(calls) == 2)
 
     monkeypatch.setattr(crossover, "measure", busy)
     (files.cache_dir() / crossover.CACHE_FILE).unlink(missing_ok=True)
-    assert crossover.measured(_sae(d_sae=80), 128).density == 0.3
-    assert crossover.measured(_sae(d_sae=80), 128).density == 0.3
-    assert len(calls) == 2 and not (files.cache_dir() / crossover.CACHE_FILE).exists()
+    assert crossover.measured(_sae(d_sae=80), 128).density == 0.2  # the second try was steady
+    calls.clear()
+    monkeypatch.setattr(crossover, "measure", lambda sae, b: (calls.append(1), Crossover(
+        sae.cfg.d_sae, None, 10.0, {}, 0.5, steady=False))[1])
+    with caplog.at_level(logging.WARNING, logger="monofast"):
+        assert crossover.measured(_sae(d_sae=88), 128).density == 0.5
+    assert len(calls) == crossover.ATTEMPTS and "it is kept all the same" in caplog.text
+    assert crossover.measured(_sae(d_sae=88), 128).density == 0.5 and len(calls) == crossover.ATTEMPTS
 
 
 def _switch(monkeypatch, density=0.1, **kw):

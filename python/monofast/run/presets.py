@@ -18,8 +18,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "analysis": {"tokens": 4096, "batch_contexts": 16, "top_k": 5, "window_radius": 6,
                      "quantile_bins": 4, "quantile_samples": 3},
         "activations": {"contexts": 64, "positions_per_context": 16, "batch_size": 16, "shard_mb": 1},
+        # The sparse step always (no crossover measurement): every smoke run takes the same steps.
         "sae": {"expansion": 2, "batch_size": 128, "held_out": 100, "log_every": 2, "resample_rows": 512,
-                "b_dec_init": "mean", "ce_eval_tokens": 2048, "checkpoint_every": 4},
+                "b_dec_init": "mean", "ce_eval_tokens": 2048, "checkpoint_every": 4, "sparse_step": "on"},
     },
     "quick": {
         "about": "the whole pipeline on a 2-core CPU in a few minutes",
