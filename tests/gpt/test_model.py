@@ -207,3 +207,15 @@ def test_top_k_one_is_greedy():
     greedy = model.generate(prompt, T + 4, temperature=0)  # runs past block_size: context is cropped
     top1 = model.generate(prompt, T + 4, temperature=0.7, top_k=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(greedy, top1)
+
+
+def test_a_forward_split_at_an_mlp_gives_the_same_logits():
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=32, dropout=0.0)).eval()
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in range(3):
+            resid, act = model.run_to_mlp(idx, layer)
+            assert torch.equal(model.logits_from_mlp(resid, act, layer), model(idx).logits)
+            with model.hook_mlp(layer, lambda a: a * 0.5):
+                halved = model(idx).logits
+            assert torch.equal(model.logits_from_mlp(resid, act * 0.5, layer), halved)

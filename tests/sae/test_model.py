@@ -239,3 +239,21 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "other" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(DataError, match="W_enc should have shape"):
         SparseAutoencoder.load(tmp_path / "other")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_of_sparse_features_sums_their_rows_as_the_product_does(dtype):
+    sae = SparseAutoencoder(SAEConfig(d_in=12, d_sae=80, dtype=dtype), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.input_scale.fill_(1.7)
+    gen = torch.Generator().manual_seed(1)
+    feats = torch.relu(torch.randn(30, 80, generator=gen) - 2.2).to(getattr(torch, dtype))  # ~1.4% fire
+    feats[4] = 0  # a row that fires nothing
+    dense = (feats @ sae.W_dec.detach() + sae.b_dec.detach()) / sae.input_scale.to(feats.dtype)
+    tol = {"float32": (1e-5, 1e-5), "bfloat16": (2e-2, 2e-2)}[dtype]
+    torch.testing.assert_close(sae.decode(feats), dense, rtol=tol[0], atol=tol[1])
+    signed = feats.clone()
+    signed[0, 0] = -1.0  # a clamp may write a negative value: the product takes it
+    torch.testing.assert_close(sae.decode(signed), (signed @ sae.W_dec.detach() + sae.b_dec.detach())
+                               / sae.input_scale.to(feats.dtype), rtol=tol[0], atol=tol[1])

@@ -256,12 +256,28 @@ class GPT(nn.Module):
     def mlp_activations(self, idx: torch.Tensor, layer: int) -> torch.Tensor:
         """(B, T, d_mlp) post-GELU MLP activation of `layer` for idx (B, T); the blocks after
         it and the unembedding never run. Active hooks apply, as in a full forward."""
+        return self.run_to_mlp(idx, layer)[1]
+
+    def run_to_mlp(self, idx: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first half of a forward pass, up to `layer`'s MLP activation: (the residual
+        stream after that block's attention (B, T, C), the activation (B, T, d_mlp)).
+        `logits_from_mlp` finishes it, with that activation or another in its place."""
         target = self.block(layer)
         x = self._embed(idx)  # (B, T, C)
         for block in self.h[:layer]:
             x = block(x)
         x = x + target.attn(target.ln_1(x))  # (B, T, C)
-        return target.mlp.activation(target.ln_2(x))  # (B, T, d_mlp)
+        return x, target.mlp.activation(target.ln_2(x))
+
+    def logits_from_mlp(self, resid: torch.Tensor, act: torch.Tensor, layer: int) -> torch.Tensor:
+        """(B, T, V) logits of a forward pass that `run_to_mlp` began, with `act` (B, T, d_mlp)
+        as `layer`'s MLP activation: the same operations as `forward` from there on, so the
+        same logits. Several activations of one input cost one first half."""
+        target = self.block(layer)
+        x = resid + target.mlp.dropout(target.mlp.c_proj(act))  # (B, T, C)
+        for block in self.h[layer + 1:]:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
 
     @contextlib.contextmanager
     def hook_mlp(self, layer: int, fn: MLPHook) -> Iterator[None]:

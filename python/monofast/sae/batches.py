@@ -96,6 +96,9 @@ class TrainingBatches:
             keep = batch.row < self.cutoff
             if not keep.all():
                 rows = rows[torch.from_numpy(keep)]
+            if self.pending.shape[0] == 0 and rows.shape[0] == self.batch_size:
+                yield self.feed(rows)  # the usual case: a whole batch, no copy
+                continue
             self.pending = torch.cat([self.pending, rows])  # (R + b', d_in)
             while self.pending.shape[0] >= self.batch_size:
                 x, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]

@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from monofast.common import files
+from monofast.common.device import dtype_name
 from monofast.common.log import logger
 from monofast.sae.model import BATCH_VARIANTS, SparseAutoencoder
 
@@ -154,7 +155,7 @@ def cache_key(sae: SparseAutoencoder, batch_size: int) -> str:
     device = sae.W_enc.device
     return (f"{_machine(device)} | torch {torch.__version__} | {device.type} | {cfg.variant} "
             f"B{batch_size} D{cfg.d_in} F{cfg.d_sae}{f' k{cfg.top_k}' if cfg.top_k else ''} | {cfg.dtype} "
-            f"with {sae.compute_dtype or cfg.dtype} products")
+            f"with {dtype_name(sae.compute_dtype) if sae.compute_dtype else cfg.dtype} products")
 
 
 def measured(sae: SparseAutoencoder, batch_size: int) -> Crossover:

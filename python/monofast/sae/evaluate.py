@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -215,22 +215,25 @@ def splice_hook(sae: SparseAutoencoder) -> MLPHook:
 
 
 @torch.no_grad()
-def token_losses(model: GPT, layer: int, hook: Optional[MLPHook], tokens: HeldOutTokens) -> torch.Tensor:
-    """(N * T,) float64 next-token loss of every held-out token, with `hook` on `layer`'s MLP."""
+def token_losses(model: GPT, layer: int, hooks: Sequence[Optional[MLPHook]],
+                 tokens: HeldOutTokens) -> list[torch.Tensor]:
+    """Per hook, (N * T,) float64 next-token loss of every held-out token with that hook on
+    `layer`'s MLP (None: the clean model). The blocks up to that MLP run once per batch
+    for all the hooks (`GPT.run_to_mlp`), the rest once per hook: the same losses as a
+    full forward pass per hook, for less."""
     device = next(model.parameters()).device
     per_forward = max(1, TOKENS_PER_FORWARD // tokens.idx.shape[1])
-    losses = []
+    losses: list[list[torch.Tensor]] = [[] for _ in hooks]
     for first in range(0, tokens.idx.shape[0], per_forward):
         idx = tokens.idx[first:first + per_forward].to(device)  # (B, T)
-        targets = tokens.targets[first:first + per_forward].to(device)  # (B, T)
-        if hook is None:
-            logits = model(idx).logits
-        else:
-            with model.hook_mlp(layer, hook):
-                logits = model(idx).logits  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B * T,)
-        losses.append(loss.double().cpu())
-    return torch.cat(losses)
+        targets = tokens.targets[first:first + per_forward].to(device).flatten()  # (B * T,)
+        resid, act = model.run_to_mlp(idx, layer)  # (B, T, C), (B, T, d_mlp)
+        for i, hook in enumerate(hooks):
+            replaced = act if hook is None else hook(act)
+            logits = model.logits_from_mlp(resid, act if replaced is None else replaced, layer)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")  # (B * T,)
+            losses[i].append(loss.double().cpu())
+    return [torch.cat(parts) for parts in losses]
 
 
 def by_source(losses: torch.Tensor, tokens: HeldOutTokens) -> SourceLoss:
@@ -258,9 +261,9 @@ def evaluate_hooks(model: GPT, layer: int, hooks: Mapping[str, MLPHook], tokens:
     was_training = model.training
     model.eval()
     try:
-        clean = by_source(token_losses(model, layer, None, tokens), tokens)
-        zero = by_source(token_losses(model, layer, zero_hook, tokens), tokens)
-        spliced = {name: by_source(token_losses(model, layer, hook, tokens), tokens) for name, hook in hooks.items()}
+        clean, zero, *losses = (by_source(loss, tokens) for loss in
+                                token_losses(model, layer, [None, zero_hook, *hooks.values()], tokens))
+        spliced = dict(zip(hooks, losses))
     finally:
         model.train(was_training)
     return CEResult(tokens.targets.numel(), clean, zero, spliced,

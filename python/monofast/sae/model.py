@@ -316,8 +316,19 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def decode(self, feats: Tensor) -> Tensor:
-        """[B, d_in] reconstruction from features, in the input space."""
-        return (feats.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.input_scale.to(self.W_dec.dtype)
+        """[B, d_in] reconstruction from features, in the input space. Features that fire
+        sparsely (at most 1 in `GATHER_MIN_RATIO`) are decoded by summing each row's
+        active decoder rows (`monofast.kernels.sparse`), the rest by the dense product."""
+        from monofast.kernels.eager import GATHER_MIN_RATIO
+        from monofast.kernels.sparse import gather_sum, relu_active
+
+        feats = feats.to(self.W_dec.dtype)
+        scale = self.input_scale.to(self.W_dec.dtype)
+        if feats.dim() == 2 and feats.numel() and float(feats.min()) >= 0:  # (a clamp may set negatives)
+            active = relu_active(feats)
+            if active.col.numel() * GATHER_MIN_RATIO <= feats.numel():
+                return gather_sum(self.W_dec, active.col, active.row_ptr, active.val).add_(self.b_dec) / scale
+        return (feats @ self.W_dec + self.b_dec) / scale
 
     # ------------------------------------------------------------------ optimisation
 
