@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 from .reference import StepOut, l1_weights
+from .select import top_k
 
 _relu_mask = torch.ops.aten.threshold_backward.grad_input
 
@@ -117,7 +118,7 @@ class EagerStep(torch.autograd.Function):
             feats = linear(x_c, w_enc_c.T, b_enc.to(dt), relu=True)  # [B, F]
         else:
             feats = linear(x_c, w_enc_c.T, b_enc.to(dt))  # [B, F] pre-activations
-            values, indices = torch.topk(feats, k, dim=1, sorted=False)
+            values, indices = top_k(feats, k)
             feats.zero_().scatter_(1, indices, values.relu_())
         col_sum = column_sums(feats)  # [F]
         fired = fired_counts(feats)  # [F]

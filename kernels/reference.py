@@ -111,11 +111,20 @@ def l1_weights(w_dec: Tensor, dec_norm: bool) -> Tensor:
     return torch.ones(w_dec.shape[0], dtype=_acc(w_dec).dtype, device=w_dec.device)
 
 
+def top_k(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) [B, k]: each row's k largest pre-activations, ties broken toward the
+    lower feature index, NaN above every number (the first k of a stable descending sort),
+    indices increasing. Every backend keeps exactly these (`monofast.kernels.select`)."""
+    indices = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+    return pre.gather(1, indices), indices
+
+
 def activate(pre: Tensor, k: Optional[int]) -> Tensor:
-    """ReLU, or ReLU of the k largest pre-activations of each row with the rest set to zero."""
+    """ReLU, or ReLU of the k largest pre-activations of each row (`top_k`) with the rest
+    set to zero."""
     if k is None:
         return torch.relu(pre)
-    values, indices = torch.topk(pre, k, dim=1, sorted=False)
+    values, indices = top_k(pre, k)
     return torch.zeros_like(pre).scatter_(1, indices, torch.relu(values))
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from . import native_sparse
 from .eager import linear
 from .reference import StepOut, l1_weights
+from .select import top_k
 
 _NATIVE = native_sparse.available()
 """Whether the Rust CPU kernels are built (they serve CPU tensors; torch ops otherwise)."""
@@ -88,10 +89,9 @@ def relu_active(feats: Tensor) -> Active:
 
 
 def topk_active(indices: Tensor, values: Tensor, d_sae: int) -> Active:
-    """The kept entries of TopK (indices, values [B, k], values after ReLU), zeros included."""
+    """The kept entries of TopK (indices [B, k] increasing within a row, as `select.top_k`
+    gives them; values after ReLU), zeros included."""
     n_rows, k = indices.shape
-    indices, order = indices.sort(dim=1)
-    values = values.gather(1, order)
     row = torch.arange(n_rows, device=indices.device).repeat_interleave(k)
     return active_entries(row, indices.reshape(-1), values.reshape(-1), n_rows, d_sae)
 
@@ -155,7 +155,7 @@ class SparseStep(torch.autograd.Function):
             active = relu_active(feats)
         else:
             feats = linear(x_c, w_enc.to(dt).T, b_enc.to(dt))  # [B, F] pre-activations
-            values, indices = torch.topk(feats, k, dim=1, sorted=False)
+            values, indices = top_k(feats, k)
             values.relu_()
             feats.zero_().scatter_(1, indices, values)
             active = topk_active(indices, values, d_sae)

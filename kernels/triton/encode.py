@@ -5,7 +5,7 @@ program. The decoder bias is subtracted as each block of x is loaded, and the ep
 adds b_enc, applies the ReLU, stores the features and adds the tile's per-feature column
 sums and firing counts into two [F] vectors, so the [B, F] features are never read back
 for statistics. TopK cannot finish inside a tile (it needs the whole row), so for it the
-kernel stores the pre-activations and the launcher selects with `torch.topk`.
+kernel stores the pre-activations and the launcher selects with `select.top_k`.
 
 Backward (`_encode_grad_kernel`): d_pre = (g @ w_dec^T + g_l1 * w / B + g_feats) masked
 where the feature fired, one tile per program, with d_b_enc's column sums in the epilogue.
@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..select import top_k
 from .common import GROUP_M, autotune, block_sum, gemm_configs, gemm_tile, grid_1d, launch_meta, tile_offsets
 from .wgrad import weight_grad
 
@@ -118,7 +119,7 @@ def encode_forward(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, b_
     if k is not None:
         # The k-th largest value of a row is unknown to any one tile, so select here and
         # rebuild the dense features in the pre-activation buffer.
-        values, indices = torch.topk(feats, k, dim=1, sorted=False)
+        values, indices = top_k(feats, k)
         values = torch.relu(values)
         feats.zero_().scatter_(1, indices, values)
         live = values > 0

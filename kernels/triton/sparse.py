@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ..reference import StepOut, l1_weights
+from ..select import top_k
 from ..sparse import Active, relu_active, topk_active
 from .common import autotune, block_sum, interpreting
 from .encode import encode_forward
@@ -229,7 +230,7 @@ def active_entries(feats: torch.Tensor, k: Optional[int]) -> Active:
     """
     if k is None:
         return relu_active(feats)
-    values, indices = torch.topk(feats, k, dim=1, sorted=False)
+    values, indices = top_k(feats, k)
     return topk_active(indices, values, feats.shape[1])
 
 

