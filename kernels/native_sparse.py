@@ -1,11 +1,13 @@
-"""The two CPU kernels of the sparse SAE step, in Rust (`rust/src/sparse.rs`).
+"""CPU kernels of the sparse SAE step, in Rust (`rust/src/sparse.rs`).
 
 `sparse.py` runs the step over the firing entries with torch ops; these are faster CPU
-forms of two of its inner operations, with the same results up to float32 summation order:
+forms of its inner operations, with the same results up to float32 summation order:
 
 - `positive_entries`: the CSR entries of a ReLU feature matrix (`feats.nonzero()` plus a
   gather),
-- `sampled_dot`: a @ b.T at those entries (`torch.sparse.sampled_addmm`).
+- `sampled_dot`: a @ b.T at those entries (`torch.sparse.sampled_addmm`),
+- `top_k`: the k largest pre-activations of each row for a TopK SAE (`torch.topk`, with
+  its ties settled as a stable sort settles them and the indices sorted).
 
 The step's segment sums stay on torch's `embedding_bag` (`sparse.gather_sum`): a native
 segment sum measured no faster inside the step.
@@ -18,13 +20,15 @@ False when the built extension predates them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import _native
 
-_FUNCTIONS = ("positive_entries", "sampled_dot")
+_FUNCTIONS = ("positive_entries", "sampled_dot", "top_k")
 _FLOATS = (torch.float32, torch.bfloat16)
 
 
@@ -91,3 +95,33 @@ def sampled_dot(a: Tensor, b: Tensor, row_ptr: Tensor, col: Tensor) -> Tensor:
     _native.sampled_dot(_array(a), _array(b), _array(row_ptr), _array(col), out.numpy(),
                         torch.get_num_threads())
     return out
+
+
+class TopK(NamedTuple):
+    """The k largest entries of each row of a [B, F] matrix, by increasing column."""
+
+    values: Tensor
+    """[B, k] in the input's dtype: the entries, bit for bit."""
+    indices: Tensor
+    """[B, k] int64: their columns, increasing along each row."""
+
+
+def top_k(pre: Tensor, k: int) -> TopK:
+    """The k largest entries of each row of pre [B, F] (float32 or bfloat16, CPU,
+    contiguous), 1 <= k <= F, with their columns in increasing order.
+
+    Exact and deterministic: the selected set is the first k of
+    `torch.sort(pre, dim=1, descending=True, stable=True)`, so ties go to the lower column
+    and NaN ranks above every number (lower column first among NaNs), as torch.sort and
+    torch.topk rank it; -0.0 ties +0.0. One scan per row against the k-th largest so far.
+    6-10x faster than torch.topk(sorted=False) at B 2048, F 1536-16384, k 32, both dtypes,
+    two threads (1.6-2.0 ms against 14-20 ms at F 1536 and 4096).
+    """
+    _check("pre", pre, _FLOATS, 2)
+    n_rows, d_sae = pre.shape
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_sae:
+        raise ValueError(f"k must be an int in 1..{d_sae} (the columns of pre), got {k!r}")
+    values = torch.empty(n_rows, k, dtype=pre.dtype)
+    indices = torch.empty(n_rows, k, dtype=torch.int64)
+    _native.top_k(_array(pre), k, _array(values), indices.numpy(), torch.get_num_threads())
+    return TopK(values, indices)

@@ -59,6 +59,17 @@ def sampled_dot(
 ) -> None:
     """out[j] = a[r] . b[col[j]] for each entry j of row r; b float32 or bf16 bits."""
 
+def top_k(
+    pre: npt.NDArray[Any],
+    k: int,
+    values: npt.NDArray[Any],
+    indices: npt.NDArray[np.int64],
+    threads: int = 1,
+) -> None:
+    """The k largest entries of each row of pre (B, F) (float32, or uint16 / int16 bf16 bits),
+    ties to the lower column and NaN above all, into values (B, k) (pre's dtype) and
+    indices (B, k), each row's by increasing column."""
+
 class ShardWriter:
     """Writes an activation store on a background thread."""
 

@@ -24,7 +24,7 @@ use half::f16;
 use numpy::ndarray::{ArrayView2, Dimension};
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray, PyReadonlyArray1,
-    PyReadonlyArray2, PyReadwriteArray1, PyUntypedArrayMethods,
+    PyReadonlyArray2, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::{PyIndexError, PyOSError, PyRuntimeError, PyValueError};
@@ -736,6 +736,84 @@ fn sampled_dot<'py>(
     result.map_err(to_py_err)
 }
 
+/// A writable 2-D matrix of f32, or of bf16 as its raw bits (uint16 or int16).
+enum MatrixMut<'py> {
+    F32(PyReadwriteArray2<'py, f32>),
+    U16(PyReadwriteArray2<'py, u16>),
+    I16(PyReadwriteArray2<'py, i16>),
+}
+
+/// The elements of a `MatrixMut`.
+enum ElementsMut<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [u16]),
+}
+
+impl<'py> MatrixMut<'py> {
+    fn extract(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
+        obj.extract()
+            .map(MatrixMut::F32)
+            .or_else(|_| obj.extract().map(MatrixMut::U16))
+            .or_else(|_| obj.extract().map(MatrixMut::I16))
+            .map_err(|_| {
+                PyValueError::new_err(format!(
+                    "{name} must be a writable 2-D numpy array of float32, or of uint16 or int16 for bfloat16 bits"
+                ))
+            })
+    }
+
+    fn elements(&mut self, name: &str) -> PyResult<ElementsMut<'_>> {
+        let not_contiguous = |_| PyValueError::new_err(format!("{name} must be C-contiguous"));
+        Ok(match self {
+            MatrixMut::F32(a) => ElementsMut::F32(a.as_slice_mut().map_err(not_contiguous)?),
+            MatrixMut::U16(a) => ElementsMut::Bf16(a.as_slice_mut().map_err(not_contiguous)?),
+            MatrixMut::I16(a) => {
+                let bits = a.as_slice_mut().map_err(not_contiguous)?;
+                // SAFETY: i16 and u16 have one size and alignment; the same bits, rewritten.
+                ElementsMut::Bf16(unsafe {
+                    std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast(), bits.len())
+                })
+            }
+        })
+    }
+}
+
+/// The k largest entries of each row of pre [B, F] (float32 or bf16 bits), ranked as a
+/// stable descending sort ranks them (ties to the lower column, NaN above all), written to
+/// values [B, k] (pre's dtype) and indices [B, k] int64 by increasing column. Runs on
+/// `threads` threads with the GIL released.
+#[pyfunction]
+#[pyo3(signature = (pre, k, values, indices, threads = 1))]
+fn top_k<'py>(
+    py: Python<'py>,
+    pre: &Bound<'py, PyAny>,
+    k: usize,
+    values: &Bound<'py, PyAny>,
+    mut indices: PyReadwriteArray2<'py, i64>,
+    threads: usize,
+) -> PyResult<()> {
+    let pre = Matrix::extract(pre, "pre")?;
+    let [rows, cols] = pre.shape();
+    let mut values = MatrixMut::extract(values, "values")?;
+    let indices = indices
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("indices must be C-contiguous"))?;
+    let result = match (pre.elements("pre")?, values.elements("values")?) {
+        (Elements::F32(m), ElementsMut::F32(v)) => {
+            py.detach(|| sparse::top_k(m, rows, cols, k, v, indices, threads))
+        }
+        (Elements::Bf16(m), ElementsMut::Bf16(v)) => {
+            py.detach(|| sparse::top_k(m, rows, cols, k, v, indices, threads))
+        }
+        _ => {
+            return Err(PyValueError::new_err(
+                "values must have pre's dtype (float32, or bf16 bits)",
+            ))
+        }
+    };
+    result.map_err(to_py_err)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -747,6 +825,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sample_positions, m)?)?;
     m.add_function(wrap_pyfunction!(positive_entries, m)?)?;
     m.add_function(wrap_pyfunction!(sampled_dot, m)?)?;
+    m.add_function(wrap_pyfunction!(top_k, m)?)?;
     m.add_class::<ShardWriter>()?;
     m.add_class::<Store>()?;
     m.add_class::<Stream>()?;
