@@ -111,6 +111,14 @@ def l1_weights(w_dec: Tensor, dec_norm: bool) -> Tensor:
     return torch.ones(w_dec.shape[0], dtype=_acc(w_dec).dtype, device=w_dec.device)
 
 
+def penalties(col_sum: Tensor, fired: Tensor, w_dec: Tensor, dec_norm: bool,
+              n_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(w, l1, l0) of a batch of `n_rows` from its per-feature column sums and firing
+    counts: the L1 weights [F], the L1 term and the mean firing count per row."""
+    w = l1_weights(w_dec, dec_norm).to(col_sum.dtype)
+    return w, col_sum @ w / n_rows, fired.sum().to(col_sum.dtype) / n_rows
+
+
 def top_k(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(values, indices) [B, k]: each row's k largest pre-activations, ties broken toward the
     lower feature index, NaN above every number (the first k of a stable descending sort),
@@ -171,8 +179,7 @@ def step_forward(x: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, b_dec: 
     batch = x.shape[0]
     enc = encode(x, w_enc, b_enc, b_dec, k)
     dec = decode(enc.feats, w_dec, b_dec, x)
-    l1 = enc.col_sum @ l1_weights(w_dec, dec_norm) / batch
-    l0 = enc.fired.sum().to(enc.col_sum.dtype) / batch
+    _, l1, l0 = penalties(enc.col_sum, enc.fired, w_dec, dec_norm, batch)
     return StepOut(dec.x_hat, enc.feats, dec.sq_err / batch, l1, l0, enc.fired)
 
 

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import native_sparse
 from .eager import linear
-from .reference import StepOut, l1_weights
+from .reference import StepOut, penalties
 from .select import top_k
 
 _NATIVE = native_sparse.available()
@@ -167,9 +167,7 @@ class SparseStep(torch.autograd.Function):
         err = x_hat - x if x_hat.dtype == x.dtype else x_hat.float().sub_(x)  # [B, D]
         flat = err.view(-1)
         mse = torch.dot(flat, flat) / n_rows
-        w = l1_weights(w_dec, dec_norm)  # [F] float32
-        l1 = col_sum @ w / n_rows
-        l0 = fired.sum().to(acc) / n_rows
+        w, l1, l0 = penalties(col_sum, fired, w_dec, dec_norm, n_rows)  # w [F]
         ctx.save_for_backward(x_c, w_enc, w_dec, w_dec_c, err, col_sum, w, *active)
         ctx.dtypes = (x.dtype, b_enc.dtype, b_dec.dtype)
         ctx.dec_norm = dec_norm

@@ -219,3 +219,42 @@ class Toy:
     def __post_init__(self):
         if self.n_embd <= 0:
             raise ValueError("n_embd must be positive; use e.g. --n-embd 64")
+
+
+# ---------------------------------------------------------------------------------------
+# The SAE step's backends against the oracle (tests/kernels)
+
+
+def run_step(step_fn, x, params, upstream, k, dec_norm, with_feats_grad=True):
+    """A step's outputs and the gradients of x and every parameter under a loss that reaches
+    x_hat, mse, l1 and (unless told not to) feats, weighted by `upstream`."""
+    import torch
+
+    leaves = [t.clone().requires_grad_() for t in [x, *params]]
+    out = step_fn(*leaves, k=k, dec_norm=dec_norm)
+    loss = (out.x_hat.float() * upstream["x_hat"]).sum() + upstream["mse"] * out.mse + upstream["l1"] * out.l1
+    if with_feats_grad:
+        loss = loss + (out.feats.float() * upstream["feats"]).sum()
+    return out, torch.autograd.grad(loss, leaves)
+
+
+def assert_step_matches(out, grads, ref, ref_grads, dtype, low_precision, rtol, atol):
+    """A backend's step (outputs and gradients in `dtype`) against the float32 oracle's: every output, the
+    firing counts (exact in float32; rounding at zero may flip two otherwise), and every
+    gradient relative to its largest entry."""
+    import torch
+
+    assert out.x_hat.dtype == out.feats.dtype == dtype
+    torch.testing.assert_close(out.feats.float(), ref.feats, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.x_hat.float(), ref.x_hat, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.mse, ref.mse, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.l1, ref.l1, rtol=rtol, atol=atol)
+    assert out.fired.dtype == torch.int32
+    assert torch.equal(out.fired, (out.feats > 0).sum(0, dtype=torch.int32))
+    assert (out.fired - ref.fired).abs().sum() <= (2 if low_precision else 0)
+    torch.testing.assert_close(out.l0, out.fired.sum().float() / out.feats.shape[0])
+    for name, got, want in zip(("x", "w_enc", "b_enc", "w_dec", "b_dec"), grads, ref_grads):
+        assert got.dtype == dtype and got.shape == want.shape
+        scale = want.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got.float() / scale, want / scale, rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"gradient of {name}: {m}")

@@ -35,12 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import StepOut, l1_weights
+from ..reference import StepOut, penalties
 from ..select import top_k
 from ..sparse import Active, relu_active, topk_active
 from .common import autotune, block_sum, interpreting
 from .encode import encode_forward
-from .step import DTYPES, check_inputs
+from .step import DTYPES, prepared
 
 SPARSE_INTERPRET_META: dict[str, int] = {"BLOCK_J": 4, "BLOCK_D": 16}
 """Block sizes under the interpreter: small enough that the tests' short segments and odd
@@ -240,9 +240,7 @@ class TritonSparseStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm):
-        check_inputs(x, w_enc, b_enc, w_dec, b_dec, k)
-        x, w_enc, b_enc, w_dec, b_dec = (t.contiguous() for t in (x, w_enc, b_enc, w_dec, b_dec))
-        upcast = interpreting() and x.dtype == torch.bfloat16
+        (x, w_enc, b_enc, w_dec, b_dec), upcast = prepared(x, w_enc, b_enc, w_dec, b_dec, k)
         n_rows = x.shape[0]
         enc = encode_forward(x, w_enc, b_enc, b_dec, k, upcast)
         active = active_entries(enc.feats, k)
@@ -252,9 +250,7 @@ class TritonSparseStep(torch.autograd.Function):
         err = x_hat.float() - x.float()  # [B, D]
         flat = err.view(-1)
         mse = torch.dot(flat, flat) / n_rows
-        w = l1_weights(w_dec, dec_norm)  # [F] float32
-        l1 = enc.col_sum @ w / n_rows
-        l0 = enc.fired.sum().float() / n_rows
+        w, l1, l0 = penalties(enc.col_sum, enc.fired, w_dec, dec_norm, n_rows)  # w [F] float32
         ctx.save_for_backward(x, w_enc, w_dec, b_dec, x_hat, enc.col_sum, w, *active)
         ctx.dec_norm = dec_norm
         ctx.mark_non_differentiable(l0, enc.fired)

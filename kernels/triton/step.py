@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..reference import StepOut, l1_weights
+from ..reference import StepOut, penalties
 from .common import interpreting
 from .decode import decode_backward, decode_forward
 from .encode import encode_backward, encode_forward
@@ -49,20 +49,25 @@ def check_inputs(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_de
         raise ValueError(f"k must be between 1 and d_sae={d_sae}, got {k}")
 
 
+def prepared(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor,
+             k: Optional[int]) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """The checked inputs made contiguous, and whether bfloat16 must be upcast (the
+    interpreter's dot products take no bfloat16)."""
+    check_inputs(x, w_enc, b_enc, w_dec, b_dec, k)
+    tensors = tuple(t.contiguous() for t in (x, w_enc, b_enc, w_dec, b_dec))
+    return tensors, interpreting() and x.dtype == torch.bfloat16
+
+
 class TritonStep(torch.autograd.Function):
     """Forward: encode + decode kernels. Backward: the five-product gradients."""
 
     @staticmethod
     def forward(ctx, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm):
-        check_inputs(x, w_enc, b_enc, w_dec, b_dec, k)
-        x, w_enc, b_enc, w_dec, b_dec = (t.contiguous() for t in (x, w_enc, b_enc, w_dec, b_dec))
-        upcast = interpreting() and x.dtype == torch.bfloat16
+        (x, w_enc, b_enc, w_dec, b_dec), upcast = prepared(x, w_enc, b_enc, w_dec, b_dec, k)
         n_rows = x.shape[0]
         enc = encode_forward(x, w_enc, b_enc, b_dec, k, upcast)
         dec = decode_forward(enc.feats, w_dec, b_dec, x, upcast)
-        w = l1_weights(w_dec, dec_norm)  # [F] float32
-        l1 = enc.col_sum @ w / n_rows
-        l0 = enc.fired.sum().float() / n_rows
+        w, l1, l0 = penalties(enc.col_sum, enc.fired, w_dec, dec_norm, n_rows)  # w [F] float32
         ctx.save_for_backward(x, w_enc, w_dec, b_dec, dec.x_hat, enc.feats, enc.col_sum, w)
         ctx.dec_norm, ctx.upcast = dec_norm, upcast
         ctx.mark_non_differentiable(l0, enc.fired)

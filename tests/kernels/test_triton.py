@@ -20,6 +20,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import assert_step_matches, run_step  # noqa: E402
 from monofast.kernels import reference  # noqa: E402
 
 PACKAGE = "monofast.kernels.triton"
@@ -81,43 +82,19 @@ def make_inputs(shape, dtype, seed):
     return x, params, upstream
 
 
-def run(step_fn, x, params, upstream, k, dec_norm, with_feats_grad=True):
-    leaves = [t.clone().requires_grad_() for t in [x, *params]]
-    out = step_fn(*leaves, k=k, dec_norm=dec_norm)
-    loss = (out.x_hat.float() * upstream["x_hat"]).sum() + upstream["mse"] * out.mse + upstream["l1"] * out.l1
-    if with_feats_grad:
-        loss = loss + (out.feats.float() * upstream["feats"]).sum()
-    return out, torch.autograd.grad(loss, leaves)
-
-
 def reference_in_fp32(x, params, upstream, k, dec_norm, with_feats_grad=True):
     """The oracle on the same (rounded) values, computed in float32."""
-    return run(reference.sae_step, x.float(), [p.float() for p in params], upstream, k, dec_norm,
-               with_feats_grad)
+    return run_step(reference.sae_step, x.float(), [p.float() for p in params], upstream, k, dec_norm,
+                    with_feats_grad)
 
 
 @pytest.mark.parametrize("shape,dtype,k,dec_norm", CASES, ids=[case_id(*c) for c in CASES])
 def test_step_matches_reference(triton_step, shape, dtype, k, dec_norm):
     seed = zlib.crc32(case_id(shape, dtype, k, dec_norm).encode())
     x, params, upstream = make_inputs(shape, DTYPES[dtype], seed)
-    out, grads = run(triton_step.sae_step, x, params, upstream, k, dec_norm)
+    out, grads = run_step(triton_step.sae_step, x, params, upstream, k, dec_norm)
     ref, ref_grads = reference_in_fp32(x, params, upstream, k, dec_norm)
-    rtol, atol = TOLERANCE[dtype]
-
-    assert out.x_hat.dtype == out.feats.dtype == DTYPES[dtype]
-    torch.testing.assert_close(out.feats.float(), ref.feats, rtol=rtol, atol=atol)
-    torch.testing.assert_close(out.x_hat.float(), ref.x_hat, rtol=rtol, atol=atol)
-    torch.testing.assert_close(out.mse, ref.mse, rtol=rtol, atol=atol)
-    torch.testing.assert_close(out.l1, ref.l1, rtol=rtol, atol=atol)
-    # Counts agree exactly where no pre-activation sits within rounding of zero.
-    assert out.fired.dtype == torch.int32
-    assert torch.equal(out.fired, (out.feats > 0).sum(0, dtype=torch.int32))
-    assert (out.fired - ref.fired).abs().sum() <= (0 if dtype == "fp32" else 2)
-    torch.testing.assert_close(out.l0, out.fired.sum().float() / shape[0])
-    for name, got, want in zip(("x", "w_enc", "b_enc", "w_dec", "b_dec"), grads, ref_grads):
-        scale = want.abs().max().clamp_min(1.0)
-        torch.testing.assert_close(got.float() / scale, want / scale, rtol=rtol, atol=atol,
-                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+    assert_step_matches(out, grads, ref, ref_grads, DTYPES[dtype], dtype != "fp32", *TOLERANCE[dtype])
 
 
 def test_loss_only_gradients(triton_step):

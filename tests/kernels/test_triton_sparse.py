@@ -22,6 +22,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import assert_step_matches, run_step  # noqa: E402
 from monofast.kernels import reference  # noqa: E402
 
 PACKAGE = "monofast.kernels.triton"
@@ -178,21 +179,12 @@ def make_inputs(dtype, integer, seed):
     return tensors[0], tensors[1:], upstream
 
 
-def run(step_fn, x, params, upstream, k, dec_norm):
-    """The step and the gradients of every input under a loss that reaches every output."""
-    leaves = [t.clone().requires_grad_() for t in [x, *params]]
-    out = step_fn(*leaves, k=k, dec_norm=dec_norm)
-    loss = ((out.x_hat.float() * upstream["x_hat"]).sum() + (out.feats.float() * upstream["feats"]).sum()
-            + upstream["mse"] * out.mse + upstream["l1"] * out.l1)
-    return out, torch.autograd.grad(loss, leaves)
-
-
 @pytest.mark.parametrize("dtype,k,dec_norm,integer", STEP_CASES, ids=[step_id(*c) for c in STEP_CASES])
 def test_step_matches_reference(triton_sparse, dtype, k, dec_norm, integer):
     seed = zlib.crc32(step_id(dtype, k, dec_norm, integer).encode())
     x, params, upstream = make_inputs(DTYPES[dtype], integer, seed)
-    out, grads = run(triton_sparse.sparse_step, x, params, upstream, k, dec_norm)
-    ref, ref_grads = run(reference.sae_step, x.float(), [p.float() for p in params], upstream, k, dec_norm)
+    out, grads = run_step(triton_sparse.sparse_step, x, params, upstream, k, dec_norm)
+    ref, ref_grads = run_step(reference.sae_step, x.float(), [p.float() for p in params], upstream, k, dec_norm)
     rtol, atol = TOLERANCE[dtype]
 
     # The cases cover what they claim: an empty row, and rows of several entries.
@@ -201,20 +193,7 @@ def test_step_matches_reference(triton_sparse, dtype, k, dec_norm, integer):
     if integer:
         assert ref.feats.unique().numel() < ref.feats.numel() // 4  # many ties
 
-    assert out.x_hat.dtype == out.feats.dtype == DTYPES[dtype]
-    torch.testing.assert_close(out.feats.float(), ref.feats, rtol=rtol, atol=atol)
-    torch.testing.assert_close(out.x_hat.float(), ref.x_hat, rtol=rtol, atol=atol)
-    torch.testing.assert_close(out.mse, ref.mse, rtol=rtol, atol=atol)
-    torch.testing.assert_close(out.l1, ref.l1, rtol=rtol, atol=atol)
-    assert out.fired.dtype == torch.int32
-    assert torch.equal(out.fired, (out.feats > 0).sum(0, dtype=torch.int32))
-    assert (out.fired - ref.fired).abs().sum() <= (0 if dtype == "fp32" else 2)
-    torch.testing.assert_close(out.l0, out.fired.sum().float() / SHAPE[0])
-    for name, got, want in zip(("x", "w_enc", "b_enc", "w_dec", "b_dec"), grads, ref_grads):
-        assert got.dtype == DTYPES[dtype] and got.shape == want.shape
-        scale = want.abs().max().clamp_min(1.0)
-        torch.testing.assert_close(got.float() / scale, want / scale, rtol=rtol, atol=atol,
-                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+    assert_step_matches(out, grads, ref, ref_grads, DTYPES[dtype], dtype != "fp32", rtol, atol)
 
 
 def test_loss_only_gradients(triton_sparse):
