@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 import types
 import zlib
 
@@ -234,3 +236,58 @@ def test_topk_gather_decode_matches_the_dense_product(monkeypatch, dtype):
     for got, want in [(gathered.x_hat.detach(), dense.x_hat.detach()), *zip(gathered_grads, dense_grads)]:
         error = float(torch.linalg.vector_norm((got - want).float()) / torch.linalg.vector_norm(want.float()))
         assert error < 0.02, error
+
+
+# ------------------------------------------------------------------------- the race
+
+
+def _kernels(monkeypatch, name, step):
+    """An automatic backend for CPU tensors (a stand-in for an accelerator's kernels)."""
+    module = types.ModuleType(f"monofast_test_{name}_backend")
+    module.sae_step = step
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(backend.BACKENDS, name, backend.Backend(name, module.__name__, ("cpu",), casts_inputs=False))
+    monkeypatch.setattr(backend, "_AUTOMATIC", {"cpu": name})
+    monkeypatch.setattr(backend, "_raced", {})
+
+
+def _slow(step):
+    def slower(*args, **kwargs):
+        time.sleep(0.02)
+        return step(*args, **kwargs)
+    return slower
+
+
+def test_an_accelerators_kernels_race_torch_and_the_faster_runs(monkeypatch, caplog):
+    from monofast.common import files
+
+    x, params = make_inputs(16, 8, 24)
+    _kernels(monkeypatch, "slowkernels", _slow(eager.sae_step))
+    with caplog.at_level(logging.INFO, logger="monofast"):
+        out = backend.sae_step(x, *params)
+    torch.testing.assert_close(out.mse, reference.sae_step(x, *params).mse)
+    assert "the torch backend takes the dense step of B 16 x D 8 -> F 24 here" in caplog.text
+    kept = json.loads((files.cache_dir() / backend.RACE_FILE).read_text())
+    (result,) = kept.values()
+    assert result["backend"] == "torch" and result["ms"]["slowkernels"] > result["ms"]["torch"] + 10
+
+    # A later run reads the winner instead of racing again.
+    monkeypatch.setattr(backend, "_raced", {})
+    monkeypatch.setattr(backend, "_race", lambda *args: pytest.fail("raced again"))
+    calls = []
+    monkeypatch.setattr(eager, "sae_step", lambda *a, **kw: (calls.append(1), reference.sae_step(*a[:5], k=kw["k"],
+                                                                                               dec_norm=kw["dec_norm"]))[1])
+    backend.sae_step(x, *params)
+    assert calls == [1]
+
+
+def test_faster_kernels_win_the_race(monkeypatch):
+    fast = eager.sae_step
+    _kernels(monkeypatch, "fastkernels", lambda *a, **kw: fast(*a, **kw))
+    monkeypatch.setattr(eager, "sae_step", _slow(fast))
+    x, params = make_inputs(16, 8, 24)
+    backend.sae_step(x, *params, k=3)
+    (winner,) = backend._raced.values()
+    assert winner == "fastkernels"
+    backend.sae_step(x, *params)  # another race key: ReLU, not TopK
+    assert sorted(backend._raced.values()) == ["fastkernels", "fastkernels"]

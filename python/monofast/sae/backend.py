@@ -15,12 +15,19 @@ form by the crossover it measures (`monofast.sae.crossover`).
 `MONOFAST_BACKEND=torch|triton|metal` forces one. A forced backend that cannot run on the
 tensors' device raises `BackendError` saying why; an automatically chosen one that fails
 to import or to launch falls back to `torch` and says so once in the log.
+
+Unforced, an accelerator's kernels are not taken on trust: at the first step of each shape
+(and precision, TopK k, form) they race the torch backend on that step, forward and
+backward, and the faster one runs it from then on. The winner is logged and kept in the
+cache folder's `backends.json` (`monofast.common.measured`), so later runs on the machine
+make the same choice without timing again.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -28,6 +35,7 @@ import torch
 
 from monofast.common.errors import UserError
 from monofast.common.log import logger
+from monofast.common.measured import machine, remembered
 
 ENV = "MONOFAST_BACKEND"
 
@@ -100,6 +108,12 @@ _AUTOMATIC = {"cuda": "triton", "mps": "metal"}
 _fallen_back: dict[tuple[str, str], str] = {}
 """(backend, device type) pairs that failed automatically, with the reason (logged once)."""
 
+RACE_FILE = "backends.json"
+RACE_ROUNDS = 3
+"""Timed steps per backend in a race (after one untimed), the best kept."""
+_raced: dict[str, str] = {}
+"""This process's race winners, by race key."""
+
 
 def requested() -> Optional[str]:
     """The backend forced by MONOFAST_BACKEND, or None (unset or empty)."""
@@ -162,6 +176,8 @@ def sae_step(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: t
     else:
         chosen = resolve(x.device)
         forced = requested() is not None
+        if not forced and chosen.name != "torch":
+            chosen = _race_winner(chosen, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype, sparse)
     try:
         return _call(chosen, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype, sparse)
     except (ValueError, TypeError):
@@ -171,6 +187,66 @@ def sae_step(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: t
             raise  # (while a CUDA graph is captured, the capture failed, not the backend)
         fallback = _fall_back(chosen.name, x.device, f"{type(err).__name__}: {err}")
         return _call(fallback, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype, sparse)
+
+
+def _race_winner(chosen: Backend, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype, sparse) -> Backend:
+    """`chosen` or the torch backend, whichever took this step faster here (see the module
+    docstring); a kernel that fails to launch falls back as an automatic choice does."""
+    key = (f"{machine(x.device)} | B{x.shape[0]} D{x.shape[1]} F{w_enc.shape[1]}"
+           f"{f' k{k}' if k is not None else ''}{' l1norm' if dec_norm else ''} | {x.dtype} params with "
+           f"{compute_dtype or x.dtype} products | {'sparse' if sparse else 'dense'} | {chosen.name} or torch")
+    if key not in _raced:
+        if _capturing(x):
+            return chosen  # inside a graph capture nothing can be timed; the warm-up steps raced
+        result = remembered(RACE_FILE, key, lambda: _race(
+            (chosen, BACKENDS["torch"]), x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype, sparse),
+            keep=lambda result: "failed" not in result)  # a failed launch is tried again next run
+        _raced[key] = result["backend"]
+        if "failed" not in result:
+            logger.info("sae: the %s backend takes the %s step of B %d x D %d -> F %d here (%s)", result["backend"],
+                        "sparse" if sparse else "dense", x.shape[0], x.shape[1], w_enc.shape[1],
+                        ", ".join(f"{name} {ms:.2f} ms" for name, ms in result["ms"].items()))
+    return BACKENDS[_raced[key]]
+
+
+def _race(candidates: tuple[Backend, ...], x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype,
+          sparse) -> dict:
+    """Each candidate's best time for the step (forward and the parameters' gradients) on
+    copies of the inputs, one step of each per round."""
+    leaves = [t.detach().clone().requires_grad_() for t in (w_enc, b_enc, w_dec, b_dec)]
+    xs = x.detach()
+    times: dict[str, float] = {}
+    for round_ in range(RACE_ROUNDS + 1):
+        for backend in candidates:
+            if backend.name in times and times[backend.name] == float("inf"):
+                continue
+            try:
+                with torch.enable_grad():
+                    _sync(xs)
+                    start = time.perf_counter()
+                    out = _call(backend, xs, *leaves, k, dec_norm, compute_dtype, sparse)
+                    torch.autograd.grad(out.mse + out.l1, leaves)
+                    _sync(xs)
+            except (ValueError, TypeError):
+                raise  # bad inputs: the same on every backend
+            except Exception as err:  # a compiler or driver failure: out of the race
+                _fall_back(backend.name, xs.device, f"{type(err).__name__}: {err}")
+                times[backend.name] = float("inf")
+                continue
+            if round_:
+                times[backend.name] = min(times.get(backend.name, float("inf")), (time.perf_counter() - start) * 1e3)
+    finite = {name: ms for name, ms in times.items() if ms != float("inf")}
+    if len(finite) < len(candidates):
+        return {"backend": min(finite, key=finite.__getitem__), "failed": sorted(set(times) - set(finite)),
+                "ms": finite}
+    return {"backend": min(finite, key=finite.__getitem__), "ms": finite}
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    elif x.device.type == "mps":
+        torch.mps.synchronize()
 
 
 def _capturing(x: torch.Tensor) -> bool:

@@ -11,8 +11,8 @@ TopK fires k / d_sae by construction, so the two steps are timed at that k and t
 one is kept.
 
 A measurement is kept per machine in the cache folder (`sparse_crossover.json`, keyed by
-the processor, the torch version, the threads, the shapes and precisions), like an
-autotuner's: later runs on the machine read it, so they switch at the same steps and
+the processor, the torch version, the threads, the shapes and precisions;
+`monofast.common.measured`), like an autotuner's: later runs on the machine read it, so they switch at the same steps and
 write the same files (the two forms agree to rounding, not to the bit), and a resumed
 run continues exactly as it would have. A measurement disturbed by other work is tried
 again (`ATTEMPTS`) and kept in any case. Delete the file to measure again;
@@ -27,8 +27,6 @@ switch is logged, and eval.json records the measurement and each SAE's switches.
 
 from __future__ import annotations
 
-import json
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -38,6 +36,8 @@ import torch
 
 from monofast.common import files
 from monofast.common.device import dtype_name
+from monofast.common.measured import machine as measured_on
+from monofast.common.measured import remembered
 from monofast.common.log import logger
 from monofast.sae.model import BATCH_VARIANTS, SparseAutoencoder
 
@@ -137,58 +137,32 @@ def measure(sae: SparseAutoencoder, batch_size: int) -> Crossover:
     return Crossover(sae.cfg.d_sae, None, dense, {f"{d:g}": t for d, t in timed.items()}, density, steady)
 
 
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
-
-
 def cache_key(sae: SparseAutoencoder, batch_size: int) -> str:
     """What a measurement depends on: the machine, torch, the shapes and precisions."""
     cfg = sae.cfg
-    device = sae.W_enc.device
-    return (f"{_machine(device)} | torch {torch.__version__} | {device.type} | {cfg.variant} "
-            f"B{batch_size} D{cfg.d_in} F{cfg.d_sae}{f' k{cfg.top_k}' if cfg.top_k else ''} | {cfg.dtype} "
-            f"with {dtype_name(sae.compute_dtype) if sae.compute_dtype else cfg.dtype} products")
+    return (f"{measured_on(sae.W_enc.device)} | {cfg.variant} B{batch_size} D{cfg.d_in} F{cfg.d_sae}"
+            f"{f' k{cfg.top_k}' if cfg.top_k else ''} | {cfg.dtype} with "
+            f"{dtype_name(sae.compute_dtype) if sae.compute_dtype else cfg.dtype} products")
 
 
 def measured(sae: SparseAutoencoder, batch_size: int) -> Crossover:
     """This machine's crossover for SAEs shaped like `sae`: from the cache, else measured
-    (and cached)."""
-    path = files.cache_dir() / CACHE_FILE
-    key = cache_key(sae, batch_size)
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-        return Crossover(**known[key])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    crossover = measure(sae, batch_size)
-    for _ in range(ATTEMPTS - 1):
-        if crossover.steady:
-            break
+    (and cached), tried again while the machine is busy."""
+
+    def measure_steadily() -> dict[str, Any]:
         crossover = measure(sae, batch_size)
-    if not crossover.steady:
-        logger.warning("sae: the machine was busy while the sparse step's crossover was measured (timings "
-                       "varied by more than %.1fx, %d tries); it is kept all the same, so that runs here stay "
-                       "alike: delete %s to measure again on a quiet machine", STEADY, ATTEMPTS, path)
-    try:
-        known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}  # a damaged cache is rewritten
-    known[key] = crossover.to_json()
-    try:
-        files.write_json(path, known)
-    except OSError as err:  # a read-only cache costs a measurement per run, nothing else
-        logger.warning("sae: could not keep the sparse-step measurement in %s (%s)", path, err)
-    return crossover
+        for _ in range(ATTEMPTS - 1):
+            if crossover.steady:
+                break
+            crossover = measure(sae, batch_size)
+        if not crossover.steady:
+            logger.warning("sae: the machine was busy while the sparse step's crossover was measured (timings "
+                           "varied by more than %.1fx, %d tries); it is kept all the same, so that runs here "
+                           "stay alike: delete %s to measure again on a quiet machine", STEADY, ATTEMPTS,
+                           files.cache_dir() / CACHE_FILE)
+        return crossover.to_json()
+
+    return Crossover(**remembered(CACHE_FILE, cache_key(sae, batch_size), measure_steadily))
 
 
 @dataclass

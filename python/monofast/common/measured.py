@@ -1,0 +1,66 @@
+"""What a run measures about this machine and keeps for the next ones, like an autotuner's
+cache: which form of a kernel is faster at a shape, on this processor or card, with this
+torch. A later run reads the answer instead of timing again, so runs on one machine make
+the same choices (and write the same files); deleting the file measures again.
+
+Files live in the cache folder (`files.cache_dir()`), one JSON object per file, keyed by
+`machine(device)` plus whatever else the measurement depends on. A damaged file is
+rewritten; one that cannot be written costs a measurement per run, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from typing import Any, Callable
+
+import torch
+
+from monofast.common import files
+from monofast.common.log import logger
+
+
+def machine(device: torch.device) -> str:
+    """The processor (with torch's thread count) or card, and torch's version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as info:
+                name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
+        except OSError:
+            pass
+        name = f"{name}, {torch.get_num_threads()} threads"
+    else:
+        name = device.type
+    return f"{name} | torch {torch.__version__} | {device.type}"
+
+
+def remembered(file: str, key: str, measure: Callable[[], dict[str, Any]],
+               keep: Callable[[dict[str, Any]], bool] = lambda value: True) -> dict[str, Any]:
+    """The value kept under `key` in the cache folder's `file`, else `measure()` (kept
+    unless `keep` says otherwise)."""
+    path = files.cache_dir() / file
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(known, dict) and isinstance(known.get(key), dict):
+            return known[key]
+    except (OSError, ValueError):
+        pass
+    value = measure()
+    if not keep(value):
+        return value
+    try:
+        known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}  # a damaged file is rewritten
+    known[key] = value
+    try:
+        files.write_json(path, known)
+    except OSError as err:
+        logger.warning("could not keep a measurement of this machine in %s (%s); the next run measures again",
+                       path, err)
+    return value
