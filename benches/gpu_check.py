@@ -470,18 +470,25 @@ def section_sae(rep: Report, device: torch.device, small: bool) -> None:
             "torch.compile bf16": lambda: compiled_step(n_rows, d_in, d_sae, device),
             "monofast torch backend bf16": lambda: forced(
                 bench_sae.make("monofast-bf16", n_rows, d_in, d_sae, str(device)), "torch"),
-            "monofast triton fp32": lambda: bench_sae.make("monofast-fp32", n_rows, d_in, d_sae, str(device)),
-            "monofast triton bf16": lambda: bench_sae.make("monofast-bf16", n_rows, d_in, d_sae, str(device)),
-            "monofast triton sparse bf16": lambda: bench_sae.make("sparse-bf16", n_rows, d_in, d_sae, str(device)),
+            "monofast triton fp32": lambda: forced(
+                bench_sae.make("monofast-fp32", n_rows, d_in, d_sae, str(device)), "triton"),
+            "monofast triton bf16": lambda: forced(
+                bench_sae.make("monofast-bf16", n_rows, d_in, d_sae, str(device)), "triton"),
+            "monofast automatic bf16 (raced)": lambda: bench_sae.make("monofast-bf16", n_rows, d_in, d_sae,
+                                                                      str(device)),
+            "monofast triton sparse bf16": lambda: forced(
+                bench_sae.make("sparse-bf16", n_rows, d_in, d_sae, str(device)), "triton"),
             "monofast torch sparse bf16": lambda: forced(
                 bench_sae.make("sparse-bf16", n_rows, d_in, d_sae, str(device)), "torch"),
-            "topk32 triton sparse bf16": lambda: bench_sae.make("topk-bf16", n_rows, d_in, d_sae, str(device)),
-            "topk32 triton dense bf16": lambda: bench_sae.make("topk-dense-bf16", n_rows, d_in, d_sae, str(device)),
+            "topk32 triton sparse bf16": lambda: forced(
+                bench_sae.make("topk-bf16", n_rows, d_in, d_sae, str(device)), "triton"),
+            "topk32 triton dense bf16": lambda: forced(
+                bench_sae.make("topk-dense-bf16", n_rows, d_in, d_sae, str(device)), "triton"),
         }
         if device.type == "cuda":
             providers["monofast torch backend bf16 + graph"] = lambda: graphed_step(n_rows, d_in, d_sae, device,
                                                                                     "torch")
-            providers["monofast triton bf16 + graph"] = lambda: graphed_step(n_rows, d_in, d_sae, device, None)
+            providers["monofast triton bf16 + graph"] = lambda: graphed_step(n_rows, d_in, d_sae, device, "triton")
         times: dict[str, float] = {}
         for name, factory in providers.items():
             try:
