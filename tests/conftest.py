@@ -258,3 +258,18 @@ def assert_step_matches(out, grads, ref, ref_grads, dtype, low_precision, rtol, 
         scale = want.abs().max().clamp_min(1.0)
         torch.testing.assert_close(got.float() / scale, want / scale, rtol=rtol, atol=atol,
                                    msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+def assert_loss_only_grads_match(step_fn, x, params):
+    """The training call (x needs no gradient, only mse and l1 reach the loss, decoder-norm
+    L1): `step_fn`'s parameter gradients against the oracle's."""
+    import torch
+    from monofast.kernels import reference
+
+    grads = []
+    for step in (step_fn, reference.sae_step):
+        leaves = [p.clone().requires_grad_() for p in params]
+        out = step(x, *leaves, dec_norm=True)
+        grads.append(torch.autograd.grad(out.mse + 0.01 * out.l1, leaves))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

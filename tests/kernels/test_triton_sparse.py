@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import assert_step_matches, run_step  # noqa: E402
+from conftest import assert_loss_only_grads_match, assert_step_matches, run_step  # noqa: E402
 from monofast.kernels import reference  # noqa: E402
 
 PACKAGE = "monofast.kernels.triton"
@@ -199,13 +199,7 @@ def test_step_matches_reference(triton_sparse, dtype, k, dec_norm, integer):
 def test_loss_only_gradients(triton_sparse):
     """The training call: x needs no gradient, only mse and l1 reach the loss."""
     x, params, _ = make_inputs(torch.float32, False, seed=7)
-    leaves = [p.clone().requires_grad_() for p in params]
-    out = triton_sparse.sparse_step(x, *leaves, dec_norm=True)
-    grads = torch.autograd.grad(out.mse + 0.01 * out.l1, leaves)
-    ref_leaves = [p.clone().requires_grad_() for p in params]
-    ref = reference.sae_step(x, *ref_leaves, dec_norm=True)
-    for got, want in zip(grads, torch.autograd.grad(ref.mse + 0.01 * ref.l1, ref_leaves)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_loss_only_grads_match(triton_sparse.sparse_step, x, params)
 
 
 def test_bad_step_inputs_name_the_problem(triton_sparse):
