@@ -111,8 +111,8 @@ _fallen_back: dict[tuple[str, str], str] = {}
 RACE_FILE = "backends.json"
 RACE_ROUNDS = 3
 """Timed steps per backend in a race (after one untimed), the best kept."""
-_raced: dict[str, str] = {}
-"""This process's race winners, by race key."""
+_raced: dict[tuple, str] = {}
+"""This process's race winners, by device, shapes, dtypes, form and contender."""
 
 
 def requested() -> Optional[str]:
@@ -192,21 +192,22 @@ def sae_step(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: t
 def _race_winner(chosen: Backend, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype, sparse) -> Backend:
     """`chosen` or the torch backend, whichever took this step faster here (see the module
     docstring); a kernel that fails to launch falls back as an automatic choice does."""
-    key = (f"{machine(x.device)} | B{x.shape[0]} D{x.shape[1]} F{w_enc.shape[1]}"
-           f"{f' k{k}' if k is not None else ''}{' l1norm' if dec_norm else ''} | {x.dtype} params with "
-           f"{compute_dtype or x.dtype} products | {'sparse' if sparse else 'dense'} | {chosen.name} or torch")
-    if key not in _raced:
+    here = (x.device, tuple(x.shape), w_enc.shape[1], k, dec_norm, x.dtype, compute_dtype, sparse, chosen.name)
+    if here not in _raced:  # (a tuple per step; the key below only once per shape)
         if _capturing(x):
             return chosen  # inside a graph capture nothing can be timed; the warm-up steps raced
+        key = (f"{machine(x.device)} | B{x.shape[0]} D{x.shape[1]} F{w_enc.shape[1]}"
+               f"{f' k{k}' if k is not None else ''}{' l1norm' if dec_norm else ''} | {x.dtype} params with "
+               f"{compute_dtype or x.dtype} products | {'sparse' if sparse else 'dense'} | {chosen.name} or torch")
         result = remembered(RACE_FILE, key, lambda: _race(
             (chosen, BACKENDS["torch"]), x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype, sparse),
             keep=lambda result: "failed" not in result)  # a failed launch is tried again next run
-        _raced[key] = result["backend"]
+        _raced[here] = result["backend"]
         if "failed" not in result:
             logger.info("sae: the %s backend takes the %s step of B %d x D %d -> F %d here (%s)", result["backend"],
                         "sparse" if sparse else "dense", x.shape[0], x.shape[1], w_enc.shape[1],
                         ", ".join(f"{name} {ms:.2f} ms" for name, ms in result["ms"].items()))
-    return BACKENDS[_raced[key]]
+    return BACKENDS[_raced[here]]
 
 
 def _race(candidates: tuple[Backend, ...], x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype,
