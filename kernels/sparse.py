@@ -18,8 +18,10 @@ both are segment sums (`gather_sum`, one `embedding_bag`). The results are the d
 step's: the same outputs and gradients, summed in another order (tested against the
 oracle, ties and empty rows included).
 
-This module is plain PyTorch and runs on any device; `monofast.kernels.triton.sparse`
-provides the same primitives as Triton kernels for CUDA. Which form is faster depends on
+This module is plain PyTorch and runs on any device; on CPUs two native kernels
+(`native_sparse`: finding the firing entries, the sampled product) replace the torch ops
+where built, and TopK selects by `select.top_k`. `monofast.kernels.triton.sparse` provides
+the same primitives as Triton kernels for CUDA. Which form is faster depends on
 the firing density and the machine: the trainer measures the crossover
 (`monofast.sae.crossover`).
 """
