@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from .reference import StepOut, penalties
+from .reference import StepOut, norm_pull, penalties
 from .select import top_k
 
 _relu_mask = torch.ops.aten.threshold_backward.grad_input
@@ -154,7 +154,7 @@ class EagerStep(torch.autograd.Function):
 
         d_w_dec = torch.mm(feats.T, g).to(w_dec.dtype)  # [F, D], product 1
         if ctx.dec_norm and g_l1 is not None:
-            row_scale = torch.where(w > 0, g_l1 * col_sum / n_rows / w.clamp_min(1e-30), 0.0)
+            row_scale = norm_pull(g_l1, col_sum, w, n_rows)
             d_w_dec.addcmul_(row_scale[:, None].to(w_dec.dtype), w_dec)
 
         l1_grad = (g_l1 * w / n_rows).to(dt) if g_l1 is not None else None  # [F]

@@ -119,6 +119,13 @@ def penalties(col_sum: Tensor, fired: Tensor, w_dec: Tensor, dec_norm: bool,
     return w, col_sum @ w / n_rows, fired.sum().to(col_sum.dtype) / n_rows
 
 
+def norm_pull(g_l1: Tensor, col_sum: Tensor, w: Tensor, n_rows: int) -> Tensor:
+    """[F] per-row scale of the decoder-norm L1's gradient on the decoder:
+    d (col_sum . |w_dec[i]|) / d w_dec[i] = col_sum[i] * w_dec[i] / |w_dec[i]|, over the batch,
+    times the upstream g_l1; a zero row has no direction and gets 0."""
+    return torch.where(w > 0, g_l1.to(col_sum.dtype) * col_sum / n_rows / w.clamp_min(1e-30), 0.0)
+
+
 def top_k(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(values, indices) [B, k]: each row's k largest pre-activations, ties broken toward the
     lower feature index, NaN above every number (the first k of a stable descending sort),

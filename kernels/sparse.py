@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import native_sparse
 from .eager import linear
-from .reference import StepOut, penalties
+from .reference import StepOut, norm_pull, penalties
 from .select import top_k
 
 _NATIVE = native_sparse.available()
@@ -72,10 +72,13 @@ def _pointers(index: Tensor, n: int) -> Tensor:
     return ptr
 
 
-def active_entries(row: Tensor, col: Tensor, val: Tensor, n_rows: int, d_sae: int) -> Active:
-    """Both orders of the entries (row, col, val), given in row-major order."""
+def active_entries(row: Tensor, col: Tensor, val: Tensor, n_rows: int, d_sae: int,
+                   row_ptr: Optional[Tensor] = None) -> Active:
+    """Both orders of the entries (row, col, val), given in row-major order (`row_ptr`
+    counted from `row` unless given)."""
     by_feature = torch.argsort(col, stable=True)
-    return Active(_pointers(row, n_rows), row, col, val, by_feature, _pointers(col, d_sae))
+    row_ptr = _pointers(row, n_rows) if row_ptr is None else row_ptr
+    return Active(row_ptr, row, col, val, by_feature, _pointers(col, d_sae))
 
 
 def relu_active(feats: Tensor) -> Active:
@@ -84,8 +87,7 @@ def relu_active(feats: Tensor) -> Active:
     if _native(feats) and feats.dtype in (torch.float32, torch.bfloat16) and feats.is_contiguous():
         row_ptr, col, val = native_sparse.positive_entries(feats)
         row = torch.repeat_interleave(torch.arange(n_rows), row_ptr.diff(), output_size=col.shape[0])
-        by_feature = torch.argsort(col, stable=True)
-        return Active(row_ptr, row, col, val, by_feature, _pointers(col, d_sae))
+        return active_entries(row, col, val, n_rows, d_sae, row_ptr)
     row, col = feats.nonzero().unbind(1)
     return active_entries(row, col, feats[row, col], n_rows, d_sae)
 
@@ -152,11 +154,10 @@ class SparseStep(torch.autograd.Function):
         n_rows, d_sae = x.shape[0], w_enc.shape[1]
         x_c = (x - b_dec).to(dt)  # [B, D]
         w_dec_c = w_dec.to(dt)  # [F, D]
+        feats = linear(x_c, w_enc.to(dt).T, b_enc.to(dt), relu=k is None)  # [B, F] (TopK: pre-activations)
         if k is None:
-            feats = linear(x_c, w_enc.to(dt).T, b_enc.to(dt), relu=True)  # [B, F]
             active = relu_active(feats)
         else:
-            feats = linear(x_c, w_enc.to(dt).T, b_enc.to(dt))  # [B, F] pre-activations
             values, indices = top_k(feats, k)
             values.relu_()
             feats.zero_().scatter_(1, indices, values)
@@ -195,7 +196,7 @@ class SparseStep(torch.autograd.Function):
         # dense step's products do (the segment sums accumulate in float32).
         d_w_dec = gather_sum(g.to(dt), rows_f, active.feat_ptr, active.val[active.by_feature]).to(w_dec.dtype)
         if ctx.dec_norm and g_l1 is not None:
-            row_scale = torch.where(w > 0, g_l1 * col_sum / n_rows / w.clamp_min(1e-30), 0.0)
+            row_scale = norm_pull(g_l1, col_sum, w, n_rows)
             d_w_dec.addcmul_(row_scale[:, None].to(d_w_dec.dtype), w_dec)
 
         d_val = sampled_dot(g, w_dec_c, active)  # [nnz] g @ w_dec.T at the active entries

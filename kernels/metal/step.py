@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from ..reference import StepOut, l1_weights
+from ..reference import StepOut, l1_weights, norm_pull
 
 ROWS = 64
 """Rows per thread in the column reductions; must match `ROWS` in sae.metal."""
@@ -157,7 +157,7 @@ class MetalStep(torch.autograd.Function):
             x, w_enc, w_dec, b_dec, feats, g, l1_w, g_feats.contiguous() if g_feats is not None else None)
         row_scale = None
         if ctx.dec_norm and g_l1 is not None:
-            row_scale = torch.where(w > 0, g_l1.float() * col_sum / n_rows / w.clamp_min(1e-30), 0.0)
+            row_scale = norm_pull(g_l1, col_sum, w, n_rows)
         d_w_dec = decode_backward(feats, w_dec, g, row_scale)
         d_b_dec = g32.sum(0) + d_b_dec_enc
         d_x = None

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import StepOut, penalties
+from ..reference import StepOut, norm_pull, penalties
 from ..select import top_k
 from ..sparse import Active, relu_active, topk_active
 from .common import autotune, block_sum, interpreting
@@ -272,8 +272,7 @@ class TritonSparseStep(torch.autograd.Function):
 
         d_w_dec = gather_sum(g, rows_f, active.feat_ptr, val_f)  # [F, D] float32
         if ctx.dec_norm and g_l1 is not None:
-            # d (col_sum . |w_dec[i]|) / d w_dec[i] = col_sum[i] * w_dec[i] / |w_dec[i]|
-            row_scale = torch.where(w > 0, g_l1.float() * col_sum / n_rows / w.clamp_min(1e-30), 0.0)
+            row_scale = norm_pull(g_l1, col_sum, w, n_rows)
             d_w_dec.addcmul_(row_scale[:, None], w_dec.float())
 
         d_val = sampled_dot(g, w_dec, active.row_ptr, active.col)  # [nnz] g @ w_dec^T at the entries

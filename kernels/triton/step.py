@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..reference import StepOut, penalties
+from ..reference import StepOut, norm_pull, penalties
 from .common import interpreting
 from .decode import decode_backward, decode_forward
 from .encode import encode_backward, encode_forward
@@ -90,8 +90,7 @@ class TritonStep(torch.autograd.Function):
         enc = encode_backward(x, w_enc, w_dec, b_dec, feats, g, l1_w, g_feats, ctx.upcast)
         row_scale = None
         if ctx.dec_norm and g_l1 is not None:
-            # d (col_sum . |w_dec[i]|) / d w_dec[i] = col_sum[i] * w_dec[i] / |w_dec[i]|
-            row_scale = torch.where(w > 0, g_l1.float() * col_sum / n_rows / w.clamp_min(1e-30), 0.0)
+            row_scale = norm_pull(g_l1, col_sum, w, n_rows)
         d_w_dec = decode_backward(feats, w_dec, g, row_scale, ctx.upcast)
         d_b_dec = g.float().sum(0) + enc.b_dec
         d_x = None
