@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import platform
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -64,3 +65,30 @@ def remembered(file: str, key: str, measure: Callable[[], dict[str, Any]],
         logger.warning("could not keep a measurement of this machine in %s (%s); the next run measures again",
                        path, err)
     return value
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPUs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def race(cases: Mapping[Any, Callable[[], Any]], rounds: int, device: torch.device,
+         setup: Optional[Mapping[Any, Callable[[], Any]]] = None) -> dict[Any, list[float]]:
+    """Milliseconds of each case per round: one call of every case per round, after one
+    untimed round, so a burst of load from elsewhere hits all of them alike. A case's
+    `setup`, if any, runs untimed before each of its calls."""
+    times: dict[Any, list[float]] = {name: [] for name in cases}
+    for round_ in range(rounds + 1):
+        for name, case in cases.items():
+            if setup and name in setup:
+                setup[name]()
+            synchronize(device)
+            start = time.perf_counter()
+            case()
+            synchronize(device)
+            if round_:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times

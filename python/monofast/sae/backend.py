@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -35,7 +34,7 @@ import torch
 
 from monofast.common.errors import UserError
 from monofast.common.log import logger
-from monofast.common.measured import machine, remembered
+from monofast.common.measured import machine, race, remembered
 
 ENV = "MONOFAST_BACKEND"
 
@@ -213,41 +212,31 @@ def _race_winner(chosen: Backend, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, co
 def _race(candidates: tuple[Backend, ...], x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype,
           sparse) -> dict:
     """Each candidate's best time for the step (forward and the parameters' gradients) on
-    copies of the inputs, one step of each per round."""
+    copies of the inputs (`measured.race`); a candidate that fails to launch falls back as
+    an automatic choice does and leaves the race."""
     leaves = [t.detach().clone().requires_grad_() for t in (w_enc, b_enc, w_dec, b_dec)]
     xs = x.detach()
-    times: dict[str, float] = {}
-    for round_ in range(RACE_ROUNDS + 1):
-        for backend in candidates:
-            if backend.name in times and times[backend.name] == float("inf"):
-                continue
+    failed: set[str] = set()
+
+    def step(backend: Backend) -> Callable[[], None]:
+        def run() -> None:
+            if backend.name in failed:
+                return
             try:
                 with torch.enable_grad():
-                    _sync(xs)
-                    start = time.perf_counter()
                     out = _call(backend, xs, *leaves, k, dec_norm, compute_dtype, sparse)
                     torch.autograd.grad(out.mse + out.l1, leaves)
-                    _sync(xs)
             except (ValueError, TypeError):
                 raise  # bad inputs: the same on every backend
             except Exception as err:  # a compiler or driver failure: out of the race
                 _fall_back(backend.name, xs.device, f"{type(err).__name__}: {err}")
-                times[backend.name] = float("inf")
-                continue
-            if round_:
-                times[backend.name] = min(times.get(backend.name, float("inf")), (time.perf_counter() - start) * 1e3)
-    finite = {name: ms for name, ms in times.items() if ms != float("inf")}
-    if len(finite) < len(candidates):
-        return {"backend": min(finite, key=finite.__getitem__), "failed": sorted(set(times) - set(finite)),
-                "ms": finite}
-    return {"backend": min(finite, key=finite.__getitem__), "ms": finite}
+                failed.add(backend.name)
+        return run
 
-
-def _sync(x: torch.Tensor) -> None:
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-    elif x.device.type == "mps":
-        torch.mps.synchronize()
+    times = race({b.name: step(b) for b in candidates}, RACE_ROUNDS, xs.device)
+    best = {name: min(ms) for name, ms in times.items() if name not in failed}
+    result = {"backend": min(best, key=best.__getitem__), "ms": best}
+    return {**result, "failed": sorted(failed)} if failed else result
 
 
 def _capturing(x: torch.Tensor) -> bool:

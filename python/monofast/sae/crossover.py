@@ -28,16 +28,15 @@ switch is logged, and eval.json records the measurement and each SAE's switches.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from monofast.common import files
 from monofast.common.device import dtype_name
 from monofast.common.measured import machine as measured_on
-from monofast.common.measured import remembered
+from monofast.common.measured import race, remembered
 from monofast.common.log import logger
 from monofast.sae.model import BATCH_VARIANTS, SparseAutoencoder
 
@@ -74,33 +73,23 @@ class Crossover:
         return asdict(self)
 
 
-def _step_ms(sae: SparseAutoencoder, x: torch.Tensor, sparse: bool) -> float:
-    """One forward and backward of `sae` on x, in ms."""
-    sae.sparse_step = sparse
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-    start = time.perf_counter()
-    out = sae(x)
-    torch.autograd.grad(out.mse + out.l1, list(sae.parameters()))
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def _time(sae: SparseAutoencoder, x: torch.Tensor,
           cases: dict[Any, tuple[bool, Optional[float]]]) -> tuple[dict[Any, float], bool]:
-    """Each case's best time over `ROUNDS` rounds, one step of every case per round (so a
-    burst of load from elsewhere hits all of them alike, and the best is the least
-    disturbed), and whether the timings were steady (every case's median within
-    `STEADY` x its best). A case is (sparse, firing density to set, None for as it is)."""
-    times: dict[Any, list[float]] = {name: [] for name in cases}
-    for round_ in range(ROUNDS + 1):
-        for name, (sparse, density) in cases.items():
-            if density is not None:
-                _fire_at(sae, x, density)
-            ms = _step_ms(sae, x, sparse)
-            if round_:  # the first round warms up
-                times[name].append(ms)
+    """Each case's best time for a forward and backward of `sae` on x over `ROUNDS`
+    interleaved rounds (`measured.race`: the best is the least disturbed), and whether the
+    timings were steady (every case's median within `STEADY` x its best). A case is
+    (sparse, firing density to set first, None for as it is)."""
+    params = list(sae.parameters())
+
+    def step(sparse: bool) -> Callable[[], None]:
+        def run() -> None:
+            sae.sparse_step = sparse
+            out = sae(x)
+            torch.autograd.grad(out.mse + out.l1, params)
+        return run
+
+    setup = {name: (lambda d=density: _fire_at(sae, x, d)) for name, (_, density) in cases.items() if density is not None}
+    times = race({name: step(sparse) for name, (sparse, _) in cases.items()}, ROUNDS, x.device, setup)
     steady = all(statistics.median(t) <= STEADY * min(t) for t in times.values())
     return {name: min(t) for name, t in times.items()}, steady
 
