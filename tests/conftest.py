@@ -273,3 +273,30 @@ def assert_loss_only_grads_match(step_fn, x, params):
         grads.append(torch.autograd.grad(out.mse + 0.01 * out.l1, leaves))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def interpreted_triton(module: str):
+    """A private import of `monofast.kernels.triton.<module>` with TRITON_INTERPRET=1 (Triton
+    decides at `@triton.jit` time), for a module-scoped fixture to yield from; afterwards
+    the environment and whatever copy of the package other tests imported come back, so
+    the interpreter does not leak out of the test module."""
+    import importlib
+    import os
+    import sys
+
+    package = "monofast.kernels.triton"
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    saved_modules = {name: mod for name, mod in sys.modules.items() if name.startswith(package)}
+    for name in saved_modules:
+        del sys.modules[name]
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield importlib.import_module(f"{package}.{module}")
+    finally:
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+        for name in [n for n in sys.modules if n.startswith(package)]:
+            del sys.modules[name]
+        sys.modules.update(saved_modules)

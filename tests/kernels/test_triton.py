@@ -10,8 +10,6 @@ package other tests had imported: the interpreter does not leak out of this modu
 
 from __future__ import annotations
 
-import importlib
-import os
 import sys
 import zlib
 
@@ -20,7 +18,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import assert_loss_only_grads_match, assert_step_matches, run_step  # noqa: E402
+from conftest import assert_loss_only_grads_match, assert_step_matches, interpreted_triton, run_step  # noqa: E402
 from monofast.kernels import reference  # noqa: E402
 
 PACKAGE = "monofast.kernels.triton"
@@ -34,21 +32,7 @@ TOLERANCE = {"fp32": (1e-4, 1e-5), "fp16": (2e-2, 2e-2), "bf16": (6e-2, 6e-2)}
 
 @pytest.fixture(scope="module")
 def triton_step():
-    saved_env = os.environ.get("TRITON_INTERPRET")
-    saved_modules = {name: mod for name, mod in sys.modules.items() if name.startswith(PACKAGE)}
-    for name in saved_modules:
-        del sys.modules[name]
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield importlib.import_module(f"{PACKAGE}.step")
-    finally:
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
-        for name in [n for n in sys.modules if n.startswith(PACKAGE)]:
-            del sys.modules[name]
-        sys.modules.update(saved_modules)
+    yield from interpreted_triton("step")
 
 
 def case_id(shape, dtype, k=None, dec_norm=False) -> str:

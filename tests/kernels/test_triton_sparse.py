@@ -12,9 +12,6 @@ and widths (37) cover every mask and more than one block of both loops.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 import zlib
 
 import pytest
@@ -22,10 +19,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import assert_loss_only_grads_match, assert_step_matches, run_step  # noqa: E402
+from conftest import assert_loss_only_grads_match, assert_step_matches, interpreted_triton, run_step  # noqa: E402
 from monofast.kernels import reference  # noqa: E402
 
-PACKAGE = "monofast.kernels.triton"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Step tolerances against the float32 oracle fed the same rounded inputs (as test_triton.py).
@@ -40,23 +36,9 @@ D_IN = 37
 
 @pytest.fixture(scope="module")
 def triton_sparse():
-    saved_env = os.environ.get("TRITON_INTERPRET")
-    saved_modules = {name: mod for name, mod in sys.modules.items() if name.startswith(PACKAGE)}
-    for name in saved_modules:
-        del sys.modules[name]
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.import_module(f"{PACKAGE}.sparse")
+    for module in interpreted_triton("sparse"):
         assert module.sparse_meta() == module.SPARSE_INTERPRET_META
         yield module
-    finally:
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
-        for name in [n for n in sys.modules if n.startswith(PACKAGE)]:
-            del sys.modules[name]
-        sys.modules.update(saved_modules)
 
 
 def segments(lengths, n_targets, gen):
