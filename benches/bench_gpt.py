@@ -1,4 +1,15 @@
-"""GPT training throughput and model-FLOPs utilisation (MFU), side by side in one run.
+"""GPT training: time to the seed recipe's loss, throughput and model-FLOPs utilisation
+(MFU), each measured side by side in one run.
+
+Time to loss (`--time-to-loss`): the seed recipe (the `seed` preset's GPT: AdamW, cosine,
+dropout 0.2, 7,500 steps) and the laptop preset's recipe train on the same data to their
+last step in one process, in interleaved chunks (a burst of load on a shared machine hits
+both), and both are evaluated on the same windows tiling the whole validation split. It
+prints each recipe's training time, its validation loss overall and per source, the ratio
+of the times, the step where the faster recipe first reaches the seed's final loss on every
+source, and what both would take at this machine's bf16 matrix-product rate (the limit).
+
+    python benches/bench_gpt.py --time-to-loss [--data runs/laptop/data]
 
 Providers: the quick and laptop preset shapes x fp32 / bf16 autocast x eager / compiled,
 each timing the stage's own `Trainer.step` (forward, backward, clipping, fused AdamW) on a
@@ -16,14 +27,21 @@ the compiled ones are skipped there because compiling takes tens of seconds on a
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import subprocess
+import sys
+import tempfile
 import time
-from typing import Callable, NamedTuple
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import pytest
 import torch
 from monofast.common.device import matmul_precision
+from monofast.data.splits import Split, load_meta, load_split
+from monofast.gpt.batches import EvalResult, evaluate, get_batch, tiling_starts
 from monofast.gpt.config import GPTTrainConfig
 from monofast.gpt.trainer import Trainer, step_seed, use_compile
 from monofast.run import presets
@@ -204,6 +222,144 @@ def print_table(rows: list[Row], rates: dict[str, float]) -> None:
               f"{gflops:8.1f} {gflops / rates['bf16']:8.0%} {gflops / own:7.0%} {ratio:>14s}")
 
 
+# ---------------------------------------------------------------------------------------
+# Time to loss: recipes trained to the end side by side
+
+class Leg:
+    """One recipe training on one machine: its trainer, the steps done, the seconds spent in
+    them (batches and steps only; evaluations are not counted) and its evaluations."""
+
+    def __init__(self, name: str, cfg: GPTTrainConfig, vocab_size: int):
+        self.name, self.cfg = name, cfg
+        self.trainer = Trainer(cfg, vocab_size, torch.device("cpu"), PRECISION[_precision(cfg)])
+        self.step, self.seconds = 0, 0.0
+        self.evals: list[dict[str, Any]] = []
+
+    def advance(self, until: int, split: Split) -> None:
+        """Train up to step `until`, timing it."""
+        start = time.perf_counter()
+        with matmul_precision(self.trainer.device):
+            while self.step < until:
+                x, y = get_batch(split, self.step, self.cfg, self.trainer.device)
+                self.trainer.step(self.step, x, y)
+                self.step += 1
+        self.seconds += time.perf_counter() - start
+
+    def evaluate(self, split: Split, sources: list[str], starts: Any) -> EvalResult:
+        result = evaluate(self.trainer.model, split, sources, self.cfg, self.trainer.device,
+                          self.trainer.dtype, starts)
+        self.evals.append({"step": self.step, "seconds": self.seconds, "val_loss": result.loss,
+                           "val_loss_by_source": result.by_source})
+        return result
+
+    @property
+    def flops(self) -> float:
+        """Training FLOPs of every step (6N + 12 L T C per token)."""
+        tokens = self.cfg.max_iters * self.cfg.batch_size * self.cfg.block_size
+        return float(self.trainer.model.flops_per_token(self.cfg.block_size) * tokens)
+
+
+def _precision(cfg: GPTTrainConfig) -> str:
+    return "fp32" if cfg.dtype == "float32" else "bf16"
+
+
+def recipe(preset: str, **changes: Any) -> GPTTrainConfig:
+    """A preset's GPT recipe on the CPU (bf16 autocast unless `changes` say otherwise)."""
+    values = {**presets.stage_values(preset, "gpt"), "device": "cpu", "dtype": "bfloat16",
+              "compile": "false", **changes}
+    return GPTTrainConfig(**values)
+
+
+def race_to_loss(data_dir: Path, legs: dict[str, GPTTrainConfig], chunks: int = 100,
+                 evals: int = 10, show: Callable[[str], None] = print) -> list[Leg]:
+    """Train every recipe in `legs` to its last step in interleaved chunks (each chunk takes
+    every leg the same fraction of its steps further), evaluating each `evals` times on the
+    windows that tile the validation split. Interleaving changes no result: every random
+    choice of a step is keyed on the step."""
+    meta = load_meta(data_dir)
+    train_split, val_split = load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
+    sources = [s["name"] for s in sorted(meta["sources"], key=lambda s: s["id"])]
+    runners = [Leg(name, cfg, meta["vocab_size"]) for name, cfg in legs.items()]
+    block_sizes = {leg.cfg.block_size for leg in runners}
+    if len(block_sizes) != 1:
+        raise ValueError(f"the recipes' block sizes differ ({sorted(block_sizes)}): their losses would not compare")
+    starts = tiling_starts(len(val_split.tokens), block_sizes.pop())
+    marks = {round(chunks * i / evals) for i in range(1, evals + 1)}
+    for chunk in range(1, chunks + 1):
+        for leg in runners:
+            leg.advance(round(leg.cfg.max_iters * chunk / chunks), train_split)
+            if chunk in marks:
+                result = leg.evaluate(val_split, sources, starts)
+                by_source = ", ".join(f"{k} {v:.4f}" for k, v in result.by_source.items())
+                show(f"  {leg.name:6s} step {leg.step:5d}  {leg.seconds:7.1f} s  val {result.loss:.4f} ({by_source})")
+    return runners
+
+
+def first_at_or_below(leg: Leg, target: dict[str, float]) -> dict[str, Any] | None:
+    """`leg`'s first evaluation at or below `target` on every source (None if none is)."""
+    for record in leg.evals:
+        if all(record["val_loss_by_source"][k] <= v for k, v in target.items()):
+            return record
+    return None
+
+
+def print_race(legs: list[Leg], rate: float) -> dict[str, Any]:
+    """The side-by-side table against the first leg (the baseline); the summary as a dict."""
+    base = legs[0]
+    target = base.evals[-1]["val_loss_by_source"]
+    sources = list(target)
+    print(f"\nbf16 matrix products ({MATMUL_N}^3, best of the run): {rate:.0f} GFLOP/s; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    header = (f"{'recipe':7s} {'steps':>6s} {'batch':>5s} {'train s':>8s} {'ms/step':>8s} {'val':>7s} "
+              + " ".join(f"{k[:11]:>11s}" for k in sources)
+              + f" {'limit s':>8s} {'x ' + base.name:>9s} {'to target':>22s}")
+    print(header)
+    print("-" * len(header))
+    summary: dict[str, Any] = {"matmul_bf16_gflops": rate, "legs": []}
+    for leg in legs:
+        last = leg.evals[-1]
+        hit = first_at_or_below(leg, target)
+        reached = f"step {hit['step']} ({hit['seconds']:.0f} s)" if hit else "not reached"
+        limit = leg.flops / (rate * 1e9)
+        print(f"{leg.name:7s} {leg.step:6d} {leg.cfg.batch_size:5d} {leg.seconds:8.1f} "
+              f"{leg.seconds / leg.step * 1e3:8.1f} {last['val_loss']:7.4f} "
+              + " ".join(f"{last['val_loss_by_source'][k]:11.4f}" for k in sources)
+              + f" {limit:8.1f} {base.seconds / leg.seconds:8.2f}x {reached:>22s}")
+        summary["legs"].append({"name": leg.name, "config": {k: v for k, v in vars(leg.cfg).items()},
+                                "steps": leg.step, "seconds": leg.seconds, "limit_seconds": limit,
+                                "evals": leg.evals, "reached_target": hit})
+    for leg in legs[1:]:
+        last = leg.evals[-1]["val_loss_by_source"]
+        verdict = all(last[k] <= target[k] for k in sources)
+        print(f"\n{leg.name}: {base.seconds / leg.seconds:.2f}x faster than {base.name} to the end; final loss "
+              f"{'at or below' if verdict else 'ABOVE'} {base.name}'s on every source "
+              f"({', '.join(f'{k} {last[k] - target[k]:+.4f}' for k in sources)})")
+    return summary
+
+
+def laptop_data(folder: Path) -> Path:
+    """The laptop preset's data stage, built into `folder` (seconds)."""
+    subprocess.run([sys.executable, "-m", "monofast", "data", "--preset", "laptop", "--run", str(folder)],
+                   check=True)
+    return folder / "data"
+
+
+def time_to_loss(args: argparse.Namespace) -> None:
+    legs = {"seed": recipe("seed"), args.recipe: recipe(args.recipe)}
+    for name, cfg in legs.items():
+        print(f"{name}: {cfg.max_iters} steps of {cfg.batch_size} x {cfg.block_size}, {cfg.optimizer}, "
+              f"{cfg.schedule}, dropout {cfg.dropout}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(args.data) if args.data else laptop_data(Path(tmp))
+        rate = matmul_gflops("bf16")
+        runners = race_to_loss(data_dir, legs, chunks=args.chunks, evals=args.evals,
+                               show=lambda line: print(line, flush=True))
+        rate = max(rate, matmul_gflops("bf16"))
+    summary = print_race(runners, rate)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round (default: 5)")
@@ -211,7 +367,17 @@ def main() -> None:
                         help="interleaved rounds; the best counts (default: 5)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled providers")
     parser.add_argument("--shape", action="append", choices=SHAPES, help="preset shapes (default: both)")
+    parser.add_argument("--time-to-loss", action="store_true",
+                        help="train the seed recipe and --recipe to the end side by side instead")
+    parser.add_argument("--recipe", default="laptop", help="the preset whose GPT races the seed's (default: laptop)")
+    parser.add_argument("--data", help="a data stage's folder (default: build the laptop preset's in a temporary folder)")
+    parser.add_argument("--chunks", type=int, default=100, help="interleaved chunks (default: 100)")
+    parser.add_argument("--evals", type=int, default=10, help="evaluations per recipe (default: 10)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
+    if args.time_to_loss:
+        time_to_loss(args)
+        return
     providers = tuple(p for p in PROVIDERS if not (args.no_compile and p.endswith("compiled")))
     shapes = tuple(args.shape or SHAPES)
     print_table(*measure(shapes, providers, args.steps, args.rounds))

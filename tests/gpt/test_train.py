@@ -96,6 +96,66 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert trainer.lr_at(100, cfg) == pytest.approx(1e-4)
 
 
+def test_wsd_schedule_warms_up_holds_the_peak_then_decays_linearly():
+    cfg = tiny_cfg(max_iters=100, warmup_iters=10, learning_rate=1e-3, min_lr=1e-4, schedule="wsd",
+                   decay_frac=0.4)
+    lrs = [trainer.lr_at(step, cfg) for step in range(101)]
+    assert lrs[0] < lrs[5] < lrs[9] < lrs[10]
+    assert lrs[10:61] == [pytest.approx(1e-3)] * 51  # stable until the last 40 steps
+    steps = np.diff(lrs[60:])
+    assert np.allclose(steps, steps[0]) and steps[0] == pytest.approx(-9e-4 / 40)
+    assert lrs[100] == pytest.approx(1e-4) and lrs[80] == pytest.approx(5.5e-4)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    cfg = tiny_cfg(n_layer=2, optimizer="muon", muon_lr=0.05, learning_rate=2e-3, max_iters=10,
+                   warmup_iters=0, min_lr=0.0)
+    run = Trainer(cfg, 64, torch.device("cpu"), torch.float32)
+    adamw, muon = run.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_muon == {f"h.{i}.{m}.weight" for i in range(2)
+                       for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert in_adamw == set(names.values()) - in_muon and "wte.weight" in in_adamw
+    x = torch.randint(0, 64, (8, 32))
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    run.step(5, x, x)
+    assert muon.param_groups[0]["lr"] == pytest.approx(0.05 * trainer.lr_at(5, cfg) / 2e-3)
+    assert adamw.param_groups[0]["lr"] == pytest.approx(trainer.lr_at(5, cfg))
+    moved = {n for n, p in run.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == set(names.values())
+
+
+def test_muon_run_learns_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    cfg = dict(optimizer="muon", schedule="wsd", muon_lr=0.02, dropout=0.0)
+    full = train.train(tiny_cfg(**cfg), data_dir, tmp_path / "full")
+    assert full.metrics[-1]["val_loss"] < full.metrics[0]["val_loss"] - 0.3
+    real_step = trainer.Trainer.step
+
+    def killed_at_step_7(self, step, x, y):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_step(self, step, x, y)
+
+    monkeypatch.setattr(trainer.Trainer, "step", killed_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_cfg(**cfg), data_dir, tmp_path / "gpt")
+    monkeypatch.setattr(trainer.Trainer, "step", real_step)
+    resumed = train.train(tiny_cfg(**cfg, resume=True), data_dir, tmp_path / "gpt")
+    assert without_timing(resumed.metrics) == without_timing(full.metrics)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_tiling_windows_cover_the_split_once(data_dir):
+    split = load_split(data_dir, "val")
+    starts = batches.tiling_starts(len(split.tokens), 32)
+    assert starts[0] == 0 and np.all(np.diff(starts) == 32)
+    assert len(split.tokens) - 64 <= starts[-1] < len(split.tokens) - 32
+
+
 def test_batches_are_keyed_on_the_step(data_dir):
     split = load_split(data_dir, "train")
     cfg = tiny_cfg()
@@ -281,7 +341,13 @@ def test_load_model_errors_name_the_file(trained, tmp_path):
     ({"dtype": "float8"}, "dtype='float8'"),
     ({"device": "tpu"}, "device='tpu'"),
     ({"batch_size": 0}, "batch_size=0"),
-], ids=["indivisible-heads", "warmup-too-long", "min-lr-above-lr", "bad-dtype", "bad-device", "no-batch"])
+    ({"optimizer": "sgd"}, "optimizer='sgd'; choose one of adamw, muon"),
+    ({"schedule": "linear"}, "schedule='linear'; choose one of cosine, wsd"),
+    ({"decay_frac": 0.0}, "decay_frac=0.0"),
+    ({"muon_lr": -1.0}, "muon_lr=-1.0"),
+    ({"muon_momentum": 1.0}, "muon_momentum=1.0"),
+], ids=["indivisible-heads", "warmup-too-long", "min-lr-above-lr", "bad-dtype", "bad-device", "no-batch",
+        "bad-optimizer", "bad-schedule", "no-decay", "negative-muon-lr", "muon-momentum-1"])
 def test_config_errors_name_the_fix(overrides, match):
     with pytest.raises(UserError, match=match):
         config.build(GPTTrainConfig, dataclasses.asdict(tiny_cfg()), overrides)

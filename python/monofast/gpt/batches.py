@@ -67,16 +67,24 @@ def eval_starts(n_tokens: int, cfg: GPTTrainConfig) -> np.ndarray:
     return np.unique(np.linspace(0, n_tokens - cfg.block_size - 1, count).astype(np.int64))
 
 
+def tiling_starts(n_tokens: int, block_size: int) -> np.ndarray:
+    """Starts of back-to-back windows over the whole split: every token but the last
+    window's remainder is a target exactly once, whatever the batch size (to compare
+    models trained with different ones)."""
+    return np.arange(0, n_tokens - block_size, block_size, dtype=np.int64)
+
+
 @torch.no_grad()
 def evaluate(model: GPT, split: Split, source_names: list[str], cfg: GPTTrainConfig,
-             device: torch.device, dtype: torch.dtype) -> EvalResult:
-    """Validation loss overall and per source, from the per-token source labels. Under
-    torchrun each rank evaluates every world-th batch and the sums are added up."""
+             device: torch.device, dtype: torch.dtype, starts: np.ndarray | None = None) -> EvalResult:
+    """Validation loss overall and per source, from the per-token source labels, over the
+    windows at `starts` (default `eval_starts`), batch_size at a time. Under torchrun each
+    rank evaluates every world-th batch and the sums are added up."""
     was_training = model.training
     model.eval()
     n = len(source_names)
     sums, counts = np.zeros(n), np.zeros(n)  # (S,) float64 on the host (MPS has no float64)
-    starts = eval_starts(len(split.tokens), cfg)
+    starts = eval_starts(len(split.tokens), cfg) if starts is None else starts
     here = distributed.world()
     for i in range(here.rank * cfg.batch_size, len(starts), here.size * cfg.batch_size):
         window = starts[i:i + cfg.batch_size, None] + np.arange(cfg.block_size + 1)  # (b, T + 1)

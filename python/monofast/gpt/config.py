@@ -10,6 +10,8 @@ from monofast.common.device import DTYPE_CHOICES, parse_device
 from monofast.gpt.model import GPTConfig, GPTShape
 
 COMPILE_CHOICES = ("auto", "true", "false")
+OPTIMIZER_CHOICES = ("adamw", "muon")
+SCHEDULE_CHOICES = ("cosine", "wsd")
 
 
 @dataclass
@@ -30,15 +32,29 @@ class GPTTrainConfig(GPTShape):
     batch_size: int = 24
     """Training windows per step."""
     max_iters: int = 7500
-    """Optimizer steps; the cosine schedule decays over exactly this many."""
+    """Optimizer steps; the schedule ends at exactly this many."""
+    optimizer: str = "adamw"
+    """adamw (every parameter) or muon (Muon for the blocks' weight matrices, AdamW at
+    learning_rate for the embeddings and the norms' gains)."""
     learning_rate: float = 1e-3
-    """Peak learning rate, reached after the warm-up."""
+    """Peak AdamW learning rate, reached after the warm-up."""
     min_lr: float = 1e-4
-    """Learning rate at the end of the cosine decay."""
+    """AdamW learning rate at the end of the schedule (Muon's ends at the same fraction of muon_lr)."""
+    muon_lr: float = 0.02
+    """Peak Muon learning rate (optimizer muon only); it follows the same schedule."""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum (optimizer muon only)."""
+    schedule: str = "cosine"
+    """After the warm-up: cosine (decay from the peak to min_lr over the remaining steps) or
+    wsd (warm-up, stable: hold the peak, decay: linear to min_lr over the last decay_frac of
+    the steps)."""
+    decay_frac: float = 0.4
+    """Fraction of max_iters the wsd schedule spends decaying (schedule wsd only)."""
     warmup_iters: int = 100
-    """Steps of linear warm-up from 0 to learning_rate."""
+    """Steps of linear warm-up from 0 to the peak learning rate."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to weight matrices and embeddings only (not to biases or norms)."""
+    """Decoupled weight decay (AdamW's and Muon's), applied to weight matrices and embeddings
+    only (not to biases or norms)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.99
@@ -83,6 +99,16 @@ class GPTTrainConfig(GPTShape):
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if not 0.0 < self.learning_rate:
             raise ValueError(f"learning_rate={self.learning_rate} must be positive, e.g. 1e-3")
+        if self.optimizer not in OPTIMIZER_CHOICES:
+            raise ValueError(f"optimizer={self.optimizer!r}; choose one of {', '.join(OPTIMIZER_CHOICES)}")
+        if self.schedule not in SCHEDULE_CHOICES:
+            raise ValueError(f"schedule={self.schedule!r}; choose one of {', '.join(SCHEDULE_CHOICES)}")
+        if not 0.0 < self.decay_frac <= 1.0:
+            raise ValueError(f"decay_frac={self.decay_frac} must be in (0, 1], e.g. 0.4")
+        if not 0.0 < self.muon_lr:
+            raise ValueError(f"muon_lr={self.muon_lr} must be positive, e.g. 0.02")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"muon_momentum={self.muon_momentum} must be in [0, 1), e.g. 0.95")
         if not 0.0 <= self.min_lr <= self.learning_rate:
             raise ValueError(f"min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
         if not 0 <= self.warmup_iters < self.max_iters:

@@ -51,7 +51,7 @@ from monofast.gpt.trainer import Trainer, lr_at
 from monofast.gpt.weights import CONFIG_FILE, MODEL_FILE, save_model
 
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 LOG_EVERY = 10
 """Steps between progress-bar refreshes: each one reads the loss back from the device,
 which on a GPU is a synchronisation point, so it is not done every step."""
@@ -75,7 +75,7 @@ def save_checkpoint(folder: Path, trainer: Trainer, state: TrainState) -> None:
         "step": state.step,
         "config": config.identity(trainer.cfg),
         "model": {k: v.detach().to("cpu") for k, v in trainer.model.state_dict().items()},
-        "optimizer": trainer.optimizer.state_dict(),
+        "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
         "scaler": trainer.scaler.state_dict(),
         "metrics": state.metrics,
     }
@@ -87,7 +87,8 @@ def load_checkpoint(folder: Path, trainer: Trainer) -> TrainState:
     payload = checkpoint.load(folder / CHECKPOINT_FILE, CHECKPOINT_FORMAT, "config", config.identity(trainer.cfg),
                               runtime=GPTTrainConfig.RUNTIME)
     trainer.model.load_state_dict(payload["model"])
-    trainer.optimizer.load_state_dict(payload["optimizer"])
+    for optimizer, saved in zip(trainer.optimizers, payload["optimizers"], strict=True):
+        optimizer.load_state_dict(saved)
     if payload["scaler"] and trainer.scaler.is_enabled():  # a checkpoint of another precision has none
         trainer.scaler.load_state_dict(payload["scaler"])
     return TrainState(int(payload["step"]), list(payload["metrics"]))

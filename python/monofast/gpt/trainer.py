@@ -1,4 +1,4 @@
-"""One optimizer step of the GPT: AdamW, the learning-rate schedule, dropout keyed on the
+"""One optimizer step of the GPT: AdamW or Muon + AdamW, the learning-rate schedule, dropout keyed on the
 step, loss scaling, DistributedDataParallel under torchrun and the torch.compile fallback."""
 
 from __future__ import annotations
@@ -17,27 +17,50 @@ from monofast.gpt.model import GPT
 
 
 def lr_at(step: int, cfg: GPTTrainConfig) -> float:
-    """Linear warm-up to learning_rate, then cosine decay to min_lr at max_iters."""
+    """AdamW's learning rate at `step`: linear warm-up to learning_rate, then either a cosine
+    decay to min_lr at max_iters, or (wsd) the peak held until the last decay_frac of the
+    steps and a linear decay to min_lr over those."""
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    progress_ = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+    if cfg.schedule == "wsd":
+        decay = max(1, round(cfg.decay_frac * cfg.max_iters))
+        left = (cfg.max_iters - step) / decay  # 1 where the decay starts, 0 at the end
+        coeff = min(1.0, max(0.0, left))
+    else:
+        progress_ = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+        coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(model: GPT, cfg: GPTTrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only; the fused kernel where the
-    device has one (one kernel for every parameter instead of a loop of small ones)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+def _adamw(groups: list[dict[str, Any]], cfg: GPTTrainConfig) -> torch.optim.AdamW:
+    """AdamW, with the fused kernel where the device has one (one kernel for every
+    parameter instead of a loop of small ones)."""
     kwargs: dict[str, Any] = {"lr": cfg.learning_rate, "betas": (cfg.beta1, cfg.beta2)}
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):  # no fused AdamW for this device or torch version
         return torch.optim.AdamW(groups, **kwargs)
+
+
+def make_optimizers(model: GPT, cfg: GPTTrainConfig) -> list[torch.optim.Optimizer]:
+    """The optimizers of `cfg.optimizer`, each group's peak rate in its "peak_lr" (the
+    schedule scales it). adamw: AdamW for everything, weight decay on matrices and embeddings
+    only. muon: Muon for the blocks' weight matrices (orthogonalised momentum: every
+    direction of the update moves at one rate), AdamW for the embeddings (the tied
+    unembedding is one of them) and the gains, as in the modded-nanogpt speedrun."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    matrices = {id(p) for block in model.h for p in block.parameters() if p.requires_grad and p.dim() == 2}
+    muon = cfg.optimizer == "muon"
+    rest = [p for p in params if not (muon and id(p) in matrices)]
+    optimizers: list[torch.optim.Optimizer] = [_adamw([
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "peak_lr": cfg.learning_rate},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.learning_rate},
+    ], cfg)]
+    if muon:
+        optimizers.append(torch.optim.Muon(
+            [{"params": [p for p in params if id(p) in matrices], "peak_lr": cfg.muon_lr}],
+            lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum))
+    return optimizers
 
 
 def step_seed(cfg: GPTTrainConfig, step: int, rank: int = 0) -> int:
@@ -63,7 +86,7 @@ class Trainer:
         self.world = distributed.world()
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model_config(vocab_size)).to(device)
-        self.optimizer = make_optimizer(self.model, cfg)
+        self.optimizers = make_optimizers(self.model, cfg)
         # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         forward: Any = self.model  # the model, or under torchrun its DistributedDataParallel wrapper
@@ -84,19 +107,26 @@ class Trainer:
         cfg = self.cfg
         if cfg.dropout > 0:
             torch.manual_seed(step_seed(cfg, step, self.world.rank))  # dropout masks keyed on the step
-        lr = lr_at(step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        scale = lr_at(step, cfg) / cfg.learning_rate  # of every group's peak rate
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * scale
         self.model.train()
         loss = self._forward_backward(step, x, y)
         if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         # A copy: with CUDA graphs the output's memory is rewritten by the next step.
         return loss.detach().clone()
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     def _forward_backward(self, step: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and backward; the loss. The first compiled step is where torch.compile
@@ -111,7 +141,7 @@ class Trainer:
                 raise
             logger.warning("gpt: torch.compile failed (%s: %s); training without it (--compile false "
                            "skips the attempt)", type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
-            self.optimizer.zero_grad(set_to_none=True)  # whatever a half-done backward left
+            self.zero_grad()  # whatever a half-done backward left
             self.forward = self.eager_forward
             if self.cfg.dropout > 0:
                 torch.manual_seed(step_seed(self.cfg, step, self.world.rank))  # the same masks

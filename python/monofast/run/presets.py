@@ -57,6 +57,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 70.9%); 4x, two passes, lambda 2 / 3: L0 40.5 / 22.6 at 87.1 / 82.0%.
         "sae": {"variant": "april2024", "expansion": 4, "batch_size": 2048, "epochs": 2, "l1_coeff": [2.0]},
     },
+    "seed": {
+        "about": "the laptop preset with the seed recipe's GPT training, to reproduce the comparison",
+        # The laptop preset's other stages; the GPT trained as the seed recipe trains it
+        # (nanoGPT's shakespeare_char config with n_embd 192, batch 24): AdamW, cosine
+        # 1e-3 -> 1e-4 over 7,500 steps, dropout 0.2.
+        "gpt": {"n_layer": 2, "n_head": 2, "n_embd": 192, "block_size": 256, "dropout": 0.2,
+                "batch_size": 24, "max_iters": 7500, "optimizer": "adamw", "schedule": "cosine",
+                "learning_rate": 1e-3, "min_lr": 1e-4, "warmup_iters": 100},
+    },
     "paper": {
         "about": "Anthropic's shape: one layer, 512 MLP neurons, 4,096+ features, more data",
         "data": {"chars_per_source": 5_000_000, "vocab_size": 1024},
@@ -79,7 +88,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The findings' family of SAEs trains with the SAE stage's recipe at other widths; the
 # SAE stage's own SAE joins it as the member of its width.
-_FAMILY = {"smoke": [1, 4], "quick": [1, 2, 8], "laptop": [1, 2, 8], "paper": [2, 4, 16]}
+for _stage in ("data", "analysis", "activations", "sae"):
+    PRESETS["seed"][_stage] = PRESETS["laptop"][_stage]
+_FAMILY = {"smoke": [1, 4], "quick": [1, 2, 8], "laptop": [1, 2, 8], "seed": [1, 2, 8], "paper": [2, 4, 16]}
 for _name, _expansions in _FAMILY.items():
     PRESETS[_name]["family"] = {**PRESETS[_name].get("sae", {}), "expansions": _expansions}
 PRESETS["paper"]["family"]["l1_coeff"] = [2.5]  # one per width; --target-l0 steers each
