@@ -41,14 +41,17 @@ import pytest
 import torch
 from monofast.common.device import matmul_precision
 from monofast.data.splits import Split, load_meta, load_split
+from monofast.gpt import dropout as gpt_dropout
 from monofast.gpt.batches import EvalResult, evaluate, get_batch, tiling_starts
 from monofast.gpt.config import GPTTrainConfig
 from monofast.gpt.trainer import Trainer, step_seed, use_compile
 from monofast.run import presets
 
 VOCAB = 1024
-SHAPES = ("quick", "laptop")
-PROVIDERS = ("fp32-eager", "bf16-eager", "fp32-compiled", "bf16-compiled")
+SHAPES = ("quick", "laptop", "seed")
+PROVIDERS = ("fp32-eager", "bf16-eager", "fp32-compiled", "bf16-compiled", "bf16-torchdropout")
+"""precision-mode; torchdropout: bf16 eager with every dropout mask drawn by F.dropout (the
+cheap CPU masks of `monofast.gpt.dropout` off), to measure what they save."""
 PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MATMUL_N = 2048
 
@@ -93,6 +96,7 @@ class Case(NamedTuple):
 
 def make_case(shape: str, provider: str) -> Case:
     precision, mode = provider.split("-")
+    mode = "eager" if mode == "torchdropout" else mode
     values = presets.stage_values(shape, "gpt")
     cfg = GPTTrainConfig(**values, device="cpu", dtype="float32" if precision == "fp32" else "bfloat16",
                              compile=mode == "compiled")
@@ -104,13 +108,18 @@ def make_case(shape: str, provider: str) -> Case:
     return Case(trainer, x, y, float(flops))
 
 
-def stepper(case: Case) -> Callable[[], torch.Tensor]:
-    """One training step per call, at the matmul precision training uses."""
+def stepper(case: Case, cheap_masks: bool = True) -> Callable[[], torch.Tensor]:
+    """One training step per call, at the matmul precision training uses (`cheap_masks`
+    False: every dropout mask drawn by F.dropout)."""
     counter = iter(range(10**9))
 
     def step() -> torch.Tensor:
-        with matmul_precision(case.trainer.device):
-            return case.trainer.step(next(counter), case.x, case.y)
+        before, gpt_dropout.CHEAP_MASKS = gpt_dropout.CHEAP_MASKS, cheap_masks
+        try:
+            with matmul_precision(case.trainer.device):
+                return case.trainer.step(next(counter), case.x, case.y)
+        finally:
+            gpt_dropout.CHEAP_MASKS = before
     return step
 
 
@@ -155,11 +164,38 @@ def test_train_step(benchmark, shape, provider):
     if provider.endswith("compiled") and benchmark.disabled:
         pytest.skip("torch.compile takes tens of seconds on a CPU; runs with --benchmark-enable")
     case = make_case(shape, provider)
-    step = stepper(case)
+    step = stepper(case, cheap_masks=not provider.endswith("torchdropout"))
     check_case(case, step)
     benchmark.extra_info["tokens_per_step"] = case.x.numel()
     benchmark.extra_info["model_gflop_per_step"] = case.flops_per_step / 1e9
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+
+
+def test_race_to_loss_interleaved_equals_alone(tmp_path, capsys):
+    """Interleaving the recipes changes no result: each ends with the loss and weights it
+    has trained alone; the table compares them against the first."""
+    from conftest import build_small_data
+
+    data_dir = build_small_data(tmp_path)
+    small = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 8, "warmup_iters": 2}
+    legs = {"seed": recipe("seed", **small, max_iters=12),
+            "fast": recipe("seed", **small, max_iters=6, dropout=0.0, optimizer="muon", schedule="wsd")}
+    raced = race_to_loss(data_dir, legs, chunks=3, evals=3, show=lambda line: None)
+    for name, cfg in legs.items():
+        alone, = race_to_loss(data_dir, {name: cfg}, chunks=1, evals=1, show=lambda line: None)
+        leg = next(leg for leg in raced if leg.name == name)
+        assert [e["step"] for e in leg.evals] == [cfg.max_iters // 3, 2 * cfg.max_iters // 3, cfg.max_iters]
+        assert leg.evals[-1]["val_loss_by_source"] == alone.evals[-1]["val_loss_by_source"]
+        for a, b in zip(leg.trainer.model.parameters(), alone.trainer.model.parameters()):
+            assert torch.equal(a, b)
+    summary = print_race(raced, rate=100.0)
+    table = capsys.readouterr().out
+    assert "fast: " in table and "x faster than seed" in table
+    fast = summary["legs"][1]
+    assert fast["steps"] == 6 and fast["limit_seconds"] == pytest.approx(raced[1].flops / 100e9)
+    target = raced[0].evals[-1]["val_loss_by_source"]
+    hit = first_at_or_below(raced[1], target)
+    assert hit is None or all(hit["val_loss_by_source"][k] <= v for k, v in target.items())
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,7 +219,7 @@ def measure(shapes: tuple[str, ...], providers: tuple[str, ...], steps: int,
         for provider in providers:
             started = time.perf_counter()
             case = make_case(shape, provider)
-            step = stepper(case)
+            step = stepper(case, cheap_masks=not provider.endswith("torchdropout"))
             check_case(case, step)
             step()  # warm-up (and, compiled, the backward's compilation)
             cases[shape, provider] = (case, step)

@@ -105,6 +105,8 @@ def test_wsd_schedule_warms_up_holds_the_peak_then_decays_linearly():
     steps = np.diff(lrs[60:])
     assert np.allclose(steps, steps[0]) and steps[0] == pytest.approx(-9e-4 / 40)
     assert lrs[100] == pytest.approx(1e-4) and lrs[80] == pytest.approx(5.5e-4)
+    whole = dataclasses.replace(cfg, decay_frac=1.0)  # linear from the end of the warm-up
+    assert trainer.lr_at(10, whole) == pytest.approx(1e-3) and trainer.lr_at(55, whole) == pytest.approx(5.5e-4)
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():

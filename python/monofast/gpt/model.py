@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monofast.gpt.dropout import Dropout, dropout
+
 MLPHook = Callable[[torch.Tensor], Optional[torch.Tensor]]
 """`fn(act) -> None | Tensor`: act is the (B, T, d_mlp) post-GELU activation; returning
 a tensor of the same shape replaces it for the rest of the forward pass."""
@@ -96,17 +98,18 @@ class LayerNorm(nn.Module):
 
 
 def _explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               dropout: float) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(d) + causal mask) v with three plain ops, for bf16 on CPU: there
-    the fused SDPA kernel measured 1.6x slower at T=256 and 2.6x slower at T=128 (forward +
-    backward, 2 cores, AVX-512), and the whole quick-preset training step 1.4x slower. The
-    max error against an fp32 reference is that of bf16 rounding either way."""
+                               p: float) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d) + causal mask) v with three plain ops (and dropout `p` on the
+    attention weights), for bf16 on CPU: there the fused SDPA kernel measured 1.6x slower at
+    T=256 and 2.6x slower at T=128 (forward + backward, 2 cores, AVX-512), and the whole
+    quick-preset training step 1.4x slower. The max error against an fp32 reference is that
+    of bf16 rounding either way. Also for dropout on the CPU, where SDPA would draw its mask
+    with torch's slow sampler (`monofast.gpt.dropout`)."""
     T = q.size(-2)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # (T, T)
     att = att.masked_fill(future, float("-inf")).softmax(dim=-1)
-    att = F.dropout(att, dropout) if dropout > 0 else att
-    return att @ v  # (B, H, T, d)
+    return dropout(att, p) @ v  # (B, H, T, d)
 
 
 class CausalSelfAttention(nn.Module):
@@ -119,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one product
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape  # (B, T, C)
@@ -127,11 +130,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, C/H)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, C/H)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, C/H)
-        dropout = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            y = _explicit_causal_attention(q, k, v, dropout)  # (B, H, T, C/H)
+        p = self.dropout if self.training else 0.0
+        if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or p > 0):
+            y = _explicit_causal_attention(q, k, v, p)  # (B, H, T, C/H)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -143,7 +146,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, cfg.d_mlp, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.d_mlp, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         # Empty unless a `GPT.hook_mlp` block is active; an empty tuple costs one truth test.
         self.hooks: tuple[MLPHook, ...] = ()
 
@@ -195,7 +198,7 @@ class GPT(nn.Module):
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.n_embd, cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)

@@ -19,13 +19,12 @@ from monofast.gpt.model import GPT
 def lr_at(step: int, cfg: GPTTrainConfig) -> float:
     """AdamW's learning rate at `step`: linear warm-up to learning_rate, then either a cosine
     decay to min_lr at max_iters, or (wsd) the peak held until the last decay_frac of the
-    steps and a linear decay to min_lr over those."""
+    steps (never before the warm-up ends) and a linear decay to min_lr over those."""
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    if cfg.schedule == "wsd":
-        decay = max(1, round(cfg.decay_frac * cfg.max_iters))
-        left = (cfg.max_iters - step) / decay  # 1 where the decay starts, 0 at the end
-        coeff = min(1.0, max(0.0, left))
+    if cfg.schedule == "wsd":  # decay_frac 1: linear from the end of the warm-up
+        decay = max(1, min(round(cfg.decay_frac * cfg.max_iters), cfg.max_iters - cfg.warmup_iters))
+        coeff = min(1.0, max(0.0, (cfg.max_iters - step) / decay))  # 1 where the decay starts, 0 at the end
     else:
         progress_ = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
         coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
