@@ -327,7 +327,7 @@ def race_to_loss(data_dir: Path, legs: dict[str, GPTTrainConfig], chunks: int = 
             if chunk in marks:
                 result = leg.evaluate(val_split, sources, starts)
                 by_source = ", ".join(f"{k} {v:.4f}" for k, v in result.by_source.items())
-                show(f"  {leg.name:6s} step {leg.step:5d}  {leg.seconds:7.1f} s  val {result.loss:.4f} ({by_source})")
+                show(f"  {leg.name:11s} step {leg.step:5d}  {leg.seconds:7.1f} s  val {result.loss:.4f} ({by_source})")
     return runners
 
 
@@ -346,7 +346,7 @@ def print_race(legs: list[Leg], rate: float) -> dict[str, Any]:
     sources = list(target)
     print(f"\nbf16 matrix products ({MATMUL_N}^3, best of the run): {rate:.0f} GFLOP/s; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    header = (f"{'recipe':7s} {'steps':>6s} {'batch':>5s} {'train s':>8s} {'ms/step':>8s} {'val':>7s} "
+    header = (f"{'recipe':11s} {'steps':>6s} {'batch':>5s} {'train s':>8s} {'ms/step':>8s} {'val':>7s} "
               + " ".join(f"{k[:11]:>11s}" for k in sources)
               + f" {'limit s':>8s} {'x ' + base.name:>9s} {'to target':>22s}")
     print(header)
@@ -357,7 +357,7 @@ def print_race(legs: list[Leg], rate: float) -> dict[str, Any]:
         hit = first_at_or_below(leg, target)
         reached = f"step {hit['step']} ({hit['seconds']:.0f} s)" if hit else "not reached"
         limit = leg.flops / (rate * 1e9)
-        print(f"{leg.name:7s} {leg.step:6d} {leg.cfg.batch_size:5d} {leg.seconds:8.1f} "
+        print(f"{leg.name:11s} {leg.step:6d} {leg.cfg.batch_size:5d} {leg.seconds:8.1f} "
               f"{leg.seconds / leg.step * 1e3:8.1f} {last['val_loss']:7.4f} "
               + " ".join(f"{last['val_loss_by_source'][k]:11.4f}" for k in sources)
               + f" {limit:8.1f} {base.seconds / leg.seconds:8.2f}x {reached:>22s}")
@@ -380,8 +380,14 @@ def laptop_data(folder: Path) -> Path:
     return folder / "data"
 
 
+def parse_recipe(spec: str) -> tuple[str, GPTTrainConfig]:
+    """"PRESET" or "PRESET@STEPS" (the preset's recipe with another step count)."""
+    preset, _, steps = spec.partition("@")
+    return spec, recipe(preset, **({"max_iters": int(steps)} if steps else {}))
+
+
 def time_to_loss(args: argparse.Namespace) -> None:
-    legs = {"seed": recipe("seed"), args.recipe: recipe(args.recipe)}
+    legs = dict([parse_recipe("seed")] + [parse_recipe(spec) for spec in args.recipe or ["laptop"]])
     for name, cfg in legs.items():
         print(f"{name}: {cfg.max_iters} steps of {cfg.batch_size} x {cfg.block_size}, {cfg.optimizer}, "
               f"{cfg.schedule}, dropout {cfg.dropout}", flush=True)
@@ -405,7 +411,9 @@ def main() -> None:
     parser.add_argument("--shape", action="append", choices=SHAPES, help="preset shapes (default: both)")
     parser.add_argument("--time-to-loss", action="store_true",
                         help="train the seed recipe and --recipe to the end side by side instead")
-    parser.add_argument("--recipe", default="laptop", help="the preset whose GPT races the seed's (default: laptop)")
+    parser.add_argument("--recipe", action="append", metavar="PRESET[@STEPS]",
+                        help="a preset whose GPT races the seed's, optionally with another step count "
+                             "(repeatable; default: laptop)")
     parser.add_argument("--data", help="a data stage's folder (default: build the laptop preset's in a temporary folder)")
     parser.add_argument("--chunks", type=int, default=100, help="interleaved chunks (default: 100)")
     parser.add_argument("--evals", type=int, default=10, help="evaluations per recipe (default: 10)")

@@ -73,6 +73,28 @@ def without_timing(metrics):
     return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics]
 
 
+def train_killed_at(step: int, cfg: GPTTrainConfig, data_dir: Path, out: Path, monkeypatch) -> None:
+    """Train `cfg` into `out`, interrupted (KeyboardInterrupt) as step `step` begins."""
+    real_step = trainer.Trainer.step
+
+    def killed(self, at, x, y):
+        if at == step:
+            raise KeyboardInterrupt
+        return real_step(self, at, x, y)
+
+    monkeypatch.setattr(trainer.Trainer, "step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, data_dir, out)
+    monkeypatch.setattr(trainer.Trainer, "step", real_step)
+
+
+def assert_same_run(got, want) -> None:
+    """Two training results with the same metrics (timing aside) and the same weights."""
+    assert without_timing(got.metrics) == without_timing(want.metrics)
+    for (name, a), b in zip(want.model.state_dict().items(), got.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 # ---------------------------------------------------------------------------------------
 # Training and its outputs
 
@@ -134,21 +156,9 @@ def test_muon_run_learns_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
     cfg = dict(optimizer="muon", schedule="wsd", muon_lr=0.02, dropout=0.0)
     full = train.train(tiny_cfg(**cfg), data_dir, tmp_path / "full")
     assert full.metrics[-1]["val_loss"] < full.metrics[0]["val_loss"] - 0.3
-    real_step = trainer.Trainer.step
-
-    def killed_at_step_7(self, step, x, y):
-        if step == 7:
-            raise KeyboardInterrupt
-        return real_step(self, step, x, y)
-
-    monkeypatch.setattr(trainer.Trainer, "step", killed_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(tiny_cfg(**cfg), data_dir, tmp_path / "gpt")
-    monkeypatch.setattr(trainer.Trainer, "step", real_step)
+    train_killed_at(7, tiny_cfg(**cfg), data_dir, tmp_path / "gpt", monkeypatch)
     resumed = train.train(tiny_cfg(**cfg, resume=True), data_dir, tmp_path / "gpt")
-    assert without_timing(resumed.metrics) == without_timing(full.metrics)
-    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_same_run(resumed, full)
 
 
 def test_tiling_windows_cover_the_split_once(data_dir):
@@ -193,24 +203,12 @@ def test_per_source_eval_matches_a_direct_computation(data_dir, trained):
 def test_resume_continues_exactly_like_an_uninterrupted_run(data_dir, trained, tmp_path, monkeypatch):
     full_out, full = trained
     out = tmp_path / "gpt"
-    real_step = trainer.Trainer.step
-
-    def killed_at_step_12(self, step, x, y):
-        if step == 12:
-            raise KeyboardInterrupt
-        return real_step(self, step, x, y)
-
-    monkeypatch.setattr(trainer.Trainer, "step", killed_at_step_12)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(tiny_cfg(), data_dir, out)
-    monkeypatch.setattr(trainer.Trainer, "step", real_step)
+    train_killed_at(12, tiny_cfg(), data_dir, out, monkeypatch)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [5, 10]  # the evaluations before the kill
 
     resumed = train.train(tiny_cfg(resume=True), data_dir, out)
-    assert without_timing(resumed.metrics) == without_timing(full.metrics)
-    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_same_run(resumed, full)
 
 
 def test_resume_refuses_a_different_schedule(data_dir, trained, tmp_path):
