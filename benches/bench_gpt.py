@@ -414,7 +414,8 @@ def main() -> None:
     parser.add_argument("--recipe", action="append", metavar="PRESET[@STEPS]",
                         help="a preset whose GPT races the seed's, optionally with another step count "
                              "(repeatable; default: laptop)")
-    parser.add_argument("--data", help="a data stage's folder (default: build the laptop preset's in a temporary folder)")
+    parser.add_argument("--data", help="a data stage's folder (default: build the laptop preset's "
+                                       "in a temporary folder)")
     parser.add_argument("--chunks", type=int, default=100, help="interleaved chunks (default: 100)")
     parser.add_argument("--evals", type=int, default=10, help="evaluations per recipe (default: 10)")
     parser.add_argument("--json", help="also write the results to this JSON file")

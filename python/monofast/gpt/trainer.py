@@ -1,5 +1,6 @@
-"""One optimizer step of the GPT: AdamW or Muon + AdamW, the learning-rate schedule, dropout keyed on the
-step, loss scaling, DistributedDataParallel under torchrun and the torch.compile fallback."""
+"""One optimizer step of the GPT: AdamW or Muon + AdamW, the learning-rate schedule,
+dropout keyed on the step, loss scaling, DistributedDataParallel under torchrun and the
+torch.compile fallback."""
 
 from __future__ import annotations
 
