@@ -39,7 +39,7 @@ from typing import Any, Callable, NamedTuple
 
 import pytest
 import torch
-from monofast.common.device import matmul_precision
+from monofast.common.device import matmul_precision, native_bf16
 from monofast.data.splits import Split, load_meta, load_split
 from monofast.gpt import dropout as gpt_dropout
 from monofast.gpt.batches import EvalResult, evaluate, get_batch, tiling_starts
@@ -299,9 +299,17 @@ def _precision(cfg: GPTTrainConfig) -> str:
     return "fp32" if cfg.dtype == "float32" else "bf16"
 
 
+def training_precision() -> str:
+    """What `--dtype auto` trains at on this CPU: bf16 autocast where its products are native
+    (AVX-512 BF16, AMX), else fp32 (elsewhere bf16 products fall back to a slow path)."""
+    return "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+
+
 def recipe(preset: str, **changes: Any) -> GPTTrainConfig:
-    """A preset's GPT recipe on the CPU (bf16 autocast unless `changes` say otherwise)."""
-    values = {**presets.stage_values(preset, "gpt"), "device": "cpu", "dtype": "bfloat16",
+    """A preset's GPT recipe on the CPU, at the precision a run would train at here unless
+    `changes` say otherwise."""
+    dtype = "bfloat16" if training_precision() == "bf16" else "float32"
+    values = {**presets.stage_values(preset, "gpt"), "device": "cpu", "dtype": dtype,
               "compile": "false", **changes}
     return GPTTrainConfig(**values)
 
@@ -339,19 +347,20 @@ def first_at_or_below(leg: Leg, target: dict[str, float]) -> dict[str, Any] | No
     return None
 
 
-def print_race(legs: list[Leg], rate: float) -> dict[str, Any]:
-    """The side-by-side table against the first leg (the baseline); the summary as a dict."""
+def print_race(legs: list[Leg], rate: float, precision: str = "bf16") -> dict[str, Any]:
+    """The side-by-side table against the first leg (the baseline); the summary as a dict.
+    `rate`: the product rate at the legs' `precision` (the limit column's denominator)."""
     base = legs[0]
     target = base.evals[-1]["val_loss_by_source"]
     sources = list(target)
-    print(f"\nbf16 matrix products ({MATMUL_N}^3, best of the run): {rate:.0f} GFLOP/s; "
+    print(f"\n{precision} matrix products ({MATMUL_N}^3, best of the run): {rate:.0f} GFLOP/s; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     header = (f"{'recipe':11s} {'steps':>6s} {'batch':>5s} {'train s':>8s} {'ms/step':>8s} {'val':>7s} "
               + " ".join(f"{k[:11]:>11s}" for k in sources)
               + f" {'limit s':>8s} {'x ' + base.name:>9s} {'to target':>22s}")
     print(header)
     print("-" * len(header))
-    summary: dict[str, Any] = {"matmul_bf16_gflops": rate, "legs": []}
+    summary: dict[str, Any] = {"precision": precision, f"matmul_{precision}_gflops": rate, "legs": []}
     for leg in legs:
         last = leg.evals[-1]
         hit = first_at_or_below(leg, target)
@@ -390,14 +399,16 @@ def time_to_loss(args: argparse.Namespace) -> None:
     legs = dict([parse_recipe("seed")] + [parse_recipe(spec) for spec in args.recipe or ["laptop"]])
     for name, cfg in legs.items():
         print(f"{name}: {cfg.max_iters} steps of {cfg.batch_size} x {cfg.block_size}, {cfg.optimizer}, "
-              f"{cfg.schedule}, dropout {cfg.dropout}", flush=True)
+              f"{cfg.schedule}, dropout {cfg.dropout}, {cfg.dtype}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(args.data) if args.data else laptop_data(Path(tmp))
-        rate = matmul_gflops("bf16")
+        precision = training_precision()
+        rates = {"bf16": "bf16", "fp32": "fp32-medium"}  # fp32 trains at matmul precision "medium"
+        rate = matmul_gflops(rates[precision])
         runners = race_to_loss(data_dir, legs, chunks=args.chunks, evals=args.evals,
                                show=lambda line: print(line, flush=True))
-        rate = max(rate, matmul_gflops("bf16"))
-    summary = print_race(runners, rate)
+        rate = max(rate, matmul_gflops(rates[precision]))
+    summary = print_race(runners, rate, precision)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
 

@@ -581,7 +581,7 @@ def section_sae_train(rep: Report, device: torch.device, small: bool) -> None:
             t0 = time.perf_counter()
             replayed[graphs] = sae_train.train(cfg, store, out)["training"]["cuda_graph"]
             seconds[graphs] = time.perf_counter() - t0
-            weights[graphs] = load_file(str(out / "sae.safetensors"))
+            weights[graphs] = load_file(str(out / "sae_weights.safetensors"))
     worst = max(rel_err(weights[True][k], weights[False][k]) for k in weights[False])
     # On CUDA the first run must really have replayed graphs, or the check compares eager with eager.
     ok = worst < 1e-4 and replayed[True] == (device.type == "cuda") and not replayed[False]

@@ -23,7 +23,7 @@ READS = [
     ("gpt/model.safetensors", "gpt", ["sae", "train"]),
     ("activations/index.json", "activations", ["sae", "train"]),
     ("activations/shard-00000.safetensors", "activations", ["sae", "train"]),
-    ("sae/sae.safetensors", "sae", ["analysis"]),
+    ("sae/sae_weights.safetensors", "sae", ["analysis"]),
     ("sae/cfg.json", "sae", ["analysis"]),
     ("analysis/features.npz", "analysis", ["site"]),
     ("analysis/examples.npz", "analysis", ["site"]),
@@ -81,7 +81,7 @@ def test_a_damaged_input_is_named_with_its_fix(smoke_run, damaged_run, capsys, r
 @pytest.mark.slow
 @pytest.mark.parametrize("rel, command", [
     ("gpt/model.safetensors", ["activations", "harvest"]),
-    ("sae/sae.safetensors", ["analysis"]),
+    ("sae/sae_weights.safetensors", ["analysis"]),
     ("data/tokenizer.json", ["gpt", "sample"]),
     ("activations/index.json", ["sae", "train"]),
 ], ids=["gpt-weights", "sae-weights", "tokenizer", "shard-index"])

@@ -69,7 +69,7 @@ def test_graph_replays_train_the_same_weights_as_eager_steps(tmp_path, variant):
         out = tmp_path / f"sae_{graphs}"
         evaluation = sae_train.train(cfg, store, out)
         assert evaluation["training"]["cuda_graph"] is graphs  # replays really ran (or were off)
-        weights[graphs] = load_file(str(out / "sae.safetensors"))
+        weights[graphs] = load_file(str(out / "sae_weights.safetensors"))
     for name, eager in weights[False].items():
         torch.testing.assert_close(weights[True][name], eager, rtol=1e-5, atol=1e-6)
 

@@ -200,7 +200,7 @@ def test_save_load_round_trip_in_sae_lens_layout(tmp_path, variant):
     sae.eval()
     sae.save(tmp_path, hook_name="blocks.0.mlp.hook_post", hook_layer=0, model_name="monofast-gpt")
 
-    tensors = load_file(str(tmp_path / "sae.safetensors"))
+    tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
     assert {name: tuple(t.shape) for name, t in tensors.items()} == {
         "W_enc": (D_IN, D_SAE), "W_dec": (D_SAE, D_IN), "b_enc": (D_SAE,), "b_dec": (D_IN,)}
     cfg = json.loads((tmp_path / "cfg.json").read_text())
@@ -229,7 +229,7 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(UserError, match="SAE config not found"):
         SparseAutoencoder.load(tmp_path)
     make().save(tmp_path)
-    (tmp_path / "sae.safetensors").unlink()
+    (tmp_path / "sae_weights.safetensors").unlink()
     with pytest.raises(UserError, match="SAE weights not found"):
         SparseAutoencoder.load(tmp_path)
     other = SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE + 1, compute_dtype="float32"))
@@ -257,3 +257,34 @@ def test_decode_of_sparse_features_sums_their_rows_as_the_product_does(dtype):
     signed[0, 0] = -1.0  # a clamp may write a negative value: the product takes it
     torch.testing.assert_close(sae.decode(signed), (signed @ sae.W_dec.detach() + sae.b_dec.detach())
                                / sae.input_scale.to(feats.dtype), rtol=tol[0], atol=tol[1])
+
+
+def test_a_folder_written_before_sae_lens_names_still_loads(tmp_path):
+    sae = make("topk")
+    sae.save(tmp_path)
+    assert (tmp_path / "sae_weights.safetensors").is_file() and not (tmp_path / "sae.safetensors").exists()
+    (tmp_path / "sae_weights.safetensors").rename(tmp_path / "sae.safetensors")  # an older run's folder
+    x = sparse_data(32)
+    torch.testing.assert_close(SparseAutoencoder.load(tmp_path).encode(x), sae.encode(x))
+    sae.save(tmp_path)  # saving again leaves one weights file, under the new name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+
+
+def test_foreign_configs_load_by_architecture_or_are_named(tmp_path):
+    sae = make("batchtopk")
+    with torch.no_grad():
+        sae.threshold.copy_(torch.linspace(0.0, 1.0, D_SAE))
+    sae.save(tmp_path)
+    raw = json.loads((tmp_path / "cfg.json").read_text())
+    for key in ("monofast", "k", "topk_threshold"):  # a JumpReLU SAE written by SAELens has neither
+        del raw[key]
+    (tmp_path / "cfg.json").write_text(json.dumps(raw))
+    loaded = SparseAutoencoder.load(tmp_path)
+    assert loaded.cfg.variant == "batchtopk"
+    torch.testing.assert_close(loaded.threshold, sae.threshold)
+    x = sparse_data(32)
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x))
+    raw["architecture"] = "gated"
+    (tmp_path / "cfg.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="a 'gated' SAE, which monofast cannot compute"):
+        SparseAutoencoder.load(tmp_path)

@@ -10,7 +10,7 @@ import torch
 from monofast.common.errors import DataError, UserError
 from monofast.sae import train as sae_train
 
-OUTPUTS = ("sae.safetensors", "cfg.json", "eval.json", "l1_0.3", "l1_3")
+OUTPUTS = ("sae_weights.safetensors", "cfg.json", "eval.json", "l1_0.3", "l1_3")
 
 
 def poison(monkeypatch, member: int, at_step: int) -> None:

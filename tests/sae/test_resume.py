@@ -48,7 +48,7 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(store_dir, s
         with pytest.raises(Interrupted, match="step 14"):
             sae_train.train(cfg, store_dir, out)
     assert (out / CHECKPOINT_FILE).is_file()
-    assert not (out / "sae.safetensors").exists() and not (out / "eval.json").exists()
+    assert not (out / "sae_weights.safetensors").exists() and not (out / "eval.json").exists()
     resumed = sae_train.train(small(checkpoint_every=7, resample_every=10, resume=True), store_dir, out)
 
     assert resumed == whole

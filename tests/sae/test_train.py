@@ -58,7 +58,7 @@ def test_nan_activations_stop_training_with_a_clear_error(make_store, small, tmp
     store_dir = make_store(tmp_path / "bad", rows=600, poison_row=5)
     with pytest.raises(DataError, match="NaN or Inf"):
         sae_train.train(small(held_out=0, batch_size=64), store_dir, tmp_path / "sae")
-    assert not (tmp_path / "sae" / "sae.safetensors").exists()
+    assert not (tmp_path / "sae" / "sae_weights.safetensors").exists()
 
 
 def test_too_little_data_is_named(make_store, small, tmp_path):

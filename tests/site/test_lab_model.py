@@ -111,8 +111,8 @@ def test_model_script_refuses_missing_and_corrupt_inputs(tmp_path):
     (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(DataError, match="no hook_layer"):
         lab_model.model_script(tmp_path / "gpt", tmp_path / "sae")
-    (tmp_path / "sae" / "sae.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{nonsense")
-    with pytest.raises(DataError, match="sae.safetensors is unreadable.*--from sae"):
+    (tmp_path / "sae" / "sae_weights.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{nonsense")
+    with pytest.raises(DataError, match="sae_weights.safetensors is unreadable.*--from sae"):
         lab_model.model_script(tmp_path / "gpt", tmp_path / "sae")
 
 

@@ -15,6 +15,7 @@ from monofast.common.device import autocast
 from monofast.common.log import logger
 from monofast.gpt.config import GPTTrainConfig
 from monofast.gpt.model import GPT
+from monofast.gpt.muon import Muon
 
 
 def lr_at(step: int, cfg: GPTTrainConfig) -> float:
@@ -42,12 +43,14 @@ def _adamw(groups: list[dict[str, Any]], cfg: GPTTrainConfig) -> torch.optim.Ada
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def make_optimizers(model: GPT, cfg: GPTTrainConfig) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: GPT, cfg: GPTTrainConfig,
+                    dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
     """The optimizers of `cfg.optimizer`, each group's peak rate in its "peak_lr" (the
     schedule scales it). adamw: AdamW for everything, weight decay on matrices and embeddings
     only. muon: Muon for the blocks' weight matrices (orthogonalised momentum: every
     direction of the update moves at one rate), AdamW for the embeddings (the tied
-    unembedding is one of them) and the gains, as in the modded-nanogpt speedrun."""
+    unembedding is one of them) and the gains, as in the modded-nanogpt speedrun; its
+    Newton-Schulz iterations in bf16 when the step computes in bf16 (`dtype`), else fp32."""
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = {id(p) for block in model.h for p in block.parameters() if p.requires_grad and p.dim() == 2}
     muon = cfg.optimizer == "muon"
@@ -57,8 +60,9 @@ def make_optimizers(model: GPT, cfg: GPTTrainConfig) -> list[torch.optim.Optimiz
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.learning_rate},
     ], cfg)]
     if muon:
-        optimizers.append(torch.optim.Muon(
+        optimizers.append(Muon(
             [{"params": [p for p in params if id(p) in matrices], "peak_lr": cfg.muon_lr}],
+            ns_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32,
             lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum))
     return optimizers
 
@@ -86,7 +90,7 @@ class Trainer:
         self.world = distributed.world()
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model_config(vocab_size)).to(device)
-        self.optimizers = make_optimizers(self.model, cfg)
+        self.optimizers = make_optimizers(self.model, cfg, dtype)
         # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         forward: Any = self.model  # the model, or under torchrun its DistributedDataParallel wrapper

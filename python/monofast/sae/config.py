@@ -64,7 +64,7 @@ class SAETrainConfig:
     target_l0: float = 0.0
     """When > 0, the L1 variants steer the sweep's lambdas toward this L0 while training
     (`monofast.sae.search`), and the SAE whose held-out L0 is nearest (any variant) becomes
-    `sae/sae.safetensors`."""
+    `sae/sae_weights.safetensors`."""
     log_every: int = 25
     """Steps between lines of metrics.jsonl."""
     ce_eval_tokens: int = 65_536

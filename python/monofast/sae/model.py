@@ -26,7 +26,8 @@ Five variants share one module; the first three run one fused step
 Every variant may scale its inputs so that E|x| = sqrt(d_in) (`scale_inputs`, on by
 default, from the April 2024 update); the scale is folded into the weights when saving.
 Layout and file names follow SAELens: W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc,
-b_dec, in `sae.safetensors` beside a `cfg.json`, so the SAE loads outside monofast.
+b_dec, in `sae_weights.safetensors` beside a `cfg.json`, so `sae_lens.SAE.load_from_disk`
+loads the folder as it is (a BatchTopK SAE as the JumpReLU it is at inference).
 """
 
 from __future__ import annotations
@@ -50,12 +51,18 @@ K_VARIANTS = ("topk", "batchtopk", "matryoshka")
 """Variants whose sparsity is set by k (and whose sweep is over k, with AuxK), not by L1."""
 BATCH_VARIANTS = ("batchtopk", "matryoshka")
 """Variants that choose features over the whole batch in training and by threshold after."""
-SAE_LENS_ARCHITECTURES = {"topk": "topk", "batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}
-"""cfg.json's `architecture` (SAELens' names; the rest are "standard")."""
+SAE_LENS_ARCHITECTURES = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
+"""cfg.json's `architecture`: the SAELens class that computes the variant's `encode` (the
+rest are "standard"). SAELens trains BatchTopK SAEs but saves and loads them as JumpReLU."""
+FOREIGN_ARCHITECTURES = {"standard": "anthropic2023", "topk": "topk", "jumprelu": "batchtopk",
+                         "batchtopk": "batchtopk", "matryoshka_batchtopk": "matryoshka"}
+"""The variant that reads a cfg.json without monofast's own section (written elsewhere)."""
 MATRYOSHKA_PREFIXES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 """The nested prefixes of Bussmann et al. 2025 (F/16, F/8, F/4, F/2, F), as fractions of F."""
 DTYPES = PRECISION_NAMES
-WEIGHTS_FILE = "sae.safetensors"
+WEIGHTS_FILE = "sae_weights.safetensors"
+"""SAELens' name for the weights; folders written before it was adopted hold OLD_WEIGHTS_FILE."""
+OLD_WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
 
 
@@ -428,7 +435,7 @@ class SparseAutoencoder(nn.Module):
         return cfg
 
     def save(self, folder: str | Path, **metadata: Any) -> None:
-        """Write `sae.safetensors` and `cfg.json` (atomically) into `folder`.
+        """Write `sae_weights.safetensors` and `cfg.json` (atomically) into `folder`.
 
         `metadata` (hook_name, hook_layer, model_name, context_size, ...) goes into cfg.json.
         """
@@ -438,10 +445,12 @@ class SparseAutoencoder(nn.Module):
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.folded_weights().items()}
         files.write_bytes(folder / WEIGHTS_FILE, save_tensors(tensors, metadata={"format": "pt"}))
         files.write_json(folder / CONFIG_FILE, self.sae_lens_cfg(**metadata))
+        (folder / OLD_WEIGHTS_FILE).unlink(missing_ok=True)  # a stale copy must not shadow these
 
     @classmethod
     def load(cls, folder: str | Path, device: torch.device | str = "cpu") -> "SparseAutoencoder":
-        """Read an SAE written by `save` (or any SAELens-style standard, topk or batchtopk SAE)."""
+        """Read an SAE written by `save` (or by SAELens: standard, topk or jumprelu), from
+        `sae_weights.safetensors` or, in folders written before, `sae.safetensors`."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -449,18 +458,21 @@ class SparseAutoencoder(nn.Module):
         mine = dict(raw.get("monofast", {}))
         mine.pop("folded_input_scale", None)
         if not mine:
-            named = {arch: variant for variant, arch in SAE_LENS_ARCHITECTURES.items()}
-            variant = named.get(raw.get("architecture"), "anthropic2023")
+            architecture = raw.get("architecture", "standard")
+            if architecture not in FOREIGN_ARCHITECTURES:
+                raise DataError(f"{folder / CONFIG_FILE}: a {architecture!r} SAE, which monofast cannot "
+                                f"compute (it reads {', '.join(sorted(FOREIGN_ARCHITECTURES))})")
+            variant = FOREIGN_ARCHITECTURES[architecture]
             mine = {"d_in": raw["d_in"], "d_sae": raw["d_sae"], "variant": variant,
                     "dtype": raw.get("dtype", "float32"), "scale_inputs": False}
-            if variant in K_VARIANTS:
+            if variant in K_VARIANTS and "k" in raw:  # a JumpReLU SAE has no k: only training reads it
                 mine["k"] = raw["k"]
         mine["scale_inputs"] = False  # the saved weights already act on unscaled inputs
         try:
             cfg = SAEConfig(**mine)
         except (TypeError, ValueError) as err:
             raise DataError(f"{folder / CONFIG_FILE}: {err}") from None
-        path = folder / WEIGHTS_FILE
+        path = weights_path(folder)
         if not path.is_file():
             raise UserError(f"SAE weights not found: {path}")
         tensors = load_file(str(files.verify_recorded(path)))
@@ -476,6 +488,14 @@ class SparseAutoencoder(nn.Module):
             with torch.no_grad():
                 getattr(sae, name).copy_(tensors[name])
         return sae
+
+
+def weights_path(folder: str | Path) -> Path:
+    """The weights file of the SAE in `folder`: SAELens' name, else the one monofast wrote
+    before adopting it (the new name when neither exists)."""
+    folder = Path(folder)
+    old = folder / OLD_WEIGHTS_FILE
+    return old if old.is_file() and not (folder / WEIGHTS_FILE).is_file() else folder / WEIGHTS_FILE
 
 
 def reset_adam_state(optimizer: torch.optim.Optimizer, param: Tensor,

@@ -6,7 +6,7 @@ one read of the data (`monofast.sae.sweep`). The last `held_out` rows of the sto
 contexts never seen in training, are kept for the evaluation (`monofast.sae.batches`).
 
 Writes into `sae/`:
-    sae.safetensors, cfg.json     the selected SAE (nearest to --target-l0, else the first)
+    sae_weights.safetensors, cfg.json  the selected SAE (nearest to --target-l0, else the first)
                                   (--target-l0 also steers the L1 coefficients: `monofast.sae.search`)
     <name>/...                    every SAE of the sweep (l1_5, k32, ...), same layout
     metrics.jsonl                 training curves, one JSON object per logged step

@@ -25,7 +25,7 @@ from monofast.site.text import escape
 LAB_ASSETS = ("tokenizer.js", "engine.js", "lab.js")
 IN_PAGE = ("standard", "topk")
 """SAE architectures (cfg.json's names) that lab/engine.js computes; a BatchTopK SAE's
-inference threshold is not among them yet."""
+inference threshold (SAELens' "jumprelu") is not among them yet."""
 LAB_PAGE = "lab.html"
 
 

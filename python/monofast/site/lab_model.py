@@ -41,7 +41,7 @@ import torch
 
 from monofast.common.errors import DataError, UserError
 from monofast.gpt.model import GPT, GPTConfig
-from monofast.sae.model import CONFIG_FILE, WEIGHTS_FILE, SAEConfig, SparseAutoencoder
+from monofast.sae.model import CONFIG_FILE, SAEConfig, SparseAutoencoder, weights_path
 
 FORMAT = "monofast-lab-1"
 ALPHABET = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"\\<')
@@ -200,7 +200,7 @@ def model_script(gpt_dir: str | Path, sae_dir: str | Path) -> LabScript:
 
     model = load_model(gpt_dir)
     sae_dir = Path(sae_dir)
-    for path in (sae_dir / CONFIG_FILE, sae_dir / WEIGHTS_FILE):
+    for path in (sae_dir / CONFIG_FILE, weights_path(sae_dir)):
         if not path.is_file():
             raise UserError(f"no trained SAE: {path} is missing; run the sae stage first "
                             f"(`monofast run --run {sae_dir.parent} --to sae`)")
@@ -209,7 +209,7 @@ def model_script(gpt_dir: str | Path, sae_dir: str | Path) -> LabScript:
     try:
         sae = SparseAutoencoder.load(sae_dir)
     except (SafetensorError, OSError, KeyError, TypeError) as err:
-        raise DataError(f"{sae_dir / WEIGHTS_FILE} is unreadable ({err}); re-run the sae stage "
+        raise DataError(f"{weights_path(sae_dir)} is unreadable ({err}); re-run the sae stage "
                         f"(`monofast run --run {sae_dir.parent} --from sae`)") from None
     return render(lab_weights(model, sae, sae_layer(sae_dir)))
 
