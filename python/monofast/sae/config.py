@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from monofast.sae.model import K_VARIANTS, VARIANTS
+from monofast.sae.select import RULES
 
 
 @dataclass
@@ -63,8 +64,16 @@ class SAETrainConfig:
     (at most 10% of the store)."""
     target_l0: float = 0.0
     """When > 0, the L1 variants steer the sweep's lambdas toward this L0 while training
-    (`monofast.sae.search`), and the SAE whose held-out L0 is nearest (any variant) becomes
-    `sae/sae_weights.safetensors`."""
+    (`monofast.sae.search`); `--select target_l0` publishes the SAE whose held-out L0 is
+    nearest (as does `quality` when CE-loss recovered is not measured)."""
+    select: str = "quality"
+    """Which SAE of the sweep `sae/` publishes (`monofast.sae.select`): quality (the lowest
+    L0 that meets the goal below on every source; else the best, with a warning), target_l0
+    or first."""
+    goal_ce_recovered: float = 0.85
+    """The quality goal: least CE-loss recovered on every source."""
+    goal_dead: float = 0.10
+    """The quality goal: dead features must be fewer than this fraction."""
     log_every: int = 25
     """Steps between lines of metrics.jsonl."""
     ce_eval_tokens: int = 65_536
@@ -119,6 +128,11 @@ class SAETrainConfig:
             raise ValueError("held_out must be >= 0, log_every and resample_rows >= 1")
         if not self.target_l0 >= 0 or not math.isfinite(self.target_l0):
             raise ValueError(f"target_l0 must be >= 0 (0: no target), got {self.target_l0}")
+        if self.select not in RULES:
+            raise ValueError(f"select {self.select!r} is unknown; choose one of {', '.join(RULES)}")
+        if not (0 <= self.goal_ce_recovered <= 1 and 0 < self.goal_dead <= 1):
+            raise ValueError(f"goal_ce_recovered is a fraction in [0, 1] and goal_dead one in (0, 1], got "
+                             f"{self.goal_ce_recovered}, {self.goal_dead}")
         if self.sparse_step not in ("auto", "on", "off"):
             raise ValueError(f"sparse_step {self.sparse_step!r} is unknown; choose auto, on or off")
         if self.ce_eval_tokens < 0 or self.checkpoint_every < 0:

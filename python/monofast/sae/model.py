@@ -52,16 +52,14 @@ K_VARIANTS = ("topk", "batchtopk", "matryoshka")
 BATCH_VARIANTS = ("batchtopk", "matryoshka")
 """Variants that choose features over the whole batch in training and by threshold after."""
 SAE_LENS_ARCHITECTURES = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
-"""cfg.json's `architecture`: the SAELens class that computes the variant's `encode` (the
-rest are "standard"). SAELens trains BatchTopK SAEs but saves and loads them as JumpReLU."""
+"""cfg.json's `architecture`: the SAELens class computing the variant's `encode` (else "standard")."""
 FOREIGN_ARCHITECTURES = {"standard": "anthropic2023", "topk": "topk", "jumprelu": "batchtopk",
                          "batchtopk": "batchtopk", "matryoshka_batchtopk": "matryoshka"}
 """The variant that reads a cfg.json without monofast's own section (written elsewhere)."""
 MATRYOSHKA_PREFIXES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 """The nested prefixes of Bussmann et al. 2025 (F/16, F/8, F/4, F/2, F), as fractions of F."""
 DTYPES = PRECISION_NAMES
-WEIGHTS_FILE = "sae_weights.safetensors"
-"""SAELens' name for the weights; folders written before it was adopted hold OLD_WEIGHTS_FILE."""
+WEIGHTS_FILE = "sae_weights.safetensors"  # SAELens' name; older runs' folders hold OLD_WEIGHTS_FILE
 OLD_WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
 
@@ -449,8 +447,7 @@ class SparseAutoencoder(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, device: torch.device | str = "cpu") -> "SparseAutoencoder":
-        """Read an SAE written by `save` (or by SAELens: standard, topk or jumprelu), from
-        `sae_weights.safetensors` or, in folders written before, `sae.safetensors`."""
+        """Read an SAE written by `save` (or by SAELens: standard, topk or jumprelu)."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -458,15 +455,13 @@ class SparseAutoencoder(nn.Module):
         mine = dict(raw.get("monofast", {}))
         mine.pop("folded_input_scale", None)
         if not mine:
-            architecture = raw.get("architecture", "standard")
-            if architecture not in FOREIGN_ARCHITECTURES:
-                raise DataError(f"{folder / CONFIG_FILE}: a {architecture!r} SAE, which monofast cannot "
+            variant = FOREIGN_ARCHITECTURES.get(raw.get("architecture", "standard"))
+            if variant is None:
+                raise DataError(f"{folder / CONFIG_FILE}: a {raw['architecture']!r} SAE, which monofast cannot "
                                 f"compute (it reads {', '.join(sorted(FOREIGN_ARCHITECTURES))})")
-            variant = FOREIGN_ARCHITECTURES[architecture]
             mine = {"d_in": raw["d_in"], "d_sae": raw["d_sae"], "variant": variant,
-                    "dtype": raw.get("dtype", "float32"), "scale_inputs": False}
-            if variant in K_VARIANTS and "k" in raw:  # a JumpReLU SAE has no k: only training reads it
-                mine["k"] = raw["k"]
+                    "dtype": raw.get("dtype", "float32")}
+            mine.update({"k": raw["k"]} if variant in K_VARIANTS and "k" in raw else {})  # JumpReLU: no k
         mine["scale_inputs"] = False  # the saved weights already act on unscaled inputs
         try:
             cfg = SAEConfig(**mine)
@@ -477,10 +472,8 @@ class SparseAutoencoder(nn.Module):
             raise UserError(f"SAE weights not found: {path}")
         tensors = load_file(str(files.verify_recorded(path)))
         sae = cls(cfg, device=device)
-        expected = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in),
-                    "b_enc": (cfg.d_sae,), "b_dec": (cfg.d_in,)}
-        if cfg.batch_sparsity:
-            expected["threshold"] = (cfg.d_sae,)
+        expected = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,),
+                    "b_dec": (cfg.d_in,), **({"threshold": (cfg.d_sae,)} if cfg.batch_sparsity else {})}
         for name, shape in expected.items():
             if name not in tensors or tuple(tensors[name].shape) != shape:
                 got = tuple(tensors[name].shape) if name in tensors else "missing"
@@ -491,11 +484,9 @@ class SparseAutoencoder(nn.Module):
 
 
 def weights_path(folder: str | Path) -> Path:
-    """The weights file of the SAE in `folder`: SAELens' name, else the one monofast wrote
-    before adopting it (the new name when neither exists)."""
-    folder = Path(folder)
-    old = folder / OLD_WEIGHTS_FILE
-    return old if old.is_file() and not (folder / WEIGHTS_FILE).is_file() else folder / WEIGHTS_FILE
+    """The SAE weights in `folder`: SAELens' file name, else the one older runs wrote."""
+    old, new = Path(folder) / OLD_WEIGHTS_FILE, Path(folder) / WEIGHTS_FILE
+    return old if old.is_file() and not new.is_file() else new
 
 
 def reset_adam_state(optimizer: torch.optim.Optimizer, param: Tensor,

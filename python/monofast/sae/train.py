@@ -6,13 +6,14 @@ one read of the data (`monofast.sae.sweep`). The last `held_out` rows of the sto
 contexts never seen in training, are kept for the evaluation (`monofast.sae.batches`).
 
 Writes into `sae/`:
-    sae_weights.safetensors, cfg.json  the selected SAE (nearest to --target-l0, else the first)
+    sae_weights.safetensors, cfg.json  the published SAE (`--select`: by the quality goal, by default)
                                   (--target-l0 also steers the L1 coefficients: `monofast.sae.search`)
     <name>/...                    every SAE of the sweep (l1_5, k32, ...), same layout
     metrics.jsonl                 training curves, one JSON object per logged step
     eval.json                     held-out MSE, FVU, L0, dead / dense fractions, density histogram,
                                   CE-loss recovered on held-out tokens (`monofast.sae.evaluate`),
-                                  and how training ran: the compute precision, CUDA graphs
+                                  the selection (rule, published SAE, each one's verdict) and
+                                  how training ran: the compute precision, CUDA graphs
     checkpoint.pt                 while training only: weights, optimizer and stream state for
                                   --resume (`monofast.sae.resume`); removed once the files above
                                   are written
@@ -53,6 +54,8 @@ from monofast.common.log import logger, progress
 from monofast.sae import graph as sae_graph
 from monofast.sae.crossover import SparseSwitch
 from monofast.sae import search as sae_search
+from monofast.sae import select as selection
+from monofast.sae.select import Goal
 from monofast.sae.batches import (
     TrainingBatches,
     check_finite,
@@ -252,8 +255,9 @@ def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
         evaluation["lambda_search"] = search.report()
     if ce is not None:
         add_ce(evaluation, ce.run({m.name: m.sae for m in members}))
+    selection = select([m.name for m in members], evaluation, cfg)
     files.write_json(out / EVAL_FILE, evaluation)
-    save_all(members, out, evaluation, cfg.target_l0, metadata or {})
+    save_all(members, out, evaluation, selection, metadata or {})
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # the finished files replace it
     return distributed.broadcast_object(evaluation)
 
@@ -265,16 +269,19 @@ def training_report(members: list[Member], replays: dict[str, Any]) -> dict[str,
     return {"compute_dtype": dtype_name(sae.compute_dtype or sae.W_enc.dtype), **replays}
 
 
-def choose(evaluation: dict[str, Any], names: list[str], target_l0: float) -> str:
-    """The SAE to publish: held-out L0 nearest the target, else the first of the sweep."""
-    if target_l0 > 0 and evaluation["saes"]:
-        return min(names, key=lambda n: abs(evaluation["saes"][n]["l0"] - target_l0))
-    return names[0]
+def select(names: list[str], evaluation: dict[str, Any], cfg: SAETrainConfig) -> str:
+    """The member to publish by `cfg.select` (`monofast.sae.select`), recorded in
+    `evaluation["selection"]`; a sweep that misses the quality goal warns once."""
+    goal = Goal(cfg.goal_ce_recovered, cfg.goal_dead)
+    choice = selection.select(evaluation["saes"], names, cfg.select, cfg.target_l0, goal)
+    evaluation["selection"] = choice.record()
+    if choice.warning:
+        logger.warning("sae: %s", choice.warning)
+    return choice.published
 
 
-def save_all(members: list[Member], out: Path, evaluation: dict[str, Any], target_l0: float,
+def save_all(members: list[Member], out: Path, evaluation: dict[str, Any], chosen: str,
              metadata: dict[str, Any]) -> None:
-    chosen = choose(evaluation, [m.name for m in members], target_l0)
     for m in members:
         m.sae.save(out / m.name, **metadata, sweep_member=m.name)
         if m.name == chosen:

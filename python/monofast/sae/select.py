@@ -1,0 +1,103 @@
+"""Which SAE of a sweep the SAE stage publishes as `sae/`.
+
+`quality` (the default): the lowest held-out L0 among the members that meet the quality
+goal, CE-loss recovered at least `goal_ce_recovered` on every source and fewer than
+`goal_dead` of their features dead. A λ tuned on one pair of corpora does not carry to
+the next, so a preset trains a few λs in one pass and lets the measurements choose. When no
+member meets the goal, the one whose worst source recovers most is published, with one
+warning naming the source that falls short and what to try. Without CE-loss recovered
+(`--ce-eval-tokens 0`) the rule falls back to `target_l0` (nearest L0) or the first member.
+
+`target_l0`: the member whose held-out L0 is nearest `--target-l0`. `first`: the sweep's first.
+The choice, the rule and each member's verdict go into eval.json under "selection".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+RULES = ("quality", "target_l0", "first")
+
+
+@dataclass(frozen=True)
+class Goal:
+    """The quality goal a published SAE should meet."""
+
+    ce_recovered: float = 0.85
+    """Least CE-loss recovered on every source."""
+    dead: float = 0.10
+    """Dead features (held out: never fired) must be fewer than this fraction."""
+
+
+@dataclass
+class Selection:
+    """The member to publish and why."""
+
+    published: str
+    rule: str
+    """The rule as applied, in words (eval.json's "selection.rule")."""
+    met_goal: Optional[bool] = None
+    """Whether the published member meets the goal (None: the rule did not measure it)."""
+    shortfalls: dict[str, list[str]] = field(default_factory=dict)
+    """Per member, what misses the goal ("python 77.5% < 85%", "dead 12.0% >= 10%"); empty lists meet it."""
+    warning: Optional[str] = None
+
+    def record(self) -> dict[str, Any]:
+        return {"published": self.published, "rule": self.rule, "met_goal": self.met_goal,
+                "members": {name: {"meets_goal": not short, "shortfalls": short}
+                            for name, short in self.shortfalls.items()},
+                "warning": self.warning}
+
+
+def shortfalls(metrics: dict[str, Any], goal: Goal) -> list[str]:
+    """What of `goal` one member's eval.json entry misses (empty: it meets the goal)."""
+    short = [f"{source} {rec:.1%} < {goal.ce_recovered:.0%}"
+             for source, rec in sorted(metrics["ce_loss_recovered_by_source"].items())
+             if not rec >= goal.ce_recovered]  # NaN counts as a miss
+    if not metrics.get("dead_fraction", 0.0) < goal.dead:
+        short.append(f"dead {metrics['dead_fraction']:.1%} >= {goal.dead:.0%}")
+    return short
+
+
+def worst_source(metrics: dict[str, Any]) -> tuple[str, float]:
+    """The source with the least CE-loss recovered (NaN ranks lowest)."""
+    by_source = metrics["ce_loss_recovered_by_source"]
+    name = min(by_source, key=lambda s: by_source[s] if by_source[s] == by_source[s] else -float("inf"))
+    return name, by_source[name]
+
+
+def advice(metrics: dict[str, Any], goal: Goal) -> str:
+    """What to try when even the best member misses the goal."""
+    if not metrics.get("dead_fraction", 0.0) < goal.dead:
+        return "try a lower --lr, more --epochs or a smaller --expansion"
+    return "try a wider SAE (--expansion), more --epochs or a lower L1 coefficient (a higher --target-l0)"
+
+
+def select(saes: dict[str, dict[str, Any]], names: list[str], rule: str = "quality",
+           target_l0: float = 0.0, goal: Goal = Goal()) -> Selection:
+    """The member of `names` (sweep order) to publish, from eval.json's "saes" entries."""
+    if rule not in RULES:
+        raise ValueError(f"selection rule {rule!r} is unknown; choose one of {', '.join(RULES)}")
+    measured = bool(names) and all("ce_loss_recovered_by_source" in saes.get(n, {}) for n in names)
+    if rule == "quality" and measured:
+        short = {n: shortfalls(saes[n], goal) for n in names}
+        meeting = [n for n in names if not short[n]]
+        words = (f"quality: the lowest held-out L0 among the SAEs with CE-loss recovered >= "
+                 f"{goal.ce_recovered:.0%} on every source and dead features < {goal.dead:.0%}")
+        if meeting:
+            best = min(meeting, key=lambda n: saes[n]["l0"])
+            return Selection(best, words, True, short)
+        best = max(names, key=lambda n: (not any(s.startswith("dead") for s in short[n]), worst_source(saes[n])[1]))
+        source, rec = worst_source(saes[best])
+        miss = (f"CE-loss recovered {rec:.1%} on {source} (goal {goal.ce_recovered:.0%})"
+                if not rec >= goal.ce_recovered else f"{saes[best]['dead_fraction']:.1%} of its features dead")
+        warning = (f"no SAE of the sweep meets the quality goal; published {best}, the best on its worst source: "
+                   f"{miss}; {advice(saes[best], goal)}")
+        return Selection(best, words + "; none did, so the one whose worst source recovers most", False, short,
+                         warning)
+    why = "" if rule != "quality" else " (quality: no CE-loss recovered was measured)"
+    if rule in ("quality", "target_l0") and target_l0 > 0 and all("l0" in saes.get(n, {}) for n in names):
+        best = min(names, key=lambda n: abs(saes[n]["l0"] - target_l0))
+        return Selection(best, f"target_l0: the held-out L0 nearest {target_l0:g}{why}")
+    return Selection(names[0], f"first: the sweep's first SAE{why}")
