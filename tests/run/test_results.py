@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from monofast.run import results
 
 
@@ -15,6 +17,10 @@ def test_results_of_a_smoke_run(smoke_run):
     labels = [r.label for r in results.rows(res)]
     assert labels[:2] == ["GPT validation loss", "SAE"]
     assert "features > 90% verse" in labels and "features > 90% code" in labels
+    gap, kl = (next(r for r in results.rows(res) if r.label.startswith(start))
+               for start in ("CE-loss gap", "KL to the clean model"))
+    assert gap.value.endswith(" nats") and "verse " in gap.detail and "code " in kl.detail
+    assert res.sae["kl_div"] > 0 and float(kl.value.split()[0]) == pytest.approx(res.sae["kl_div"], rel=1e-2)
     table = results.text(res)
     assert "feature browser" in table and str(res.site_index) in table
     markdown = results.markdown(res)

@@ -95,6 +95,35 @@ def test_identity_recovers_one_and_zero_recovers_nothing(tiny):
     assert result.recovered["half"].overall == pytest.approx(expected, rel=1e-5)
 
 
+def test_kl_to_the_clean_model_per_source_and_the_gap(tiny):
+    root, model = tiny
+    tokens = sae_eval.held_out_tokens(root / "data", LENGTH, 600)
+    half = lambda act: act * 0.5  # noqa: E731
+    result = sae_eval.evaluate_hooks(model, LAYER, {"identity": lambda act: act, "half": half}, tokens)
+    with torch.no_grad():
+        clean = F.log_softmax(model(tokens.idx).logits.flatten(0, 1).double(), -1)  # (N * T, V)
+        with model.hook_mlp(LAYER, half):
+            halved = F.log_softmax(model(tokens.idx).logits.flatten(0, 1).double(), -1)
+        with model.hook_mlp(LAYER, torch.zeros_like):
+            zeroed = F.log_softmax(model(tokens.idx).logits.flatten(0, 1).double(), -1)
+    kl_half = (clean.exp() * (clean - halved)).sum(-1)  # (N * T,)
+    kl_zero = (clean.exp() * (clean - zeroed)).sum(-1)
+    sources = tokens.sources.flatten()
+    assert result.kl["identity"].overall == pytest.approx(0.0, abs=1e-9)
+    assert 0 < result.kl["half"].overall < result.kl_zero.overall
+    for i, name in enumerate(tokens.source_names):
+        mask = sources == i
+        assert result.kl["half"].by_source[name] == pytest.approx(float(kl_half[mask].mean()), rel=1e-4)
+        assert result.kl_zero.by_source[name] == pytest.approx(float(kl_zero[mask].mean()), rel=1e-4)
+    top = sae_eval.summary(result)
+    for name in tokens.source_names:
+        assert top["ce_loss_gap_by_source"][name] == pytest.approx(
+            result.zero.by_source[name] - result.clean.by_source[name])
+    assert top["kl_div_zero_ablated"] == result.kl_zero.overall
+    entry = sae_eval.per_sae(result, "half")
+    assert entry["kl_div"] == result.kl["half"].overall and set(entry["kl_div_by_source"]) == set(tokens.source_names)
+
+
 def test_spliced_sae_matches_an_explicit_reconstruction_before_and_after_saving(tiny, tmp_path):
     root, model = tiny
     tokens = sae_eval.held_out_tokens(root / "data", LENGTH, 400)

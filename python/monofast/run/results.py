@@ -72,6 +72,9 @@ def collect(run: str | Path) -> Results:
         members = evaluation.get("saes", {})
         sae_name = cfg.get("sweep_member") or next(iter(members), "")
         sae = members.get(sae_name)
+        if sae is not None and "ce_loss_gap_by_source" in evaluation:  # shared by the members: kept beside
+            sae = {**sae, "ce_loss_gap": evaluation["ce_loss_gap"],
+                   "ce_loss_gap_by_source": evaluation["ce_loss_gap_by_source"]}
         shape = (int(cfg.get("d_in", 0)), int(cfg.get("d_sae", 0)))
     summary = None
     if analysis_dir and (analysis_dir / "summary.json").is_file():
@@ -117,6 +120,12 @@ def rows(res: Results) -> list[Row]:
         if res.sae.get("ce_loss_recovered") is not None:
             out.append(Row("CE-loss recovered", f"{res.sae['ce_loss_recovered']:.1%}",
                            _by_source(res.sae.get("ce_loss_recovered_by_source"), ".1%")))
+        if res.sae.get("ce_loss_gap") is not None:  # the ratio's denominator: small, and the ratio says little
+            out.append(Row("CE-loss gap (zero-ablated - clean)", f"{res.sae['ce_loss_gap']:.3f} nats",
+                           _by_source(res.sae.get("ce_loss_gap_by_source"), ".3f")))
+        if res.sae.get("kl_div") is not None:
+            out.append(Row("KL to the clean model (SAE spliced in)", f"{res.sae['kl_div']:.3g} nats",
+                           _by_source(res.sae.get("kl_div_by_source"), ".3g")))
         out.append(Row("dead / dense features",
                        f"{res.sae['dead_fraction']:.1%} / {res.sae['dense_fraction']:.1%}",
                        "dense: firing on more than 10% of tokens"))

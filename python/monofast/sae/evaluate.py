@@ -79,6 +79,11 @@ class CEResult(NamedTuple):
     """Mean next-token loss with each named replacement spliced in."""
     recovered: dict[str, SourceLoss]
     """(zero - spliced) / (zero - clean) of each named replacement (NaN where zero == clean)."""
+    kl: dict[str, SourceLoss]
+    """Mean KL(clean || hooked) of the next-token distributions, nats per token, of each named
+    replacement: unlike the recovered fraction, informative where the zero-ablation gap is small."""
+    kl_zero: SourceLoss
+    """The same of zero-ablation."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,24 +221,28 @@ def splice_hook(sae: SparseAutoencoder) -> MLPHook:
 
 @torch.no_grad()
 def token_losses(model: GPT, layer: int, hooks: Sequence[Optional[MLPHook]],
-                 tokens: HeldOutTokens) -> list[torch.Tensor]:
+                 tokens: HeldOutTokens) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per hook, (N * T,) float64 next-token loss of every held-out token with that hook on
-    `layer`'s MLP (None: the clean model). The blocks up to that MLP run once per batch
-    for all the hooks (`GPT.run_to_mlp`), the rest once per hook: the same losses as a
-    full forward pass per hook, for less."""
+    `layer`'s MLP (None: the clean model), and (N * T,) KL(clean || hooked) of its
+    next-token distribution. The blocks up to that MLP run once per batch for all the
+    hooks (`GPT.run_to_mlp`), the rest once per hook: the same losses as a full forward
+    pass per hook, for less."""
     device = next(model.parameters()).device
     per_forward = max(1, TOKENS_PER_FORWARD // tokens.idx.shape[1])
     losses: list[list[torch.Tensor]] = [[] for _ in hooks]
+    kls: list[list[torch.Tensor]] = [[] for _ in hooks]
     for first in range(0, tokens.idx.shape[0], per_forward):
         idx = tokens.idx[first:first + per_forward].to(device)  # (B, T)
         targets = tokens.targets[first:first + per_forward].to(device).flatten()  # (B * T,)
         resid, act = model.run_to_mlp(idx, layer)  # (B, T, C), (B, T, d_mlp)
+        clean = F.log_softmax(model.logits_from_mlp(resid, act, layer).flatten(0, 1).float(), dim=-1)  # (B*T, V)
         for i, hook in enumerate(hooks):
             replaced = act if hook is None else hook(act)
             logits = model.logits_from_mlp(resid, act if replaced is None else replaced, layer)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")  # (B * T,)
-            losses[i].append(loss.double().cpu())
-    return [torch.cat(parts) for parts in losses]
+            logp = F.log_softmax(logits.flatten(0, 1).float(), dim=-1)  # (B * T, V)
+            losses[i].append(F.nll_loss(logp, targets, reduction="none").double().cpu())  # (B * T,)
+            kls[i].append((clean.exp() * (clean - logp)).sum(-1).clamp_min(0).double().cpu())  # (B * T,)
+    return [torch.cat(parts) for parts in losses], [torch.cat(parts) for parts in kls]
 
 
 def by_source(losses: torch.Tensor, tokens: HeldOutTokens) -> SourceLoss:
@@ -261,13 +270,15 @@ def evaluate_hooks(model: GPT, layer: int, hooks: Mapping[str, MLPHook], tokens:
     was_training = model.training
     model.eval()
     try:
-        clean, zero, *losses = (by_source(loss, tokens) for loss in
-                                token_losses(model, layer, [None, zero_hook, *hooks.values()], tokens))
-        spliced = dict(zip(hooks, losses))
+        losses, kls = token_losses(model, layer, [None, zero_hook, *hooks.values()], tokens)
+        clean, zero, *hooked = (by_source(loss, tokens) for loss in losses)
+        spliced = dict(zip(hooks, hooked))
+        kl_zero, *kl_hooked = (by_source(k, tokens) for k in kls[1:])
     finally:
         model.train(was_training)
     return CEResult(tokens.targets.numel(), clean, zero, spliced,
-                    {name: recovered(clean, s, zero) for name, s in spliced.items()})
+                    {name: recovered(clean, s, zero) for name, s in spliced.items()}, dict(zip(hooks, kl_hooked)),
+                    kl_zero)
 
 
 def evaluate_saes(model: GPT, layer: int, saes: Mapping[str, SparseAutoencoder],
@@ -289,16 +300,22 @@ def evaluate_saes(model: GPT, layer: int, saes: Mapping[str, SparseAutoencoder],
 
 def summary(result: CEResult) -> dict[str, float | int | dict[str, float]]:
     """The numbers shared by every SAE, for the top level of eval.json."""
+    gap = {name: result.zero.by_source[name] - result.clean.by_source[name] for name in result.clean.by_source}
     return {"ce_eval_tokens": result.tokens,
             "ce_loss_clean": result.clean.overall, "ce_loss_clean_by_source": result.clean.by_source,
-            "ce_loss_zero_ablated": result.zero.overall, "ce_loss_zero_ablated_by_source": result.zero.by_source}
+            "ce_loss_zero_ablated": result.zero.overall, "ce_loss_zero_ablated_by_source": result.zero.by_source,
+            # The denominator of CE-loss recovered: where it is small the ratio says little.
+            "ce_loss_gap": result.zero.overall - result.clean.overall, "ce_loss_gap_by_source": gap,
+            "kl_div_zero_ablated": result.kl_zero.overall, "kl_div_zero_ablated_by_source": result.kl_zero.by_source}
 
 
 def per_sae(result: CEResult, name: str) -> dict[str, float | dict[str, float]]:
     """One SAE's numbers, for its entry under "saes" in eval.json."""
     spliced, rec = result.spliced[name], result.recovered[name]
+    kl = result.kl[name]
     return {"ce_loss_spliced": spliced.overall, "ce_loss_spliced_by_source": spliced.by_source,
-            "ce_loss_recovered": rec.overall, "ce_loss_recovered_by_source": rec.by_source}
+            "ce_loss_recovered": rec.overall, "ce_loss_recovered_by_source": rec.by_source,
+            "kl_div": kl.overall, "kl_div_by_source": kl.by_source}
 
 
 class CEEvaluation(NamedTuple):
