@@ -29,7 +29,7 @@ def test_publishes_the_lowest_l0_that_meets_the_goal_on_every_source():
     choice = select(SWEEP, NAMES)
     assert choice.published == "l1_2" and choice.met_goal is True and choice.warning is None
     record = choice.record()
-    assert record["members"]["l1_3"] == {"meets_goal": False, "shortfalls": ["python 84.0% < 85%"]}
+    assert record["members"]["l1_3"] == {"meets_goal": False, "shortfalls": ["CE-loss recovered on python 84.0% < 85%"]}
     assert record["members"]["l1_1"]["meets_goal"] and "85%" in record["rule"]
 
 
@@ -47,7 +47,7 @@ def test_none_meets_the_goal_publishes_the_best_worst_source_and_warns_by_name()
     assert choice.published == "l1_3" and choice.met_goal is False
     assert choice.warning.startswith("no SAE of the sweep meets the quality goal; published l1_3")
     assert "CE-loss recovered 80.0% on python (goal 85%)" in choice.warning and "--expansion" in choice.warning
-    assert choice.shortfalls["l1_9"] == ["python nan% < 85%"]  # NaN never meets the goal
+    assert choice.shortfalls["l1_9"] == ["CE-loss recovered on python nan% < 85%"]  # NaN never meets the goal
 
 
 def test_a_stricter_goal_moves_the_choice():
@@ -98,6 +98,6 @@ def test_a_two_source_run_skips_the_member_that_fails_one_source(smoke_run, tmp_
     goal = (low_rec + high_rec) / 2
     evaluation = stage(goal)
     chosen = evaluation["selection"]
-    assert chosen["members"]["l1_2"]["shortfalls"] == [f"{low} {low_rec:.1%} < {goal:.0%}"]
+    assert chosen["members"]["l1_2"]["shortfalls"] == [f"CE-loss recovered on {low} {low_rec:.1%} < {goal:.0%}"]
     assert chosen["published"] == "l1_0.3" and chosen["met_goal"] and chosen["warning"] is None
     assert json.loads((run / "sae" / "cfg.json").read_text())["sweep_member"] == "l1_0.3"

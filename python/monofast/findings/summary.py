@@ -13,10 +13,8 @@ from monofast.analysis.stats import source_shares
 from monofast.common import files
 from monofast.findings import matching
 from monofast.findings.scan import Scan, top_tokens
+from monofast.sae.select import Goal, shortfalls
 
-GOAL = {"l0": (5.0, 50.0), "ce_loss_recovered": 0.85, "dead_fraction": 0.10}
-"""The quality goal every SAE is held to: L0 5-50, CE-loss recovered >= 85% on every
-source, fewer than 10% dead features."""
 PURE = 0.9
 """A unit is source-pure when one source holds more than this share of its activation mass
 (the analysis' `pure_share` default)."""
@@ -182,16 +180,8 @@ def specificity(scan: Scan, features: Mapping[str, np.ndarray], neurons: Mapping
 
 
 def _member_quality(record: Mapping[str, Any]) -> dict[str, Any]:
-    by_source = record.get("ce_loss_recovered_by_source") or {}
-    misses = []
-    lo, hi = GOAL["l0"]
-    if not lo <= record.get("l0", math.nan) <= hi:
-        misses.append(f"L0 {record.get('l0', math.nan):.1f} outside {lo:g}-{hi:g}")
-    for source, value in by_source.items():
-        if not value >= GOAL["ce_loss_recovered"]:
-            misses.append(f"CE-loss recovered on {source} {100 * value:.1f}% < {100 * GOAL['ce_loss_recovered']:.0f}%")
-    if not record.get("dead_fraction", 1.0) < GOAL["dead_fraction"]:
-        misses.append(f"dead {100 * record.get('dead_fraction', 1.0):.1f}% >= {100 * GOAL['dead_fraction']:.0f}%")
+    """One member's numbers against the whole quality goal (its L0 range included)."""
+    misses = shortfalls(record, Goal(), check_l0=True)
     keep = ("l0", "fvu", "dead_fraction", "ce_loss_recovered", "ce_loss_recovered_by_source", "l1_coeff")
     return {**{k: record.get(k) for k in keep}, "meets_goal": not misses, "misses": misses}
 

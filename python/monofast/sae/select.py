@@ -14,20 +14,23 @@ The choice, the rule and each member's verdict go into eval.json under "selectio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 RULES = ("quality", "target_l0", "first")
 
 
 @dataclass(frozen=True)
 class Goal:
-    """The quality goal a published SAE should meet."""
+    """The quality goal every SAE is held to (the SAE stage's rule, the findings' table)."""
 
     ce_recovered: float = 0.85
     """Least CE-loss recovered on every source."""
     dead: float = 0.10
     """Dead features (held out: never fired) must be fewer than this fraction."""
+    l0: tuple[float, float] = (5.0, 50.0)
+    """The L0 range of the goal; the selection rule ranks by L0 instead of requiring it."""
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Selection:
     met_goal: Optional[bool] = None
     """Whether the published member meets the goal (None: the rule did not measure it)."""
     shortfalls: dict[str, list[str]] = field(default_factory=dict)
-    """Per member, what misses the goal ("python 77.5% < 85%", "dead 12.0% >= 10%"); empty lists meet it."""
+    """Per member, what misses the goal ("CE-loss recovered on python 77.5% < 85%", "dead 12.0% >= 10%")."""
     warning: Optional[str] = None
 
     def record(self) -> dict[str, Any]:
@@ -50,13 +53,18 @@ class Selection:
                 "warning": self.warning}
 
 
-def shortfalls(metrics: dict[str, Any], goal: Goal) -> list[str]:
-    """What of `goal` one member's eval.json entry misses (empty: it meets the goal)."""
-    short = [f"{source} {rec:.1%} < {goal.ce_recovered:.0%}"
-             for source, rec in sorted(metrics["ce_loss_recovered_by_source"].items())
-             if not rec >= goal.ce_recovered]  # NaN counts as a miss
-    if not metrics.get("dead_fraction", 0.0) < goal.dead:
-        short.append(f"dead {metrics['dead_fraction']:.1%} >= {goal.dead:.0%}")
+def shortfalls(metrics: Mapping[str, Any], goal: Goal, check_l0: bool = False) -> list[str]:
+    """What of `goal` one member's eval.json entry misses (empty: it meets the goal); a
+    missing number counts as a miss, and so does NaN."""
+    short = []
+    lo, hi = goal.l0
+    if check_l0 and not lo <= metrics.get("l0", math.nan) <= hi:
+        short.append(f"L0 {metrics.get('l0', math.nan):.1f} outside {lo:g}-{hi:g}")
+    short += [f"CE-loss recovered on {source} {rec:.1%} < {goal.ce_recovered:.0%}"
+              for source, rec in sorted((metrics.get("ce_loss_recovered_by_source") or {}).items())
+              if not rec >= goal.ce_recovered]
+    if not metrics.get("dead_fraction", 1.0) < goal.dead:
+        short.append(f"dead {metrics.get('dead_fraction', math.nan):.1%} >= {goal.dead:.0%}")
     return short
 
 
