@@ -58,7 +58,7 @@ from monofast.gpt.trainer import Trainer  # noqa: E402
 from monofast.kernels import reference  # noqa: E402
 from monofast.run import presets  # noqa: E402
 from monofast.sae import backend  # noqa: E402
-from monofast.sae.model import SAEConfig, SparseAutoencoder  # noqa: E402
+from monofast.sae.model import WEIGHTS_FILE, SAEConfig, SparseAutoencoder  # noqa: E402
 
 SEED_SHAPE = (2048, 768, 1536)
 """(B, D, F): the seed recipe's SAE (batches of 2,048 on 768 MLP neurons, 2x expansion)."""
@@ -581,7 +581,7 @@ def section_sae_train(rep: Report, device: torch.device, small: bool) -> None:
             t0 = time.perf_counter()
             replayed[graphs] = sae_train.train(cfg, store, out)["training"]["cuda_graph"]
             seconds[graphs] = time.perf_counter() - t0
-            weights[graphs] = load_file(str(out / "sae_weights.safetensors"))
+            weights[graphs] = load_file(str(out / WEIGHTS_FILE))
     worst = max(rel_err(weights[True][k], weights[False][k]) for k in weights[False])
     # On CUDA the first run must really have replayed graphs, or the check compares eager with eager.
     ok = worst < 1e-4 and replayed[True] == (device.type == "cuda") and not replayed[False]

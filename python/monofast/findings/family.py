@@ -4,7 +4,7 @@ The widths of `FamilyConfig.expansions` train side by side in one pass over the 
 the SAE stage's machinery (`monofast.sae.train`), each evaluated like the SAE stage's own
 (held-out L0, FVU, dead fraction, CE-loss recovered per source). Writes into `family/`:
     w<features>/sae_weights.safetensors, cfg.json   one SAE per width
-    eval.json, metrics.jsonl                 as the SAE stage writes them
+    eval.json, metrics.jsonl                         as the SAE stage writes them
     sae_weights.safetensors, cfg.json                the member the SAE stage's rule would publish
 The SAE stage's own SAE joins the family where it is (`sae/`), not trained again.
 """

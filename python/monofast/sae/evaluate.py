@@ -237,9 +237,11 @@ def token_losses(model: GPT, layer: int, hooks: Sequence[Optional[MLPHook]],
         resid, act = model.run_to_mlp(idx, layer)  # (B, T, C), (B, T, d_mlp)
         clean = F.log_softmax(model.logits_from_mlp(resid, act, layer).flatten(0, 1).float(), dim=-1)  # (B*T, V)
         for i, hook in enumerate(hooks):
-            replaced = act if hook is None else hook(act)
-            logits = model.logits_from_mlp(resid, act if replaced is None else replaced, layer)  # (B, T, V)
-            logp = F.log_softmax(logits.flatten(0, 1).float(), dim=-1)  # (B * T, V)
+            logp = clean  # the clean model's, computed once for every hook's KL
+            if hook is not None:
+                replaced = hook(act)
+                logits = model.logits_from_mlp(resid, act if replaced is None else replaced, layer)  # (B, T, V)
+                logp = F.log_softmax(logits.flatten(0, 1).float(), dim=-1)  # (B * T, V)
             losses[i].append(F.nll_loss(logp, targets, reduction="none").double().cpu())  # (B * T,)
             kls[i].append((clean.exp() * (clean - logp)).sum(-1).clamp_min(0).double().cpu())  # (B * T,)
     return [torch.cat(parts) for parts in losses], [torch.cat(parts) for parts in kls]

@@ -3,7 +3,7 @@
 `quality` (the default): the lowest held-out L0 among the members that meet the quality
 goal, CE-loss recovered at least `goal_ce_recovered` on every source and fewer than
 `goal_dead` of their features dead. A λ tuned on one pair of corpora does not carry to
-the next, so a preset trains a few λs in one pass and lets the measurements choose. When no
+the next, so a sweep of a few λs in one pass lets the measurements choose. When no
 member meets the goal, the one whose worst source recovers most is published, with one
 warning naming the source that falls short and what to try. Without CE-loss recovered
 (`--ce-eval-tokens 0`) the rule falls back to `target_l0` (nearest L0) or the first member.
@@ -63,21 +63,26 @@ def shortfalls(metrics: Mapping[str, Any], goal: Goal, check_l0: bool = False) -
     short += [f"CE-loss recovered on {source} {rec:.1%} < {goal.ce_recovered:.0%}"
               for source, rec in sorted((metrics.get("ce_loss_recovered_by_source") or {}).items())
               if not rec >= goal.ce_recovered]
-    if not metrics.get("dead_fraction", 1.0) < goal.dead:
+    if not few_dead(metrics, goal):
         short.append(f"dead {metrics.get('dead_fraction', math.nan):.1%} >= {goal.dead:.0%}")
     return short
 
 
-def worst_source(metrics: dict[str, Any]) -> tuple[str, float]:
+def worst_source(metrics: Mapping[str, Any]) -> tuple[str, float]:
     """The source with the least CE-loss recovered (NaN ranks lowest)."""
     by_source = metrics["ce_loss_recovered_by_source"]
-    name = min(by_source, key=lambda s: by_source[s] if by_source[s] == by_source[s] else -float("inf"))
+    name = min(by_source, key=lambda s: -math.inf if math.isnan(by_source[s]) else by_source[s])
     return name, by_source[name]
 
 
-def advice(metrics: dict[str, Any], goal: Goal) -> str:
+def few_dead(metrics: Mapping[str, Any], goal: Goal) -> bool:
+    """Whether fewer than the goal's share of features are dead (a missing number is not)."""
+    return metrics.get("dead_fraction", 1.0) < goal.dead
+
+
+def advice(metrics: Mapping[str, Any], goal: Goal) -> str:
     """What to try when even the best member misses the goal."""
-    if not metrics.get("dead_fraction", 0.0) < goal.dead:
+    if not few_dead(metrics, goal):
         return "try a lower --lr, more --epochs or a smaller --expansion"
     return "try a wider SAE (--expansion), more --epochs or a lower L1 coefficient (a higher --target-l0)"
 
@@ -96,7 +101,7 @@ def select(saes: dict[str, dict[str, Any]], names: list[str], rule: str = "quali
         if meeting:
             best = min(meeting, key=lambda n: saes[n]["l0"])
             return Selection(best, words, True, short)
-        best = max(names, key=lambda n: (not any(s.startswith("dead") for s in short[n]), worst_source(saes[n])[1]))
+        best = max(names, key=lambda n: (few_dead(saes[n], goal), worst_source(saes[n])[1]))
         source, rec = worst_source(saes[best])
         miss = (f"CE-loss recovered {rec:.1%} on {source} (goal {goal.ce_recovered:.0%})"
                 if not rec >= goal.ce_recovered else f"{saes[best]['dead_fraction']:.1%} of its features dead")

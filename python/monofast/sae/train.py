@@ -255,9 +255,9 @@ def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
         evaluation["lambda_search"] = search.report()
     if ce is not None:
         add_ce(evaluation, ce.run({m.name: m.sae for m in members}))
-    selection = select([m.name for m in members], evaluation, cfg)
+    published = select([m.name for m in members], evaluation, cfg)
     files.write_json(out / EVAL_FILE, evaluation)
-    save_all(members, out, evaluation, selection, metadata or {})
+    save_all(members, out, evaluation, published, metadata or {})
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # the finished files replace it
     return distributed.broadcast_object(evaluation)
 
