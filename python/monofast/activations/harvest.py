@@ -63,6 +63,10 @@ class HarvestConfig:
     """Tokens per context; 0 means the GPT's block size."""
     layer: int = -1
     """MLP layer whose post-GELU activations are stored; negative counts from the last."""
+    hook: str = ""
+    """Where to read instead, by hook name: blocks.L.mlp.hook_post (what layer picks), and for a
+    Hugging Face model (--model) also blocks.L.hook_resid_post and blocks.L.hook_attn_out;
+    `monofast hooks --model ...` lists them with their widths. Empty: the layer's MLP."""
     skip_first: bool = True
     """Never sample position 0: with nothing before it to attend to, its activations are outliers that no other position resembles."""
     split: str = "train"
@@ -85,6 +89,10 @@ class HarvestConfig:
             raise ValueError(f"positions_per_context={self.positions_per_context}; sample at least 1")
         if self.context_length < 0:
             raise ValueError(f"context_length={self.context_length}; use 0 (the block size) or a positive length")
+        if self.hook:
+            from monofast.gpt.hf import parse_hook
+
+            parse_hook(self.hook)
         if self.split not in SPLITS:
             raise ValueError(f"split={self.split!r}; choose train or val")
         if self.dtype not in store.DTYPES:
@@ -159,12 +167,23 @@ def sample_positions(seed: int, context_ids: np.ndarray, length: int, count: int
     return _native.sample_positions(seed & (2**64 - 1), ids, length, count, skip)
 
 
+def hooked_layer(cfg: HarvestConfig) -> int:
+    """The layer the harvest reads: the hook's, else `layer` (negative: from the last)."""
+    if cfg.hook:
+        from monofast.gpt.hf import parse_hook
+
+        return parse_hook(cfg.hook)[0]
+    return cfg.layer
+
+
 def plan(cfg: HarvestConfig, model_cfg: Any, n_tokens: int) -> Plan:
     n_layer = model_cfg.n_layer
-    layer = cfg.layer + n_layer if cfg.layer < 0 else cfg.layer
+    requested = hooked_layer(cfg)
+    layer = requested + n_layer if requested < 0 else requested
     if not 0 <= layer < n_layer:
-        raise UserError(f"layer={cfg.layer}: the GPT has layers 0..{n_layer - 1} (or -1 for the last)")
-    length = cfg.context_length or model_cfg.block_size
+        raise UserError(f"layer={requested}: the model has layers 0..{n_layer - 1} (or -1 for the last)")
+    # A Hugging Face model takes far longer contexts than the SAE needs: its default is shorter.
+    length = cfg.context_length or getattr(model_cfg, "default_context", model_cfg.block_size)
     if length > model_cfg.block_size:
         raise UserError(f"context_length={length} exceeds the GPT's block size {model_cfg.block_size}")
     skip = 1 if cfg.skip_first else 0
@@ -205,6 +224,7 @@ def run_stage(cfg: HarvestConfig, run: Any) -> None:
 def harvest(cfg: HarvestConfig, data_dir: str | Path, gpt_dir: str | Path, out: str | Path) -> HarvestResult:
     """Harvest into `out`, resuming an interrupted harvest of the same inputs and config."""
     from monofast.common.device import pick_device
+    from monofast.gpt.hf import MODEL_RECORD
     from monofast.gpt.weights import (  # imports torch: only here, so the CLI starts without it
         MODEL_FILE,
         load_model,
@@ -212,14 +232,19 @@ def harvest(cfg: HarvestConfig, data_dir: str | Path, gpt_dir: str | Path, out: 
 
     data_dir, gpt_dir, out = Path(data_dir), Path(gpt_dir), Path(out)
     device = pick_device(cfg.device)
-    model = load_model(gpt_dir, device)
+    model = load_model(gpt_dir, device, cfg.hook or None)
     meta = load_meta(data_dir)
     split = load_split(data_dir, cfg.split, meta)
     the_plan = plan(cfg, model.config, len(split.tokens))
-    weights = gpt_dir / MODEL_FILE
-    gpt_info = {"checkpoint": f"{gpt_dir.name}/{MODEL_FILE}", "checksum": files.hash_file(weights),
+    weights = gpt_dir / (MODEL_RECORD if (gpt_dir / MODEL_RECORD).is_file() else MODEL_FILE)
+    gpt_info = {"checkpoint": f"{gpt_dir.name}/{weights.name}", "checksum": files.hash_file(weights),
                 "layer": the_plan.layer, "hook": HOOK, "n_layer": model.config.n_layer,
-                "d_mlp": model.config.d_mlp}
+                "d_mlp": model.config.d_mlp, "hook_name": f"blocks.{the_plan.layer}.mlp.hook_post"}
+    if hasattr(model, "lm"):  # a Hugging Face model: its name, and the module SAELens would hook
+        from monofast.gpt.hf import saelens_hook_name
+
+        gpt_info.update(hook=model.site, hook_name=model.hook_name(the_plan.layer), model=model.config.name,
+                        hook_module=saelens_hook_name(model.lm, the_plan.layer, model.site))
     data_info = {"split": cfg.split,
                  "tokens_checksum": files.hash_file(data_dir / f"{cfg.split}.bin"),
                  "sources": [s["name"] for s in meta["sources"]]}

@@ -28,9 +28,9 @@ PAIR_CHUNK = 4096
 
 
 def residual_directions(model: GPT, layer: int, w_dec: Tensor) -> Tensor:
-    """(F, C) each feature's unit of activation as a residual-stream direction, W_dec W_projᵀ."""
-    w_proj = model.h[layer].mlp.c_proj.weight.float()  # (C, d_mlp)
-    return w_dec.float() @ w_proj.T  # (F, C)
+    """(F, C) each feature's unit of activation as a residual-stream direction, W_dec W_projᵀ
+    (a Hugging Face model hooked outside an MLP: W_dec itself)."""
+    return model.output_directions(layer, w_dec)  # (F, C)
 
 
 class LogitWeights(NamedTuple):
@@ -52,14 +52,10 @@ def logit_weights(model: GPT, directions: Tensor, n: int, chunk: int = 1024) -> 
     alike and is left out), then the unembedding; each feature's weights are shifted by
     their median over the vocabulary, as in the seed. Later blocks are not followed (exact
     only up to that linearisation for the last layer, the direct path for earlier ones)."""
-    gain = model.ln_f.weight.float()  # (C,)
-    w_u = model.lm_head.weight.float()  # (V, C)
-    n = min(n, w_u.shape[0])
+    n = min(n, model.config.vocab_size)
     parts: list[tuple[Tensor, ...]] = []
     for start in range(0, directions.shape[0], chunk):
-        d = directions[start:start + chunk].float()  # (f, C)
-        d = (d - d.mean(1, keepdim=True)) * gain
-        weights = d @ w_u.T  # (f, V)
+        weights = model.direct_logits(directions[start:start + chunk])  # (f, V)
         weights -= weights.median(dim=1, keepdim=True).values
         top = weights.topk(n, dim=1)
         bottom = weights.topk(n, dim=1, largest=False)

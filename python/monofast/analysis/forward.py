@@ -58,6 +58,8 @@ def resolve_layer(requested: int, model: GPT, sae_dir: Path, activations_dir: Op
 def final_residual(model: GPT, idx: Tensor, layer: int) -> tuple[Tensor, Tensor]:
     """Run blocks 0..layer on idx (B, T): the hooked post-GELU activation (B, T, d_mlp) and the
     residual stream after block `layer` (B, T, C) — the final residual when it is the last."""
+    if not model.residual_shortcut:  # a Hugging Face model: the activation alone (effects re-run)
+        return model.mlp_activations(idx, layer), idx
     seen: list[Tensor] = []
     with model.hook_mlp(layer, seen.append):
         x = model._embed(idx)  # (B, T, C)
@@ -122,6 +124,6 @@ def check_shapes(model: GPT, sae: SparseAutoencoder, vocab_size: int, sae_dir: P
     if sae.cfg.d_in != model.config.d_mlp:
         raise DataError(f"the SAE in {sae_dir} reads d_in={sae.cfg.d_in} but the GPT's MLP is "
                         f"{model.config.d_mlp} wide; train the SAE on this GPT's activations")
-    if model.config.vocab_size != vocab_size:
+    if model.config.vocab_size != vocab_size and (model.residual_shortcut or model.config.vocab_size < vocab_size):
         raise DataError(f"the GPT has {model.config.vocab_size} tokens but the data's tokenizer "
                         f"{vocab_size}; re-run `monofast gpt train --force`")

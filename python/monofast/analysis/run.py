@@ -29,6 +29,7 @@ from monofast.data import tokenizer
 from monofast.data.splits import load_meta
 from monofast.gpt.weights import load_model
 from monofast.sae.model import SparseAutoencoder
+from monofast.sae.steer import sae_hook
 
 
 def run_stage(cfg: AnalysisConfig, run: Any) -> None:
@@ -50,7 +51,8 @@ def analyze(cfg: AnalysisConfig, data_dir: str | Path, gpt_dir: str | Path, sae_
     dtype = pick_dtype(cfg.dtype, device)
     meta = load_meta(data_dir)
     names = [s["name"] for s in sorted(meta["sources"], key=lambda s: s["id"])]
-    model = load_model(gpt_dir, device)
+    hook = sae_hook(sae_dir)
+    model = load_model(gpt_dir, device, hook)
     sae = SparseAutoencoder.load(sae_dir, device)
     check_shapes(model, sae, meta["vocab_size"], sae_dir)
     layer = resolve_layer(cfg.layer, model, sae_dir, activations_dir)
@@ -78,7 +80,8 @@ def analyze(cfg: AnalysisConfig, data_dir: str | Path, gpt_dir: str | Path, sae_
     tokens_by_source = np.bincount(scan.store.sources.numpy(), minlength=len(names))
     summary.update({
         "layer": layer,
-        "hook_name": f"blocks.{layer}.mlp.hook_post",
+        "hook_name": hook or f"blocks.{layer}.mlp.hook_post",
+        "model": getattr(model.config, "name", "monofast-gpt"),
         "sources": names,
         "tokens": int(scan.counts.tokens),
         "tokens_by_source": {n: int(c) for n, c in zip(names, tokens_by_source)},

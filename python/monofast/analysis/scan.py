@@ -59,7 +59,7 @@ class Scan:
                  seed: int):
         self.cfg, self.model, self.encoder, self.layer = cfg, model, encoder, layer
         self.T, self.device, self.autocast_dtype = context_size, device, autocast_dtype
-        self.last_layer = layer == model.config.n_layer - 1
+        self.last_layer = layer == model.config.n_layer - 1 and model.residual_shortcut
         n_features = encoder.d_sae
         self.edges = log_edges(cfg.bins_per_decade).to(device)
         self.n_bins = len(self.edges) + 1

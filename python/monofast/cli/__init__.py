@@ -40,6 +40,8 @@ def _commands() -> dict[str, Command]:
         "run": Command("run every stage of a preset into one run directory", module="monofast.cli.run:RunCommand"),
         "presets": Command("list the presets, what each sets, and its estimated time and disk use here",
                            module="monofast.cli.run:PresetsCommand"),
+        "hooks": Command("list a Hugging Face model's hooks (--model) with their widths",
+                         module="monofast.cli.hf:HooksCommand"),
         "report": Command("write a run's results table, purity figure and feature-page screenshots",
                           module="monofast.cli.report:ReportCommand"),
     }

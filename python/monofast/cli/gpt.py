@@ -24,7 +24,7 @@ from monofast.gpt.weights import load_model
 from monofast.run import presets
 from monofast.run.stages import RunDir
 from monofast.sae.model import SparseAutoencoder
-from monofast.sae.steer import ClampSpec, clamped, parse_clamp, resolve_clamps, sae_layer
+from monofast.sae.steer import ClampSpec, clamped, parse_clamp, resolve_clamps, sae_hook, sae_layer
 
 
 class SampleCommand:
@@ -63,7 +63,8 @@ class SampleCommand:
         specs = [parse_clamp(spec) for spec in args.clamp or []]  # bad syntax fails before anything loads
         device = pick_device(args.device)
         run = args_run_dir(args)
-        model = load_model(run.stage("gpt"), device)
+        hook = sae_hook(run.require("sae")) if specs else None
+        model = load_model(run.stage("gpt"), device, hook)
         tok = tokenizer.load(run.stage("data"))
         with clamp_context(run, model, specs, device) if specs else contextlib.nullcontext():
             for prompt in args.prompt or ["def run"]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 from monofast.cli.flags import add_arguments, cli_overrides
 from monofast.run import presets
@@ -37,9 +37,29 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                        help="run directory runs/NAME ($MONOFAST_RUNS/NAME where set)")
     group.add_argument("--config", type=Path, default=None, metavar="FILE",
                        help="TOML or JSON file of option values, flat or grouped by stage")
+    group.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                       help="a Hugging Face causal LM (local folder, or hub id in the local cache) in the "
+                            "tiny GPT's place: the data stage uses its tokenizer, the gpt stage records it "
+                            "instead of training (pip install 'monofast[hf]'); pick where to read with "
+                            "--hook (`monofast hooks --model ...` lists them)")
+    group.add_argument("--allow-download", action="store_true",
+                       help="with --model: let the model and its tokenizer download from the hub")
     group.add_argument("--force", action="store_true",
                        help="redo from scratch, even when the outputs are up to date (an interrupted "
                             "GPT or SAE stage starts over instead of continuing from its checkpoint)")
+
+
+def model_layers(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The stage options `--model` and `--allow-download` set: the data stage's tokenizer and
+    the gpt stage's model."""
+    out: dict[str, dict[str, Any]] = {}
+    if getattr(args, "model", None):
+        out["data"] = {"tokenizer": args.model}
+        out["gpt"] = {"model": args.model}
+    if getattr(args, "allow_download", False):
+        for stage in ("data", "gpt"):
+            out.setdefault(stage, {})["allow_download"] = True
+    return out
 
 
 def args_run_dir(args: argparse.Namespace) -> RunDir:
@@ -72,7 +92,16 @@ class StageCommand:
         add_arguments(parser, self.stage.config_cls(), f"{self.stage.name} options", origins)
 
     def main(self, args: argparse.Namespace) -> int:
-        cfg = resolve_config(self.stage, args.preset, file_layer(args.config, self.stage.name),
-                             cli_overrides(self.stage.config_cls(), args))
+        cli = cli_overrides(self.stage.config_cls(), args)
+        by_model = model_layers(args)
+        if by_model:  # with --model, the stages before this one run first where they are not up to date
+            from monofast.run.pipeline import run_all
+
+            layers = {name: [file_layer(args.config, name), values] for name, values in by_model.items()}
+            layers.setdefault(self.stage.name, [file_layer(args.config, self.stage.name)]).append(cli)
+            run_all(args.preset, args_run_dir(args), layers, start=self.stage.name if args.force else None,
+                    stop=self.stage.name)
+            return 0
+        cfg = resolve_config(self.stage, args.preset, file_layer(args.config, self.stage.name), cli)
         run_stage(self.stage, cfg, args_run_dir(args), force=args.force)
         return 0

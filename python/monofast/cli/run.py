@@ -7,7 +7,7 @@ import argparse
 import textwrap
 from typing import Any
 
-from monofast.cli.options import add_run_options, args_run_dir
+from monofast.cli.options import add_run_options, args_run_dir, model_layers
 from monofast.common.errors import UserError
 from monofast.run import estimate, results
 from monofast.run.pipeline import run_all
@@ -24,6 +24,9 @@ class RunCommand:
         parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                             help="override one option of one stage, e.g. --set data.vocab_size=2048 "
                                  "(repeatable)")
+        parser.add_argument("--hook", default=None, metavar="NAME",
+                            help="where the activations stage reads (e.g. blocks.6.mlp.hook_post; the same "
+                                 "as --set activations.hook=NAME)")
         parser.add_argument("--from", dest="start", default=None,
                             choices=[s.name for s in STAGES],
                             help="re-run this stage and every later one")
@@ -37,8 +40,13 @@ class RunCommand:
 
     def main(self, args: argparse.Namespace) -> int:
         layers: dict[str, list[dict[str, Any]]] = {}
+        by_model = model_layers(args)
         for stage in STAGES:
             layers[stage.name] = [file_layer(args.config, stage.name)]
+            if stage.name in by_model:
+                layers[stage.name].append(by_model[stage.name])
+        if args.hook:
+            layers["activations"].append({"hook": args.hook})
         for item in args.set:
             key, eq, value = item.partition("=")
             stage, dot, name = key.partition(".")

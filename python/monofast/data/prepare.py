@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 
@@ -30,6 +30,9 @@ MAX_SOURCES = 256  # source ids are uint8
 
 @dataclass
 class DataConfig:
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"allow_download"})
+    """Fields that do not change the results (the manifest ignores them)."""
+
     sources: tuple[str, ...] = field(default=("shakespeare", "python"),
                                      metadata={"flag": "--source", "repeat": True,
                                                "metavar": "NAME[=PATH_OR_URL_OR_GLOB]"})
@@ -39,7 +42,12 @@ class DataConfig:
     val_fraction: float = 0.1
     """Fraction of each source's characters held out for validation."""
     vocab_size: int = 1024
-    """BPE vocabulary size, the end-of-text token and the 256 byte tokens included."""
+    """BPE vocabulary size, the end-of-text token and the 256 byte tokens included (own BPE only)."""
+    tokenizer: str = "bpe"
+    """bpe (train a byte-level BPE on the training text) or a Hugging Face model (local folder or
+    hub id in the local cache) whose own tokenizer to use: `monofast run --model` sets it."""
+    allow_download: bool = False
+    """Let a Hugging Face tokenizer download from the hub when it is not in the local cache."""
     token_dtype: str = "auto"
     """Token file dtype: auto (uint16 when the vocabulary fits), uint16 or uint32."""
     seed: int = 1337
@@ -60,6 +68,8 @@ class DataConfig:
         if self.vocab_size < tokenizer.BYTE_ALPHABET + 1:
             raise ValueError(f"vocab_size={self.vocab_size} is below {tokenizer.BYTE_ALPHABET + 1} "
                              f"(256 byte tokens + end-of-text); use e.g. 1024")
+        if not self.tokenizer.strip():
+            raise ValueError("tokenizer is empty; use bpe or a Hugging Face model (a folder or hub id)")
         if self.token_dtype not in ("auto", "uint16", "uint32"):
             raise ValueError(f"token_dtype={self.token_dtype!r}; choose auto, uint16 or uint32")
         if self.token_dtype == "uint16" and self.vocab_size > 2**16:
@@ -127,10 +137,7 @@ def build(cfg: DataConfig, out: Path) -> dict[str, Any]:
             raise DataError(f"source {source.name!r} is too small to split into train and validation "
                             f"({source.chars} characters); give it more text")
 
-    logger.info("data: training a %d-token byte-level BPE on %d characters", cfg.vocab_size,
-                sum(len(d.text) for s in sources for d in splits[s.name][0]))
-    tok = tokenizer.train((d.text for s in sources for d in splits[s.name][0]), cfg.vocab_size)
-    eot_id = tok.token_to_id(tokenizer.EOT)
+    tok, eot_id, origin = _tokenizer(cfg, (d.text for s in sources for d in splits[s.name][0]))
     vocab = tok.get_vocab_size()
     dtype = np.dtype(cfg.resolved_dtype())
     if vocab > np.iinfo(dtype).max + 1:
@@ -168,6 +175,7 @@ def build(cfg: DataConfig, out: Path) -> dict[str, Any]:
         "eot_id": eot_id,
         "token_dtype": dtype.name,
         "tokenizer_digest": files.hash_file(tok_path),
+        "tokenizer": origin,
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
         "tokens": totals,
@@ -175,6 +183,31 @@ def build(cfg: DataConfig, out: Path) -> dict[str, Any]:
     }
     files.write_json(out / "meta.json", meta)
     return meta
+
+
+def _tokenizer(cfg: DataConfig, texts: Iterable[str]) -> tuple[Any, int, dict[str, Any]]:
+    """(tokenizers.Tokenizer, end-of-text id, what meta.json records of where it came from):
+    a BPE trained on `texts`, or a Hugging Face model's own."""
+    if cfg.tokenizer == "bpe":
+        texts = list(texts)
+        logger.info("data: training a %d-token byte-level BPE on %d characters", cfg.vocab_size,
+                    sum(len(t) for t in texts))
+        tok = tokenizer.train(texts, cfg.vocab_size)
+        return tok, tok.token_to_id(tokenizer.EOT), {"kind": "bpe"}
+    from monofast.gpt import hf
+
+    model = hf.model_name(cfg.tokenizer)
+    wrapped = hf.load_tokenizer(cfg.tokenizer, cfg.allow_download)
+    eot_id = wrapped.eos_token_id if wrapped.eos_token_id is not None else wrapped.bos_token_id
+    if eot_id is None:
+        raise DataError(f"the tokenizer of {cfg.tokenizer!r} has no end-of-sequence (or beginning) token to "
+                        f"separate documents with")
+    tok = wrapped.backend_tokenizer
+    tok.no_truncation()
+    tok.no_padding()
+    logger.info("data: the tokenizer of %s (%d tokens; documents end with %r)", model, tok.get_vocab_size(),
+                tok.id_to_token(eot_id))
+    return tok, int(eot_id), {"kind": "hf", "model": model}
 
 
 # ---------------------------------------------------------------------------------------

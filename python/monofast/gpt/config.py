@@ -24,7 +24,7 @@ class GPTTrainConfig(GPTShape):
     # Options that change how a run executes or what it writes after training, not which
     # steps it takes: a run may resume with other values of these (the manifest ignores them).
     RUNTIME: ClassVar[frozenset[str]] = frozenset({
-        "device", "dtype", "compile", "resume", "eval_batches", "sample_prompts",
+        "device", "dtype", "compile", "resume", "eval_batches", "sample_prompts", "allow_download",
         "sample_tokens", "num_samples", "temperature", "top_k"})
 
     dropout: float = 0.2
@@ -77,6 +77,12 @@ class GPTTrainConfig(GPTShape):
     torch.compile's reduce-overhead mode: the small models here are launch-bound there; on
     CPU compiling measured 0.9-1.1x eager after 10-40 s), true (the default mode, any
     device) or false."""
+    model: str = ""
+    """A Hugging Face causal LM (local folder, or hub id in the local cache) to use instead of
+    training the tiny GPT: the stage then records it, and later stages load it at --dtype
+    (auto: bfloat16 where it is faster, else float32). `monofast run --model` sets it."""
+    allow_download: bool = False
+    """Let a Hugging Face model download from the hub when it is not in the local cache."""
     resume: bool = False
     """Continue from gpt/checkpoint.pt (a killed run) on the same schedule instead of starting over."""
     seed: int = 1337

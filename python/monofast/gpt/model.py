@@ -217,6 +217,9 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    residual_shortcut = True
+    """The analysis may read this model's residual stream for exact last-layer effects."""
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the position embedding is left out by default (as in nanoGPT),
         the tied token embedding is counted once."""
@@ -281,6 +284,16 @@ class GPT(nn.Module):
         for block in self.h[layer + 1:]:
             x = block(x)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+    def output_directions(self, layer: int, vectors: torch.Tensor) -> torch.Tensor:
+        """(F, C) residual-stream direction of a unit of each MLP-activation vector (F, d_mlp)."""
+        return vectors.float() @ self.block(layer).mlp.c_proj.weight.float().T
+
+    def direct_logits(self, directions: torch.Tensor) -> torch.Tensor:
+        """(F, V) logits per unit of each residual direction (F, C): the final LayerNorm taken
+        as linear (centre, times its gain), then the unembedding."""
+        d = directions.float()
+        return ((d - d.mean(1, keepdim=True)) * self.ln_f.weight.float()) @ self.lm_head.weight.float().T
 
     @contextlib.contextmanager
     def hook_mlp(self, layer: int, fn: MLPHook) -> Iterator[None]:

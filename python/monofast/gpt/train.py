@@ -300,6 +300,14 @@ def run_stage(cfg: GPTTrainConfig, run: Any) -> None:
     """Pipeline entry point: train `gpt/` from `data/` inside the run directory."""
     data_dir = run.require("data")
     out = run.stage("gpt")
+    if cfg.model:  # a Hugging Face model in the tiny GPT's place: nothing to train
+        if distributed.is_main():
+            from monofast.gpt.weights import record_hf
+
+            record = record_hf(out, cfg.model, cfg.dtype, cfg.allow_download, data_dir)
+            logger.info("gpt: using %s (%s, %d layers, %.1fM parameters)", record["model"],
+                        record["architecture"], record["n_layer"], record["parameters"] / 1e6)
+        return
     result = train(cfg, data_dir, out)
     last = result.metrics[-1]
     by_source = ", ".join(f"{k} {v:.3f}" for k, v in last["val_loss_by_source"].items())

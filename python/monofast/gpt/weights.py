@@ -1,5 +1,9 @@
 """The trained GPT on disk: `gpt/model.safetensors` + `gpt/config.json`, written and read
-back by every stage that needs the model (harvest, SAE evaluation, analysis, sampling)."""
+back by every stage that needs the model (harvest, SAE evaluation, analysis, sampling).
+
+With `--model`, the gpt stage trains nothing: `gpt/hf_model.json` names the Hugging Face
+model (`record_hf`), and `load_model` loads that model behind the same interface
+(`monofast.gpt.hf.HFModel`), hooked at the site the caller names."""
 
 from __future__ import annotations
 
@@ -28,19 +32,87 @@ def save_model(folder: Path, model: GPT) -> None:
     files.write_json(folder / CONFIG_FILE, asdict(model.config))
 
 
+def record_hf(folder: Path, model: str, dtype: str, allow_download: bool, data_dir: Path) -> dict:
+    """The gpt stage with `--model`: check the model loads and fits and that the data was
+    tokenized with its tokenizer, then write `hf_model.json` naming it."""
+    from monofast.common.device import pick_dtype
+    from monofast.data.splits import load_meta
+    from monofast.gpt import hf
+
+    name = hf.model_name(model)
+    meta = load_meta(data_dir)
+    origin = meta.get("tokenizer", {})
+    if origin.get("model") != name:
+        used = f"the tokenizer of {origin['model']}" if origin.get("model") else "its own BPE"
+        raise UserError(f"the data in {data_dir} was tokenized with {used}, not {name}'s; run "
+                        f"`monofast data --tokenizer {model}` (or `monofast run --model {model}`)")
+    cpu = torch.device("cpu")  # loaded once here to check the weights are there and readable
+    lm = hf.load_lm(model, cpu, pick_dtype(dtype, cpu) or torch.float32, allow_download)
+    vocab = int(lm.get_output_embeddings().weight.shape[0])
+    if vocab < meta["vocab_size"]:
+        raise DataError(f"{name} predicts {vocab} tokens but its tokenizer has {meta['vocab_size']}")
+    c = lm.config
+    record = {"model": name, "dtype": dtype, "allow_download": allow_download,
+              "architecture": type(lm).__name__, "commit": getattr(c, "_commit_hash", None),
+              "n_layer": int(c.num_hidden_layers), "vocab_size": vocab,
+              "parameters": sum(p.numel() for p in lm.parameters())}
+    folder.mkdir(parents=True, exist_ok=True)
+    files.write_json(folder / hf.MODEL_RECORD, record)
+    return record
+
+
+def load_hf(folder: Path, device: torch.device, site: str):
+    """The Hugging Face model `folder/hf_model.json` names, hooked at `site`, in eval mode."""
+    from monofast.common.device import pick_dtype
+    from monofast.gpt import hf
+
+    path = folder / hf.MODEL_RECORD
+    record = files.read_json(files.verify_recorded(path), "model record")
+    if not isinstance(record, dict) or not isinstance(record.get("model"), str):
+        raise DataError(f"{path} does not name a model; re-run `monofast gpt train --force`")
+    dtype = pick_dtype(str(record.get("dtype", "auto")), device) or torch.float32
+    lm = hf.load_lm(record["model"], device, dtype, bool(record.get("allow_download", False)))
+    return hf.HFModel(lm, site, record["model"]).eval()
+
+
 def _model_folder(folder: Path) -> Path:
+    from monofast.gpt.hf import MODEL_RECORD
+
+    if (folder / MODEL_RECORD).is_file():
+        return folder
+    if (folder / "gpt" / MODEL_RECORD).is_file():
+        return folder / "gpt"
     if not (folder / CONFIG_FILE).is_file() and (folder / "gpt" / CONFIG_FILE).is_file():
         return folder / "gpt"
     return folder
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """The trained GPT in eval mode, from a gpt stage folder (or a run directory holding one).
+def hook_site(hook: str | None) -> str:
+    """The site (`mlp.hook_post`, ...) of a hook name; None and "" are the MLP's."""
+    if not hook:
+        return "mlp.hook_post"
+    from monofast.gpt.hf import parse_hook
+
+    return parse_hook(hook)[1]
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu", hook: str | None = None) -> GPT:
+    """The trained GPT in eval mode, from a gpt stage folder (or a run directory holding one);
+    or the Hugging Face model the folder names, hooked at the site of `hook` (a name such as
+    `blocks.3.hook_resid_post`; None: the MLP's). The tiny GPT has only the MLP's.
 
     Missing files are a `UserError` saying which stage to run; unreadable or mismatched
     ones a `DataError` naming the file.
     """
     folder = _model_folder(Path(folder))
+    site = hook_site(hook)
+    from monofast.gpt.hf import MODEL_RECORD
+
+    if (folder / MODEL_RECORD).is_file():
+        return load_hf(folder, torch.device(device), site)  # type: ignore[return-value]
+    if site != "mlp.hook_post":
+        raise UserError(f"hook {hook}: the tiny GPT is hooked at its MLPs only (blocks.L.mlp.hook_post); "
+                        f"other sites are for Hugging Face models (--model)")
     config_path, weights_path = folder / CONFIG_FILE, folder / MODEL_FILE
     run_root = folder.parent if folder.name == "gpt" else folder
     for path in (config_path, weights_path):

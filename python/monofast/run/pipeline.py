@@ -79,6 +79,9 @@ def _jobs(preset: str, run: RunDir, layers: Mapping[str, Sequence[Mapping[str, A
     order = run_order(extras)
     configs = {stage.name: resolve_config(stage, preset, *layers.get(stage.name, []))
                for folder, stage in order if folder == stage.name}
+    if "findings" in extras and getattr(configs.get("gpt"), "model", ""):
+        raise UserError("--with findings compares two tiny GPTs trained from different seeds; it does not "
+                        "run on a Hugging Face model (--model)")
     jobs = []
     for folder, stage in order:
         cfg, view = configs[stage.name], run

@@ -335,12 +335,13 @@ class CEEvaluation(NamedTuple):
 
 
 def prepare(gpt_dir: str | Path, data_dir: str | Path, layer: int, d_in: int, max_tokens: int,
-            device: torch.device, length: Optional[int] = None) -> CEEvaluation:
-    """Load the GPT and the held-out windows of `length` tokens (the harvest's context length;
-    None: the GPT's block size), checking the layer and width match the activation store."""
+            device: torch.device, length: Optional[int] = None, hook: Optional[str] = None) -> CEEvaluation:
+    """Load the GPT (hooked at `hook`'s site; None: the MLP's) and the held-out windows of
+    `length` tokens (the harvest's context length; None: the GPT's block size), checking the
+    layer and width match the activation store."""
     from monofast.gpt.weights import load_model
 
-    model = load_model(gpt_dir, device)
+    model = load_model(gpt_dir, device, hook)
     model.eval()
     try:
         model.block(layer)
@@ -369,7 +370,8 @@ def prepare_ce(store: ActivationStore, max_tokens: int, gpt_dir: str | Path | No
         raise DataError(f"the activation store {store.folder} does not record the GPT layer it was harvested "
                         f"from; re-run `monofast activations harvest --force`, or set --ce-eval-tokens 0")
     length = store.index.extra.get("contexts", {}).get("length")  # the contexts the SAE's rows came from
-    return prepare(gpt_dir, data_dir, int(layer), store.dim, max_tokens, device, length)
+    hook = store.index.extra.get("gpt", {}).get("hook_name")
+    return prepare(gpt_dir, data_dir, int(layer), store.dim, max_tokens, device, length, hook)
 
 
 def add_ce(evaluation: dict[str, Any], result: CEResult) -> None:

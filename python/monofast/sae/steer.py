@@ -111,6 +111,14 @@ def sae_layer(sae_dir: str | Path, activations_dir: str | Path | None = None) ->
     return layer
 
 
+def sae_hook(sae_dir: str | Path) -> str | None:
+    """The hook an SAE reads, by monofast's name (`blocks.3.hook_resid_post`); None when its
+    cfg.json does not say (written before hooks had names: the MLP's)."""
+    raw = files.read_json(files.verify_recorded(Path(sae_dir) / CONFIG_FILE), "SAE config")
+    hook = raw.get("monofast_hook_name", raw.get("metadata", {}).get("monofast_hook_name"))
+    return hook if isinstance(hook, str) and hook else None
+
+
 # ---------------------------------------------------------------------------------------
 # The hook
 

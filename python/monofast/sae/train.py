@@ -294,13 +294,20 @@ def save_all(members: list[Member], out: Path, evaluation: dict[str, Any], chose
 def hook_metadata(store_dir: str | Path) -> dict[str, Any]:
     """What cfg.json records of where the activations come from (the names SAELens reads)."""
     extra = read_index(store_dir).extra
-    layer = extra.get("gpt", {}).get("layer")
-    return {
+    gpt = extra.get("gpt", {})
+    layer = gpt.get("layer")
+    hook = gpt.get("hook_name") or (f"blocks.{layer}.mlp.hook_post" if layer is not None else None)
+    out = {
         "model_name": "monofast-gpt",
-        "hook_name": f"blocks.{layer}.mlp.hook_post" if layer is not None else None,
+        "hook_name": hook,
         "hook_layer": layer,
         "context_size": extra.get("context_length"),
+        "monofast_hook_name": hook,
     }
+    if gpt.get("model"):  # a Hugging Face model: named as SAELens loads one (the module whose output it reads)
+        out.update(model_name=gpt["model"], model_class_name="AutoModelForCausalLM",
+                   hook_name=gpt.get("hook_module") or hook)
+    return out
 
 
 def run_stage(cfg: SAETrainConfig, run: Any, stage: str = "sae") -> None:

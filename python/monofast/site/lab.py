@@ -43,7 +43,12 @@ def inputs(data_dir: Optional[Path], gpt_dir: Optional[Path], sae_dir: Optional[
     folders = (data_dir, gpt_dir, sae_dir)
     if any(f is None or not (f / files.MANIFEST_FILE).is_file() for f in folders):
         return None
-    assert sae_dir is not None
+    assert sae_dir is not None and gpt_dir is not None
+    from monofast.gpt.hf import MODEL_RECORD
+
+    if (gpt_dir / MODEL_RECORD).is_file():
+        logger.warning("site: no lab: the page's engine runs the tiny GPT, not a Hugging Face model")
+        return None
     architecture = files.read_json(sae_dir / "cfg.json", "SAE config").get("architecture", "standard")
     if architecture not in IN_PAGE:
         logger.warning("site: no lab: the page's engine runs ReLU and TopK SAEs, not %s ones", architecture)

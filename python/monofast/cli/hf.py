@@ -1,0 +1,34 @@
+"""`monofast hooks --model PATH_OR_ID`: a Hugging Face model's hooks, with the module each
+reads and its width."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HooksCommand:
+    """`monofast hooks --model PATH_OR_ID`."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", required=True, metavar="PATH_OR_ID",
+                            help="a Hugging Face causal LM: a local folder, or a hub id in the local cache")
+        parser.add_argument("--allow-download", action="store_true",
+                            help="let the model download from the hub when it is not in the local cache")
+
+    def main(self, args: argparse.Namespace) -> int:
+        import torch
+
+        from monofast.gpt import hf
+
+        lm = hf.load_lm(args.model, torch.device("cpu"), torch.float32, args.allow_download)
+        hooks = hf.list_hooks(lm)
+        params = sum(p.numel() for p in lm.parameters())
+        print(f"{hf.model_name(args.model)}: {type(lm).__name__}, {lm.config.num_hidden_layers} layers, "
+              f"{params:,} parameters")
+        width = max(len(h.name) for h in hooks) + 2
+        print(f"  {'hook'.ljust(width)}{'width':>7s}  module")
+        for h in hooks:
+            print(f"  {h.name.ljust(width)}{h.width:7d}  {h.module}")
+        print("Harvest one with `monofast run --model MODEL --hook NAME` (or `monofast harvest --model MODEL "
+              "--hook NAME`).")
+        return 0
