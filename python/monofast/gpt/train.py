@@ -305,8 +305,8 @@ def run_stage(cfg: GPTTrainConfig, run: Any) -> None:
             from monofast.gpt.weights import record_hf
 
             record = record_hf(out, cfg.model, cfg.dtype, cfg.allow_download, data_dir)
-            logger.info("gpt: using %s (%s, %d layers, %.1fM parameters)", record["model"],
-                        record["architecture"], record["n_layer"], record["parameters"] / 1e6)
+            logger.info("gpt: using %s (%s, %d layers, %s parameters)", record["model"],
+                        record["architecture"], record["n_layer"], f"{record['parameters']:,}")
         return
     result = train(cfg, data_dir, out)
     last = result.metrics[-1]

@@ -1,0 +1,239 @@
+"""Hugging Face causal LMs in the tiny GPT's place (`--model`, `--hook`): tiny random GPT-2,
+GPT-NeoX and Llama models saved locally, their tokenizer in the data stage, harvested
+activations against a plain forward hook, the CE splice, the analysis's logit path, the
+whole pipeline at smoke size, and the errors a user meets."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hf_models
+import numpy as np
+import pytest
+import torch
+from conftest import write_code_source, write_text_source
+from monofast import cli
+from monofast.activations import harvest
+from monofast.activations import store as activations
+from monofast.common.errors import UserError
+from monofast.data.prepare import DataConfig, build
+from monofast.data.splits import load_meta, load_split
+from monofast.gpt import hf
+from monofast.gpt.weights import load_model, record_hf
+from monofast.sae import evaluate
+
+WIDTH = 32
+MLP_WIDTH = {"gpt2": 4 * WIDTH, "neox": 2 * WIDTH, "llama": 3 * WIDTH // 2}
+MODULES = {  # where each site reads, by the names transformers gives the modules
+    "gpt2": ("transformer.h.1.mlp.c_proj", "transformer.h.1", "transformer.h.1.attn"),
+    "neox": ("gpt_neox.layers.1.mlp.dense_4h_to_h", "gpt_neox.layers.1", "gpt_neox.layers.1.attention"),
+    "llama": ("model.layers.1.mlp.down_proj", "model.layers.1", "model.layers.1.self_attn"),
+}
+PLAIN = {  # the same activations read independently: (module, read its input?)
+    ("gpt2", "mlp.hook_post"): ("transformer.h.1.mlp.act", False),
+    ("neox", "mlp.hook_post"): ("gpt_neox.layers.1.mlp.act", False),
+    ("llama", "mlp.hook_post"): ("model.layers.1.mlp.down_proj", True),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, tuple[str, str]]:
+    root = tmp_path_factory.mktemp("corpus")
+    text = write_text_source(root, "verse", 30_000)
+    code = write_code_source(root)
+    return root, (f"verse={text}", f"code={code}")
+
+
+@pytest.fixture(scope="module")
+def models(corpus) -> dict[str, Path]:
+    root, _ = corpus
+    texts = [(root / "verse.txt").read_text(encoding="utf-8")]
+    texts += [p.read_text(encoding="utf-8") for p in sorted((root / "code").glob("*.py"))]
+    return {kind: hf_models.save(kind, root / kind, texts) for kind in hf_models.KINDS}
+
+
+def data_for(corpus, model: Path, out: Path) -> Path:
+    build(DataConfig(sources=corpus[1], chars_per_source=30_000, tokenizer=str(model)), out)
+    return out
+
+
+def plain_activations(lm: torch.nn.Module, module: str, on_input: bool, x: torch.Tensor) -> torch.Tensor:
+    seen = []
+
+    def keep(mod, args, output):
+        value = args[0] if on_input else output
+        seen.append(value[0] if isinstance(value, tuple) else value)
+
+    handle = lm.get_submodule(module).register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            lm(input_ids=x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_hook_names():
+    assert hf.parse_hook("blocks.3.mlp.hook_post") == (3, "mlp.hook_post")
+    assert hf.parse_hook("blocks.0.hook_resid_post") == (0, "hook_resid_post")
+    for bad in ("blocks.x.mlp.hook_post", "blocks.1.hook_resid_pre", "transformer.h.1", ""):
+        with pytest.raises(UserError, match="monofast hooks --model"):
+            hf.parse_hook(bad)
+
+
+@pytest.mark.parametrize("kind", hf_models.KINDS)
+def test_hooks_list_every_site_with_its_width(models, kind, capsys):
+    assert cli.main(["hooks", "--model", str(models[kind])]) == 0
+    out = capsys.readouterr().out
+    mlp, resid, attn = MODULES[kind]
+    for name, width, module in (("blocks.1.mlp.hook_post", MLP_WIDTH[kind], mlp + " (input)"),
+                                ("blocks.1.hook_resid_post", WIDTH, resid),
+                                ("blocks.1.hook_attn_out", WIDTH, attn)):
+        line = next(line for line in out.splitlines() if line.split()[:1] == [name])
+        assert line.split()[1] == str(width) and line.endswith(module), line
+
+
+def test_data_stage_uses_the_model_tokenizer(corpus, models, tmp_path):
+    import transformers
+
+    data = data_for(corpus, models["gpt2"], tmp_path / "data")
+    meta = load_meta(data)
+    tok = transformers.AutoTokenizer.from_pretrained(models["gpt2"])
+    assert meta["tokenizer"] == {"kind": "hf", "model": str(models["gpt2"].resolve())}
+    assert meta["vocab_size"] == len(tok) and meta["eot_id"] == tok.eos_token_id
+    split = load_split(data, "train", meta)
+    first_end = int(np.flatnonzero(np.asarray(split.tokens) == tok.eos_token_id)[0])
+    text = (corpus[0] / "verse.txt").read_text(encoding="utf-8")
+    expected = tok(text[:2000], add_special_tokens=False)["input_ids"][:50]  # the first document's start
+    assert list(np.asarray(split.tokens[:50])) == expected
+    assert set(np.asarray(split.sources[:first_end]).tolist()) == {0}
+    assert np.asarray(split.sources)[-1] == 1  # the code source's tokens carry its label
+
+
+@pytest.mark.parametrize("kind", hf_models.KINDS)
+@pytest.mark.parametrize("site", hf.SITES)
+def test_harvested_rows_equal_a_plain_forward_hook(corpus, models, tmp_path, kind, site):
+    data = data_for(corpus, models[kind], tmp_path / "data")
+    record_hf(tmp_path / "gpt", str(models[kind]), "float32", False, data)
+    hook = f"blocks.1.{site}"
+    cfg = harvest.HarvestConfig(contexts=12, positions_per_context=10, context_length=48, batch_size=5, hook=hook)
+    harvest.harvest(cfg, data, tmp_path / "gpt", tmp_path / "acts")
+    store = activations.open_store(tmp_path / "acts")
+    assert store.dim == (MLP_WIDTH[kind] if site == "mlp.hook_post" else WIDTH)
+    index = json.loads((tmp_path / "acts" / "index.json").read_text())
+    assert index["gpt"]["hook_name"] == hook and index["gpt"]["model"] == str(models[kind].resolve())
+    rows = store.take(np.arange(store.rows), to_float32=True)
+    starts = np.load(tmp_path / "acts" / harvest.CONTEXTS_FILE)
+    split = load_split(data, "train")
+    x = torch.from_numpy(np.stack([np.asarray(split.tokens[s:s + 48], dtype=np.int64) for s in starts]))
+    lm = load_model(tmp_path / "gpt", "cpu", hook).lm
+    module, on_input = PLAIN.get((kind, site), (MODULES[kind][hf.SITES.index(site)], False))
+    acts = plain_activations(lm, module, on_input, x)  # (contexts, 48, width)
+    expected = acts[torch.from_numpy(rows.context_id.astype(np.int64)), torch.from_numpy(rows.position.astype(np.int64))]
+    torch.testing.assert_close(rows.tensor(), expected, atol=1e-5, rtol=1e-5)
+    assert np.array_equal(rows.token_id, x.numpy()[rows.context_id, rows.position])
+
+
+@pytest.mark.parametrize("kind", hf_models.KINDS)
+def test_ce_splice_matches_the_model(corpus, models, tmp_path, kind):
+    data = data_for(corpus, models[kind], tmp_path / "data")
+    record_hf(tmp_path / "gpt", str(models[kind]), "float32", False, data)
+    model = load_model(tmp_path / "gpt", "cpu", "blocks.0.mlp.hook_post")
+    tokens = evaluate.held_out_tokens(data, 32, 256)
+    x = tokens.idx[:4]
+    resid, act = model.run_to_mlp(x, 0)
+    torch.testing.assert_close(model.logits_from_mlp(resid, act, 0), model.lm(input_ids=x).logits)
+    result = evaluate.evaluate_hooks(model, 0, {"same": lambda a: a}, tokens)
+    assert result.spliced["same"].overall == pytest.approx(result.clean.overall, abs=1e-9)
+    zero = plain_zeroed_loss(model.lm, MODULES[kind][0].replace(".1.", ".0."), tokens)
+    assert result.zero.overall == pytest.approx(zero, rel=1e-6)
+    assert result.recovered["same"].overall == pytest.approx(1.0, abs=1e-6)
+
+
+def plain_zeroed_loss(lm, module: str, tokens) -> float:
+    """Mean next-token loss with the MLP's output projection fed zeros, by a plain pre-hook."""
+    handle = lm.get_submodule(module).register_forward_pre_hook(lambda mod, args: (torch.zeros_like(args[0]),))
+    try:
+        with torch.no_grad():
+            logits = lm(input_ids=tokens.idx).logits
+    finally:
+        handle.remove()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.targets.flatten(), reduction="none")
+    return float(loss.double().mean())
+
+
+@pytest.mark.parametrize("kind", ("gpt2", "llama"))
+def test_direct_logits_follow_the_final_norm(models, kind):
+    import transformers
+
+    lm = transformers.AutoModelForCausalLM.from_pretrained(models[kind]).eval()
+    with torch.no_grad():
+        norm = lm.transformer.ln_f if kind == "gpt2" else lm.model.norm
+        norm.weight.uniform_(0.5, 1.5)
+    model = hf.HFModel(lm, "hook_resid_post", kind)
+    d = torch.randn(5, WIDTH)
+    centred = d - d.mean(1, keepdim=True) if kind == "gpt2" else d  # LayerNorm centres, RMSNorm does not
+    expected = (centred * norm.weight) @ lm.get_output_embeddings().weight.T
+    torch.testing.assert_close(model.direct_logits(d), expected.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.output_directions(1, d), d)  # outside an MLP the direction is its own
+    mlp = hf.HFModel(lm, "mlp.hook_post", kind)
+    v = torch.randn(3, MLP_WIDTH[kind])
+    proj = lm.get_submodule(MODULES[kind][0])
+    torch.testing.assert_close(mlp.output_directions(1, v), proj(v) - proj(torch.zeros_like(v)),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,site", [("gpt2", "mlp.hook_post"), ("neox", "hook_resid_post"),
+                                       ("llama", "mlp.hook_post")])
+def test_whole_pipeline_on_a_hugging_face_model(corpus, models, tmp_path, kind, site):
+    run = tmp_path / "run"
+    argv = ["run", "--preset", "smoke", "--run", str(run), "--model", str(models[kind]), "--hook",
+            f"blocks.1.{site}", "--set", f"data.sources={','.join(corpus[1])}"]
+    assert cli.main(argv) == 0
+    evaluation = json.loads((run / "sae" / "eval.json").read_text())
+    member = evaluation["saes"][evaluation["selection"]["published"]]
+    assert np.isfinite(member["ce_loss_recovered"]) and set(member["ce_loss_recovered_by_source"]) == {"verse", "code"}
+    cfg = json.loads((run / "sae" / "cfg.json").read_text())
+    meta = cfg.get("metadata", cfg)
+    assert meta["model_name"] == str(models[kind].resolve())
+    assert meta["model_class_name"] == "AutoModelForCausalLM" and meta["monofast_hook_name"] == f"blocks.1.{site}"
+    saelens_name = {("gpt2", "mlp.hook_post"): "transformer.h.1.mlp.act", ("neox", "hook_resid_post"):
+                    "gpt_neox.layers.1", ("llama", "mlp.hook_post"): "blocks.1.mlp.hook_post"}[(kind, site)]
+    assert meta["hook_name"] == saelens_name  # a gated MLP's activation is no module's output
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert summary["hook_name"] == f"blocks.1.{site}" and summary["model"] == str(models[kind].resolve())
+    assert (run / "site" / "index.html").is_file() and not (run / "site" / "lab.html").exists()
+
+
+def test_errors_name_the_problem_and_the_fix(corpus, models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
+    assert cli.main(["hooks", "--model", "someone/not-cached"]) == 2
+    assert "neither a local folder nor in the local Hugging Face cache" in capsys.readouterr().err
+    assert cli.main(["hooks", "--model", str(tmp_path / "missing")]) == 2
+    assert "--allow-download" in capsys.readouterr().err
+
+    monkeypatch.setattr(hf, "available_memory", lambda device: 1_000)
+    with pytest.raises(UserError, match=r"needs 0\.0 GiB .* has 0\.0 GiB free"):
+        hf.load_lm(str(models["gpt2"]), torch.device("cpu"), torch.float32)
+    monkeypatch.undo()
+
+    own = tmp_path / "own-bpe"
+    build(DataConfig(sources=corpus[1], chars_per_source=20_000, vocab_size=300), own)
+    with pytest.raises(UserError, match="tokenized with its own BPE"):
+        record_hf(tmp_path / "gpt", str(models["gpt2"]), "auto", False, own)
+
+    with pytest.raises(UserError, match="tiny GPT is hooked at its MLPs only"):
+        load_model(tmp_path / "nowhere", "cpu", "blocks.0.hook_resid_post")
+
+    run = ["run", "--preset", "smoke", "--run", str(tmp_path / "r"), "--model", str(models["gpt2"])]
+    assert cli.main([*run, "--with", "findings"]) == 2
+    assert "does not run on a Hugging Face model" in capsys.readouterr().err
+
+
+def test_without_transformers_the_command_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert cli.main(["hooks", "--model", "gpt2"]) == 2
+    assert "pip install 'monofast[hf]'" in capsys.readouterr().err
