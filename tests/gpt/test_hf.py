@@ -17,6 +17,7 @@ from conftest import write_code_source, write_text_source
 from monofast import cli
 from monofast.activations import harvest
 from monofast.activations import store as activations
+from monofast.common import hf as common_hf
 from monofast.common.errors import UserError
 from monofast.data.prepare import DataConfig, build
 from monofast.data.splits import load_meta, load_split
@@ -208,6 +209,20 @@ def test_whole_pipeline_on_a_hugging_face_model(corpus, models, tmp_path, kind, 
     assert (run / "site" / "index.html").is_file() and not (run / "site" / "lab.html").exists()
 
 
+def test_harvest_command_with_a_model_runs_the_stages_before_it(corpus, models, tmp_path):
+    config = tmp_path / "sources.toml"
+    config.write_text("[data]\nsources = [" + ", ".join(f'"{s}"' for s in corpus[1]) + "]\n")
+    run = tmp_path / "run"
+    argv = ["harvest", "--preset", "smoke", "--run", str(run), "--config", str(config), "--model",
+            str(models["llama"]), "--hook", "blocks.0.hook_attn_out"]
+    assert cli.main(argv) == 0
+    assert load_meta(run / "data")["tokenizer"]["model"] == str(models["llama"].resolve())
+    assert json.loads((run / "gpt" / hf.MODEL_RECORD).read_text())["architecture"] == "LlamaForCausalLM"
+    index = json.loads((run / "activations" / "index.json").read_text())
+    assert index["gpt"]["hook_name"] == "blocks.0.hook_attn_out" and index["dim"] == WIDTH
+    assert not (run / "sae").exists()  # it stops at the stage asked for
+
+
 def test_errors_name_the_problem_and_the_fix(corpus, models, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
     assert cli.main(["hooks", "--model", "someone/not-cached"]) == 2
@@ -215,9 +230,9 @@ def test_errors_name_the_problem_and_the_fix(corpus, models, tmp_path, monkeypat
     assert cli.main(["hooks", "--model", str(tmp_path / "missing")]) == 2
     assert "--allow-download" in capsys.readouterr().err
 
-    monkeypatch.setattr(hf, "available_memory", lambda device: 1_000)
+    monkeypatch.setattr(common_hf, "available_memory", lambda device: 1_000)
     with pytest.raises(UserError, match=r"needs 0\.0 GiB .* has 0\.0 GiB free"):
-        hf.load_lm(str(models["gpt2"]), torch.device("cpu"), torch.float32)
+        common_hf.load_lm(str(models["gpt2"]), torch.device("cpu"), torch.float32)
     monkeypatch.undo()
 
     own = tmp_path / "own-bpe"

@@ -18,12 +18,13 @@ class HooksCommand:
     def main(self, args: argparse.Namespace) -> int:
         import torch
 
-        from monofast.gpt import hf
+        from monofast.common.hf import load_lm, model_name
+        from monofast.gpt.hf import list_hooks
 
-        lm = hf.load_lm(args.model, torch.device("cpu"), torch.float32, args.allow_download)
-        hooks = hf.list_hooks(lm)
+        lm = load_lm(args.model, torch.device("cpu"), torch.float32, args.allow_download)
+        hooks = list_hooks(lm)
         params = sum(p.numel() for p in lm.parameters())
-        print(f"{hf.model_name(args.model)}: {type(lm).__name__}, {lm.config.num_hidden_layers} layers, "
+        print(f"{model_name(args.model)}: {type(lm).__name__}, {lm.config.num_hidden_layers} layers, "
               f"{params:,} parameters")
         width = max(len(h.name) for h in hooks) + 2
         print(f"  {'hook'.ljust(width)}{'width':>7s}  module")

@@ -5,6 +5,7 @@ shows the value each option will take with the preset (and config file) given.""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -25,8 +26,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """`--preset`, `--run` / `--name`, `--config`, `--force`: the options every stage command shares."""
+def add_run_options(parser: argparse.ArgumentParser, fields: Sequence[str] = ()) -> None:
+    """`--preset`, `--run` / `--name`, `--config`, `--model`, `--allow-download`, `--force`:
+    the options every stage command shares. A stage with a field of the same name (the gpt
+    stage's `model`) has its own flag instead, under the same name."""
     group = parser.add_argument_group("run options")
     group.add_argument("--preset", default=DEFAULT_PRESET, choices=presets.names(),
                        help=f"preset whose values are the starting point (default: {DEFAULT_PRESET})")
@@ -37,13 +40,15 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                        help="run directory runs/NAME ($MONOFAST_RUNS/NAME where set)")
     group.add_argument("--config", type=Path, default=None, metavar="FILE",
                        help="TOML or JSON file of option values, flat or grouped by stage")
-    group.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                       help="a Hugging Face causal LM (local folder, or hub id in the local cache) in the "
-                            "tiny GPT's place: the data stage uses its tokenizer, the gpt stage records it "
-                            "instead of training (pip install 'monofast[hf]'); pick where to read with "
-                            "--hook (`monofast hooks --model ...` lists them)")
-    group.add_argument("--allow-download", action="store_true",
-                       help="with --model: let the model and its tokenizer download from the hub")
+    if "model" not in fields:
+        group.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                           help="a Hugging Face causal LM (local folder, or hub id in the local cache) in the "
+                                "tiny GPT's place: the data stage uses its tokenizer, the gpt stage records it "
+                                "instead of training (pip install 'monofast[hf]'); pick where to read with "
+                                "--hook (`monofast hooks --model ...` lists them)")
+    if "allow_download" not in fields:
+        group.add_argument("--allow-download", action="store_true",
+                           help="with --model: let the model and its tokenizer download from the hub")
     group.add_argument("--force", action="store_true",
                        help="redo from scratch, even when the outputs are up to date (an interrupted "
                             "GPT or SAE stage starts over instead of continuing from its checkpoint)")
@@ -53,10 +58,11 @@ def model_layers(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The stage options `--model` and `--allow-download` set: the data stage's tokenizer and
     the gpt stage's model."""
     out: dict[str, dict[str, Any]] = {}
-    if getattr(args, "model", None):
-        out["data"] = {"tokenizer": args.model}
-        out["gpt"] = {"model": args.model}
-    if getattr(args, "allow_download", False):
+    model = getattr(args, "model", None)  # a stage's own flag is unset until given
+    if isinstance(model, str) and model:
+        out["data"] = {"tokenizer": model}
+        out["gpt"] = {"model": model}
+    if getattr(args, "allow_download", None) is True:
         for stage in ("data", "gpt"):
             out.setdefault(stage, {})["allow_download"] = True
     return out
@@ -87,7 +93,7 @@ class StageCommand:
         self.preset, self.config_file = peek_run_options(argv)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        add_run_options(parser)
+        add_run_options(parser, [f.name for f in dataclasses.fields(self.stage.config_cls())])
         origins = explain(self.stage, self.preset, self.config_file)
         add_arguments(parser, self.stage.config_cls(), f"{self.stage.name} options", origins)
 

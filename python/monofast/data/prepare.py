@@ -194,7 +194,7 @@ def _tokenizer(cfg: DataConfig, texts: Iterable[str]) -> tuple[Any, int, dict[st
                     sum(len(t) for t in texts))
         tok = tokenizer.train(texts, cfg.vocab_size)
         return tok, tok.token_to_id(tokenizer.EOT), {"kind": "bpe"}
-    from monofast.gpt import hf
+    from monofast.common import hf
 
     model = hf.model_name(cfg.tokenizer)
     wrapped = hf.load_tokenizer(cfg.tokenizer, cfg.allow_download)

@@ -36,10 +36,11 @@ def record_hf(folder: Path, model: str, dtype: str, allow_download: bool, data_d
     """The gpt stage with `--model`: check the model loads and fits and that the data was
     tokenized with its tokenizer, then write `hf_model.json` naming it."""
     from monofast.common.device import pick_dtype
+    from monofast.common.hf import load_lm, model_name
     from monofast.data.splits import load_meta
     from monofast.gpt import hf
 
-    name = hf.model_name(model)
+    name = model_name(model)
     meta = load_meta(data_dir)
     origin = meta.get("tokenizer", {})
     if origin.get("model") != name:
@@ -47,7 +48,7 @@ def record_hf(folder: Path, model: str, dtype: str, allow_download: bool, data_d
         raise UserError(f"the data in {data_dir} was tokenized with {used}, not {name}'s; run "
                         f"`monofast data --tokenizer {model}` (or `monofast run --model {model}`)")
     cpu = torch.device("cpu")  # loaded once here to check the weights are there and readable
-    lm = hf.load_lm(model, cpu, pick_dtype(dtype, cpu) or torch.float32, allow_download)
+    lm = load_lm(model, cpu, pick_dtype(dtype, cpu) or torch.float32, allow_download)
     vocab = int(lm.get_output_embeddings().weight.shape[0])
     if vocab < meta["vocab_size"]:
         raise DataError(f"{name} predicts {vocab} tokens but its tokenizer has {meta['vocab_size']}")
@@ -64,6 +65,7 @@ def record_hf(folder: Path, model: str, dtype: str, allow_download: bool, data_d
 def load_hf(folder: Path, device: torch.device, site: str):
     """The Hugging Face model `folder/hf_model.json` names, hooked at `site`, in eval mode."""
     from monofast.common.device import pick_dtype
+    from monofast.common.hf import load_lm
     from monofast.gpt import hf
 
     path = folder / hf.MODEL_RECORD
@@ -71,7 +73,7 @@ def load_hf(folder: Path, device: torch.device, site: str):
     if not isinstance(record, dict) or not isinstance(record.get("model"), str):
         raise DataError(f"{path} does not name a model; re-run `monofast gpt train --force`")
     dtype = pick_dtype(str(record.get("dtype", "auto")), device) or torch.float32
-    lm = hf.load_lm(record["model"], device, dtype, bool(record.get("allow_download", False)))
+    lm = load_lm(record["model"], device, dtype, bool(record.get("allow_download", False)))
     return hf.HFModel(lm, site, record["model"]).eval()
 
 
