@@ -5,8 +5,10 @@ whole pipeline at smoke size, and the errors a user meets."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import hf_models
@@ -189,11 +191,14 @@ def test_direct_logits_follow_the_final_norm(models, kind):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,site", [("gpt2", "mlp.hook_post"), ("neox", "hook_resid_post"),
                                        ("llama", "mlp.hook_post")])
-def test_whole_pipeline_on_a_hugging_face_model(corpus, models, tmp_path, kind, site):
+def test_whole_pipeline_on_a_hugging_face_model(corpus, models, tmp_path, kind, site, capsys):
     run = tmp_path / "run"
     argv = ["run", "--preset", "smoke", "--run", str(run), "--model", str(models[kind]), "--hook",
             f"blocks.1.{site}", "--set", f"data.sources={','.join(corpus[1])}"]
     assert cli.main(argv) == 0
+    shape = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("SAE "))
+    assert shape.endswith(f"on {MLP_WIDTH[kind] if site == 'mlp.hook_post' else WIDTH} "
+                          f"{'MLP neurons' if site == 'mlp.hook_post' else 'residual-stream dimensions'})")
     evaluation = json.loads((run / "sae" / "eval.json").read_text())
     member = evaluation["saes"][evaluation["selection"]["published"]]
     assert np.isfinite(member["ce_loss_recovered"]) and set(member["ce_loss_recovered_by_source"]) == {"verse", "code"}
@@ -204,6 +209,15 @@ def test_whole_pipeline_on_a_hugging_face_model(corpus, models, tmp_path, kind, 
     saelens_name = {("gpt2", "mlp.hook_post"): "transformer.h.1.mlp.act", ("neox", "hook_resid_post"):
                     "gpt_neox.layers.1", ("llama", "mlp.hook_post"): "blocks.1.mlp.hook_post"}[(kind, site)]
     assert meta["hook_name"] == saelens_name  # a gated MLP's activation is no module's output
+    if importlib.util.find_spec("sae_lens") is not None:  # SAELens reads the folder as it is
+        with warnings.catch_warnings():  # its import of TransformerLens warns of a renamed module
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from sae_lens import SAE
+
+        loaded = SAE.load_from_disk(str(run / "sae"), device="cpu")
+        assert loaded.cfg.metadata.hook_name == saelens_name
+        assert loaded.cfg.metadata.model_name == str(models[kind].resolve())
+        assert loaded.cfg.metadata.model_class_name == "AutoModelForCausalLM"
     summary = json.loads((run / "analysis" / "summary.json").read_text())
     assert summary["hook_name"] == f"blocks.1.{site}" and summary["model"] == str(models[kind].resolve())
     assert (run / "site" / "index.html").is_file() and not (run / "site" / "lab.html").exists()

@@ -105,15 +105,26 @@ def _by_source(values: Optional[dict[str, float]], fmt: str) -> str:
     return ", ".join(f"{name} {format(v, fmt)}" for name, v in values.items())
 
 
+def units(hook: str | None) -> str:
+    """What the SAE's input dimensions are, by the hook it reads (a Hugging Face model's may
+    be the residual stream or an attention output)."""
+    if hook and hook.endswith("hook_resid_post"):
+        return "residual-stream dimensions"
+    if hook and hook.endswith("hook_attn_out"):
+        return "attention-output dimensions"
+    return "MLP neurons"
+
+
 def rows(res: Results) -> list[Row]:
     """The results as (label, value, detail) rows, in reading order."""
     out: list[Row] = []
+    basis = units((res.summary or {}).get("hook_name"))
     if res.gpt is not None:
         out.append(Row("GPT validation loss", f"{res.gpt['val_loss']:.3f}",
                        _by_source(res.gpt.get("val_loss_by_source"), ".3f")))
     if res.sae is not None:
         d_in, d_sae = res.sae_shape
-        shape = f"{d_sae:,} features on {d_in:,} MLP neurons" if d_sae else ""
+        shape = f"{d_sae:,} features on {d_in:,} {basis}" if d_sae else ""
         out.append(Row("SAE", res.sae_name, shape))
         out.append(Row("L0 (features firing per token)", f"{res.sae['l0']:.1f}"))
         out.append(Row("FVU (variance unexplained)", f"{res.sae['fvu']:.3f}"))
@@ -135,11 +146,11 @@ def rows(res: Results) -> list[Row]:
         neurons = res.summary["pure_by_source"]["neurons"]
         for name, share in features.items():
             out.append(Row(f"features > {pure:.0%} {name}", f"{share:.1%}",
-                           f"MLP neurons {neurons.get(name, 0.0):.1%}"))
+                           f"{basis} {neurons.get(name, 0.0):.1%}"))
         f_all = res.summary["purity"]["features"].get("pure_fraction")
         n_all = res.summary["purity"]["neurons"].get("pure_fraction")
         if f_all is not None and n_all is not None:
-            out.append(Row(f"features > {pure:.0%} one source", f"{f_all:.1%}", f"MLP neurons {n_all:.1%}"))
+            out.append(Row(f"features > {pure:.0%} one source", f"{f_all:.1%}", f"{basis} {n_all:.1%}"))
     if res.findings is not None:
         out += findings_rows(res.findings)
     return out
