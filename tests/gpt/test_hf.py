@@ -223,7 +223,7 @@ def test_whole_pipeline_on_a_hugging_face_model(corpus, models, tmp_path, kind, 
     assert (run / "site" / "index.html").is_file() and not (run / "site" / "lab.html").exists()
 
 
-def test_harvest_command_with_a_model_runs_the_stages_before_it(corpus, models, tmp_path):
+def test_harvest_command_with_a_model_runs_the_stages_before_it(corpus, models, tmp_path, capsys):
     config = tmp_path / "sources.toml"
     config.write_text("[data]\nsources = [" + ", ".join(f'"{s}"' for s in corpus[1]) + "]\n")
     run = tmp_path / "run"
@@ -235,6 +235,23 @@ def test_harvest_command_with_a_model_runs_the_stages_before_it(corpus, models, 
     index = json.loads((run / "activations" / "index.json").read_text())
     assert index["gpt"]["hook_name"] == "blocks.0.hook_attn_out" and index["dim"] == WIDTH
     assert not (run / "sae").exists()  # it stops at the stage asked for
+    assert cli.main(["gpt", "sample", "--run", str(run), "--prompt", "Thou art", "--tokens", "6"]) == 0
+    assert capsys.readouterr().out.startswith("Thou art")
+
+
+def test_half_precision_weights(corpus, models, tmp_path):
+    data = data_for(corpus, models["neox"], tmp_path / "data")
+    hook = "blocks.1.mlp.hook_post"
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        record_hf(tmp_path / dtype, str(models["neox"]), dtype, False, data)
+        model = load_model(tmp_path / dtype, "cpu", hook)
+        assert next(model.parameters()).dtype == getattr(torch, dtype)
+        cfg = harvest.HarvestConfig(contexts=8, positions_per_context=8, context_length=32, batch_size=4, hook=hook)
+        harvest.harvest(cfg, data, tmp_path / dtype, tmp_path / f"acts-{dtype}")
+        rows[dtype] = activations.open_store(tmp_path / f"acts-{dtype}").take(np.arange(64), to_float32=True).tensor()
+    torch.testing.assert_close(rows["bfloat16"], rows["float32"], atol=0.05, rtol=0.05)  # bf16: 8 significant bits
+    assert not torch.equal(rows["bfloat16"], rows["float32"])
 
 
 def test_errors_name_the_problem_and_the_fix(corpus, models, tmp_path, monkeypatch, capsys):

@@ -18,6 +18,7 @@ from monofast.common.device import pick_device
 from monofast.common.errors import DataError, UserError
 from monofast.common.log import logger
 from monofast.data import tokenizer
+from monofast.data.splits import load_meta
 from monofast.gpt.model import GPT
 from monofast.gpt.sample import sample
 from monofast.gpt.weights import load_model
@@ -66,11 +67,12 @@ class SampleCommand:
         hook = sae_hook(run.require("sae")) if specs else None
         model = load_model(run.stage("gpt"), device, hook)
         tok = tokenizer.load(run.stage("data"))
+        eot_id = load_meta(run.stage("data"))["eot_id"]
         with clamp_context(run, model, specs, device) if specs else contextlib.nullcontext():
             for prompt in args.prompt or ["def run"]:
                 for i in range(args.num_samples):
                     text = sample(model, tok, prompt, args.tokens, args.temperature, args.top_k,
-                                  seed=args.seed + i, device=device)
+                                  seed=args.seed + i, device=device, eot_id=eot_id)
                     print(text + "\n", flush=True)
         return 0
 

@@ -17,12 +17,15 @@ SAMPLES_FILE = "samples.txt"
 
 
 def sample(model: GPT, tok: Any, prompt: str, tokens: int, temperature: float = 0.8,
-           top_k: Optional[int] = 50, seed: int = 1337, device: str | torch.device = "cpu") -> str:
-    """One sample continuing `prompt`, cut at the first end-of-text; the same seed gives the
-    same text. An empty prompt starts a new document."""
-    eot = tok.token_to_id(EOT)
+           top_k: Optional[int] = 50, seed: int = 1337, device: str | torch.device = "cpu",
+           eot_id: Optional[int] = None) -> str:
+    """One sample continuing `prompt`, cut at the first end-of-text (`eot_id`, default the
+    tokenizer's <|endoftext|>); the same seed gives the same text. An empty prompt starts a
+    new document."""
+    eot = tok.token_to_id(EOT) if eot_id is None else eot_id
     ids = tok.encode(prompt, add_special_tokens=False).ids or [eot]
-    if tok.get_vocab_size() != model.config.vocab_size:
+    vocab = model.config.vocab_size  # a Hugging Face model's unembedding may be padded past its tokenizer
+    if tok.get_vocab_size() > vocab or (model.residual_shortcut and tok.get_vocab_size() != vocab):
         raise DataError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model "
                         f"{model.config.vocab_size}; the model was trained on other data: "
                         f"re-run `monofast gpt train --force`")
