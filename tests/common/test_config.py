@@ -78,6 +78,28 @@ def test_identity_leaves_out_runtime_fields():
     assert not config.same_identity(None, Runtimed())
 
 
+@dataclass
+class Grown:
+    """`Runtimed` after a release added a field."""
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device", "dtype"})
+
+    width: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+    sources: tuple[str, ...] = ("a", "b")
+    """Added later."""
+
+
+def test_a_field_added_since_matches_a_record_without_it_only_at_its_default():
+    recorded = config.identity(Runtimed())  # written before `sources` existed
+    assert config.same_identity(recorded, Grown())
+    assert not config.same_identity(recorded, Grown(sources=("a",)))
+    assert not config.same_identity(recorded, Grown(width=5))
+    assert not config.same_identity({**recorded, "sources": ["a"]}, Grown())  # a recorded value must match
+    assert not config.same_identity({**recorded, "gone": 1}, Grown())  # a field since removed is a change
+
+
 def test_a_record_from_before_a_field_became_runtime_still_matches():
     # written when dtype still counted as config
     assert config.same_identity({"width": 4, "dtype": "float32"}, Runtimed(dtype="bfloat16"))

@@ -51,7 +51,11 @@ def test_report_of_a_smoke_run(smoke_run, tmp_path, capsys, monkeypatch):
         pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
     assert cli.main(["report", str(smoke_run.run), "--out", str(out), "--feature", "1"]) == 0
     written = capsys.readouterr().out.split()
-    assert written == [str(out / "results.md"), str(out / "purity.svg"), str(out / "feature-1.png")]
+    assert written == [str(out / name) for name in ("results.md", "purity.svg", "pareto-ce.svg", "pareto-fvu.svg",
+                                                    "feature-1.png")]
+    for name in ("pareto-ce.svg", "pareto-fvu.svg"):  # files of their own: namespace and styles inside
+        chart = (out / name).read_text()
+        assert chart.startswith('<svg xmlns="http://www.w3.org/2000/svg"') and "<style>" in chart
     md = (out / "results.md").read_text()
     assert "| GPT validation loss |" in md and "| all stages |" in md
     png = (out / "feature-1.png").read_bytes()

@@ -217,6 +217,9 @@ def test_index_data_and_figures(site):
     assert "SAE training: mse" in page and "l1_10" in page
     assert "ce_loss_recovered_by_source" in page and "verse 0.93, code 0.89" in page
     assert "log10_density_histogram" not in page
+    assert "The trade-off across the sweep" in page and "CE-loss recovered against L0" in page
+    assert "FVU (variance unexplained) against L0" not in page  # no member has an FVU here
+    assert "l1_3: L0 12.5, CE-loss recovered on verse 0.93" in page and "published (l1_3)" in page  # the first member
     assert 'src="features.js"' in page and "fetch(" not in (folder / "assets" / "index.js").read_text()
 
 

@@ -336,8 +336,28 @@ def identity(cfg: Any) -> dict[str, Any]:
 def same_identity(recorded: Any, cfg: Any) -> bool:
     """Does an identity recorded earlier (a manifest's, a checkpoint's) match `cfg`'s? The
     fields `cfg`'s class now counts as runtime are left out of the recorded one too, so a
-    record written before a field became runtime still matches."""
+    record written before a field became runtime still matches; and a field the record
+    lacks (one added to the class since) matches when `cfg` leaves it at its default, which
+    keeps what the stage did before it existed."""
     if not isinstance(recorded, dict):
         return False
     runtime = getattr(type(cfg), "RUNTIME", frozenset())
-    return {k: v for k, v in recorded.items() if k not in runtime} == identity(cfg)
+    now = identity(cfg)
+    defaults = _field_defaults(type(cfg))
+    added = {k for k in now if k not in recorded and k in defaults and now[k] == defaults[k]}
+    return ({k: v for k, v in recorded.items() if k not in runtime}
+            == {k: v for k, v in now.items() if k not in added})
+
+
+def _field_defaults(cls: type) -> dict[str, Any]:
+    """Each field's default as `to_dict` writes it (fields without one are left out)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            value = f.default_factory()  # type: ignore[misc]
+        else:
+            continue
+        out[f.name] = json.loads(json.dumps(value))
+    return out

@@ -5,6 +5,9 @@ Writes into DIR:
     results.md               the metrics table and the time of each stage (markdown)
     purity.svg               purity of SAE features against MLP neurons (written by hand:
                              no plotting library)
+    pareto-ce.svg            the SAE sweep's trade-off: each member's L0 against its CE-loss
+    pareto-fvu.svg           recovered (overall and per source) and against its FVU, the
+                             published one ringed (the site's index page shows the same)
     feature-<source>.png     a screenshot of one feature page per source: of the features at
                              least 98% that source (else more than the analysis's pure share),
                              the one that fires most often (headless Chromium; skipped, with a
@@ -58,6 +61,14 @@ def write_report(run: Path, out: Path, features: Optional[Sequence[int]] = None)
         results.timings_markdown(res, [folder for folder, _ in run_order()]),
     ]) + "\n")
     files.write_text(written[1], purity_svg(res.summary or {}))
+    evaluation_path = run / "sae" / "eval.json"
+    if evaluation_path.is_file():
+        from monofast.site.quality import pareto
+
+        for name, chart in zip(("pareto-ce.svg", "pareto-fvu.svg"),
+                               pareto(files.read_json(evaluation_path, "SAE evaluation"), standalone=True)):
+            written.append(out / name)
+            files.write_text(written[-1], chart)
     if res.site_index is None:
         logger.warning("report: %s has no finished site; no screenshots", run)
         return written

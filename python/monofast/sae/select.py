@@ -45,9 +45,13 @@ class Selection:
     shortfalls: dict[str, list[str]] = field(default_factory=dict)
     """Per member, what misses the goal ("CE-loss recovered on python 77.5% < 85%", "dead 12.0% >= 10%")."""
     warning: Optional[str] = None
+    goal: Goal = field(default_factory=Goal)
+    """The goal the members were held to."""
 
     def record(self) -> dict[str, Any]:
         return {"published": self.published, "rule": self.rule, "met_goal": self.met_goal,
+                "goal": {"ce_loss_recovered": self.goal.ce_recovered, "dead_fraction": self.goal.dead,
+                         "l0": list(self.goal.l0)},
                 "members": {name: {"meets_goal": not short, "shortfalls": short}
                             for name, short in self.shortfalls.items()},
                 "warning": self.warning}
@@ -100,7 +104,7 @@ def select(saes: dict[str, dict[str, Any]], names: list[str], rule: str = "quali
                  f"{goal.ce_recovered:.0%} on every source and dead features < {goal.dead:.0%}")
         if meeting:
             best = min(meeting, key=lambda n: saes[n]["l0"])
-            return Selection(best, words, True, short)
+            return Selection(best, words, True, short, goal=goal)
         best = max(names, key=lambda n: (few_dead(saes[n], goal), worst_source(saes[n])[1]))
         source, rec = worst_source(saes[best])
         miss = (f"CE-loss recovered {rec:.1%} on {source} (goal {goal.ce_recovered:.0%})"
@@ -108,9 +112,9 @@ def select(saes: dict[str, dict[str, Any]], names: list[str], rule: str = "quali
         warning = (f"no SAE of the sweep meets the quality goal; published {best}, the best on its worst source: "
                    f"{miss}; {advice(saes[best], goal)}")
         return Selection(best, words + "; none did, so the one whose worst source recovers most", False, short,
-                         warning)
+                         warning, goal)
     why = "" if rule != "quality" else " (quality: no CE-loss recovered was measured)"
     if rule in ("quality", "target_l0") and target_l0 > 0 and all("l0" in saes.get(n, {}) for n in names):
         best = min(names, key=lambda n: abs(saes[n]["l0"] - target_l0))
-        return Selection(best, f"target_l0: the held-out L0 nearest {target_l0:g}{why}")
-    return Selection(names[0], f"first: the sweep's first SAE{why}")
+        return Selection(best, f"target_l0: the held-out L0 nearest {target_l0:g}{why}", goal=goal)
+    return Selection(names[0], f"first: the sweep's first SAE{why}", goal=goal)

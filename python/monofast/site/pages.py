@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from monofast.site import svg
+from monofast.site import quality, svg
 from monofast.site.findings import Findings
 from monofast.site.lab import try_it
 from monofast.site.text import Vocab, decode_window, display, escape, fmt
@@ -331,7 +331,8 @@ def index_page(data: SiteData, metrics: list[dict[str, Any]], evaluation: dict[s
     if data.findings is not None:
         parts.append('<nav class="top"><a href="findings.html">Findings</a>: feature splitting across SAE widths, '
                      'universality across two models, specificity, steering</nav>')
-    parts += [f'<p class="lead">{s["features"]["total"]:,} SAE features of MLP layer {s.get("layer", "?")} '
+    where = "MLP layer" if "mlp" in str(s.get("hook_name", "mlp")) else "layer"
+    parts += [f'<p class="lead">{s["features"]["total"]:,} SAE features of {where} {s.get("layer", "?")} '
               f'({s.get("hook_name", "")}), analysed over {s.get("tokens", 0):,} tokens ({by_source}).</p>',
               f'<p class="verdict">{escape(s.get("verdict", ""))}</p>',
               _counts_table(s),
@@ -339,8 +340,14 @@ def index_page(data: SiteData, metrics: list[dict[str, Any]], evaluation: dict[s
     training = training_figures(metrics)
     if training or evaluation:
         parts.append("<h2>SAE training and evaluation</h2>")
-        parts.append('<div class="figs">' + "".join(training) + "</div>"
-                     + evaluation_table(evaluation, str(s.get("sae", {}).get("name", ""))))
+        parts.append('<div class="figs">' + "".join(training) + "</div>")
+        trade_off = quality.pareto(evaluation)
+        if trade_off:
+            parts.append('<h3>The trade-off across the sweep</h3><p class="muted">Each SAE the stage trained, '
+                         'by its held-out L0: sparser to the left. The stage publishes (ringed) the sparsest one '
+                         'that meets the goal on every source (<code>--select quality</code>).</p>'
+                         '<div class="figs">' + "".join(trade_off) + "</div>")
+        parts.append(evaluation_table(evaluation, str(s.get("sae", {}).get("name", ""))))
     options = "".join(f'<option value="{i}">{escape(name)}</option>' for i, name in enumerate(data.sources))
     parts.append(
         '<h2>Features</h2><form class="filters" onsubmit="return false">'

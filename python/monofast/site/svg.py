@@ -193,3 +193,83 @@ def lines(title: str, x: Sequence[float], series: Sequence[Series], xlabel: str,
     labels = (10 ** hi, 10 ** lo) if log_y else (hi, lo)
     return _frame(title, xlabel, ylabel + (" (log)" if log_y else ""), labels[0], [s.label for s in series], body,
                   y_min=labels[1])
+
+
+class XYSeries(NamedTuple):
+    label: str
+    points: Sequence[tuple[float, float, str]]
+    """(x, y, tooltip) of each point; joined by a line in order of x."""
+
+
+STANDALONE_STYLE = ("<style>text{font-family:sans-serif}.ax{stroke:#999}.ct{font-size:12px;font-weight:600}"
+                    ".xl,.yl,.xt,.lg{font-size:10px;fill:#555}.xl,.xt{text-anchor:middle}.yl{text-anchor:end}"
+                    ".mk{stroke:#c92a2a;stroke-dasharray:4 3}.gd{stroke:#eee}</style>")
+"""The site stylesheet's chart rules, for an SVG file read on its own (`monofast report`)."""
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """1-2-5 ticks between lo and hi (both > 0)."""
+    out = []
+    for decade in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
+        out += [m * 10.0 ** decade for m in (1, 2, 5) if lo <= m * 10.0 ** decade <= hi]
+    return out
+
+
+def xy(title: str, series: Sequence[XYSeries], xlabel: str, ylabel: str, log_x: bool = False,
+       marked: Sequence[tuple[float, float, str]] = (), hlines: Sequence[tuple[float, str]] = (),
+       y_range: Optional[tuple[float, float]] = None, standalone: bool = False) -> str:
+    """Points of each series against numeric axes (x on a log scale with `log_x`), joined in
+    order of x; `marked` points get a ring and a label, `hlines` a dashed line at a y value.
+    `standalone`: a file of its own (namespace and styles inside)."""
+    pts = [(x, y) for s in series for x, y, _ in s.points
+           if math.isfinite(x) and math.isfinite(y) and (x > 0 or not log_x)]
+    if not pts:
+        return ""
+    w, h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    tf = (lambda v: math.log10(v)) if log_x else (lambda v: v)
+    x_lo, x_hi = min(tf(x) for x, _ in pts), max(tf(x) for x, _ in pts)
+    pad = 0.05 * ((x_hi - x_lo) or 1.0)
+    x_lo, x_hi = x_lo - pad, x_hi + pad
+    ys = [y for _, y in pts] + [y for y, _ in hlines]
+    y_lo, y_hi = y_range or (min(ys), max(ys))
+    y_hi = y_hi if y_hi > y_lo else y_lo + 1.0
+    if y_range is None:  # headroom: the legend sits in the top right corner
+        y_hi += 0.12 * len(series) * (y_hi - y_lo) + 0.05 * (y_hi - y_lo)
+
+    def px(x: float) -> float:
+        return LEFT + w * (tf(x) - x_lo) / (x_hi - x_lo)
+
+    def py(y: float) -> float:
+        return TOP + h - h * (min(max(y, y_lo), y_hi) - y_lo) / (y_hi - y_lo)
+
+    body = []
+    ticks = _log_ticks(10 ** x_lo, 10 ** x_hi) if log_x else []
+    if len(ticks) < 3:  # a narrow range: label the points' own x values
+        ticks = sorted({float(f"{x:.3g}") for x, _ in pts})
+    for t in ticks:
+        body.append(f'<line x1="{px(t):.1f}" y1="{TOP}" x2="{px(t):.1f}" y2="{TOP + h}" class="gd"/>'
+                    f'<text x="{px(t):.1f}" y="{TOP + h + 12}" class="xl">{escape(fmt(t))}</text>')
+    for y, label in hlines:
+        body.append(f'<line x1="{LEFT}" y1="{py(y):.1f}" x2="{LEFT + w}" y2="{py(y):.1f}" class="mk"/>'
+                    f'<text x="{LEFT + w - 4}" y="{py(y) + 11:.1f}" class="lg" text-anchor="end">'
+                    f'{escape(label)}</text>')
+    for i, s in enumerate(series):
+        color = COLORS[i % len(COLORS)]
+        inside = sorted((x, y, tip) for x, y, tip in s.points
+                        if math.isfinite(x) and math.isfinite(y) and (x > 0 or not log_x))
+        if len(inside) > 1:
+            line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y, _ in inside)
+            body.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
+        body += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"><title>{escape(tip)}</title></circle>'
+                 for x, y, tip in inside]
+    for x, y, label in marked:
+        if math.isfinite(x) and math.isfinite(y) and (x > 0 or not log_x):
+            body.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="6.5" fill="none" stroke="#222" '
+                        f'stroke-width="1.5"/><text x="{px(x) + 9:.1f}" y="{py(y) + 12:.1f}" class="lg">'
+                        f'{escape(label)}</text>')
+    chart = _frame(title, xlabel + (" (log)" if log_x else ""), ylabel, y_hi, [s.label for s in series], body,
+                   y_min=y_lo)
+    if standalone:
+        chart = chart.replace('<svg class="chart"', '<svg xmlns="http://www.w3.org/2000/svg" class="chart"', 1)
+        chart = chart.replace(">", ">" + STANDALONE_STYLE + f'<rect width="{WIDTH}" height="{HEIGHT}" fill="#fff"/>', 1)
+    return chart
