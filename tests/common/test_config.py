@@ -79,14 +79,9 @@ def test_identity_leaves_out_runtime_fields():
 
 
 @dataclass
-class Grown:
+class Grown(Runtimed):
     """`Runtimed` after a release added a field."""
 
-    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device", "dtype"})
-
-    width: int = 4
-    device: str = "auto"
-    dtype: str = "auto"
     sources: tuple[str, ...] = ("a", "b")
     """Added later."""
 
