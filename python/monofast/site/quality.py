@@ -34,6 +34,10 @@ def pareto(evaluation: dict[str, Any], standalone: bool = False) -> list[str]:
     selection = evaluation.get("selection") if isinstance(evaluation.get("selection"), dict) else {}
     published = selection.get("published") or next(iter(members))
     goal = selection.get("goal") or {}
+    if not goal and str(selection.get("rule", "")).startswith("quality"):  # recorded before the goal was
+        from monofast.sae.select import Goal
+
+        goal = {"ce_loss_recovered": Goal().ce_recovered}
     mark = f"published ({published})"
     charts = []
     sources = sorted({s for m in members.values() for s in (m.get("ce_loss_recovered_by_source") or {})})

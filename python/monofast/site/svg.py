@@ -233,8 +233,9 @@ def xy(title: str, series: Sequence[XYSeries], xlabel: str, ylabel: str, log_x: 
     ys = [y for _, y in pts] + [y for y, _ in hlines]
     y_lo, y_hi = y_range or (min(ys), max(ys))
     y_hi = y_hi if y_hi > y_lo else y_lo + 1.0
-    if y_range is None:  # headroom: the legend sits in the top right corner
-        y_hi += 0.12 * len(series) * (y_hi - y_lo) + 0.05 * (y_hi - y_lo)
+    if y_range is None:  # headroom: the legend sits in the top right corner; no point on the axis
+        span = y_hi - y_lo
+        y_hi, y_lo = y_hi + (0.12 * len(series) + 0.05) * span, y_lo - 0.08 * span
 
     def px(x: float) -> float:
         return LEFT + w * (tf(x) - x_lo) / (x_hi - x_lo)
@@ -251,7 +252,7 @@ def xy(title: str, series: Sequence[XYSeries], xlabel: str, ylabel: str, log_x: 
                     f'<text x="{px(t):.1f}" y="{TOP + h + 12}" class="xl">{escape(fmt(t))}</text>')
     for y, label in hlines:
         body.append(f'<line x1="{LEFT}" y1="{py(y):.1f}" x2="{LEFT + w}" y2="{py(y):.1f}" class="mk"/>'
-                    f'<text x="{LEFT + w - 4}" y="{py(y) + 11:.1f}" class="lg" text-anchor="end">'
+                    f'<text x="{LEFT + w - 4}" y="{py(y) - 3:.1f}" class="lg" text-anchor="end">'
                     f'{escape(label)}</text>')
     for i, s in enumerate(series):
         color = COLORS[i % len(COLORS)]
@@ -265,7 +266,7 @@ def xy(title: str, series: Sequence[XYSeries], xlabel: str, ylabel: str, log_x: 
     for x, y, label in marked:
         if math.isfinite(x) and math.isfinite(y) and (x > 0 or not log_x):
             body.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="6.5" fill="none" stroke="#222" '
-                        f'stroke-width="1.5"/><text x="{px(x) + 9:.1f}" y="{py(y) + 12:.1f}" class="lg">'
+                        f'stroke-width="1.5"/><text x="{px(x) + 9:.1f}" y="{py(y) - 8:.1f}" class="lg">'
                         f'{escape(label)}</text>')
     chart = _frame(title, xlabel + (" (log)" if log_x else ""), ylabel, y_hi, [s.label for s in series], body,
                    y_min=y_lo)
