@@ -79,11 +79,11 @@ def plain_activations(lm: torch.nn.Module, module: str, on_input: bool, x: torch
 
 
 def test_hook_names():
-    assert hf.parse_hook("blocks.3.mlp.hook_post") == (3, "mlp.hook_post")
-    assert hf.parse_hook("blocks.0.hook_resid_post") == (0, "hook_resid_post")
+    assert common_hf.parse_hook("blocks.3.mlp.hook_post") == (3, "mlp.hook_post")
+    assert common_hf.parse_hook("blocks.0.hook_resid_post") == (0, "hook_resid_post")
     for bad in ("blocks.x.mlp.hook_post", "blocks.1.hook_resid_pre", "transformer.h.1", ""):
         with pytest.raises(UserError, match="monofast hooks --model"):
-            hf.parse_hook(bad)
+            common_hf.parse_hook(bad)
 
 
 @pytest.mark.parametrize("kind", hf_models.KINDS)
@@ -237,6 +237,10 @@ def test_harvest_command_with_a_model_runs_the_stages_before_it(corpus, models, 
     assert not (run / "sae").exists()  # it stops at the stage asked for
     assert cli.main(["gpt", "sample", "--run", str(run), "--prompt", "Thou art", "--tokens", "6"]) == 0
     assert capsys.readouterr().out.startswith("Thou art")
+    # Without --model the same run trains the tiny GPT again, and the folder stops naming the model.
+    assert cli.main(["run", "--preset", "smoke", "--run", str(run), "--config", str(config), "--to", "gpt"]) == 0
+    assert not (run / "gpt" / hf.MODEL_RECORD).exists()
+    assert type(load_model(run / "gpt")).__name__ == "GPT"
 
 
 def test_half_precision_weights(corpus, models, tmp_path):

@@ -90,7 +90,7 @@ class HarvestConfig:
         if self.context_length < 0:
             raise ValueError(f"context_length={self.context_length}; use 0 (the block size) or a positive length")
         if self.hook:
-            from monofast.gpt.hf import parse_hook
+            from monofast.common.hf import parse_hook
 
             parse_hook(self.hook)
         if self.split not in SPLITS:
@@ -170,7 +170,7 @@ def sample_positions(seed: int, context_ids: np.ndarray, length: int, count: int
 def hooked_layer(cfg: HarvestConfig) -> int:
     """The layer the harvest reads: the hook's, else `layer` (negative: from the last)."""
     if cfg.hook:
-        from monofast.gpt.hf import parse_hook
+        from monofast.common.hf import parse_hook
 
         return parse_hook(cfg.hook)[0]
     return cfg.layer

@@ -5,12 +5,24 @@ how to install it. The model behind the GPT's interface is `monofast.gpt.hf`."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 from monofast.common.errors import DataError, UserError
 
 INSTALL_HINT = "install the extra: pip install 'monofast[hf]'"
+SITES = ("mlp.hook_post", "hook_resid_post", "hook_attn_out")
+HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(s) for s in SITES) + r")$")
+
+
+def parse_hook(name: str) -> tuple[int, str]:
+    """(layer, site) of a hook name such as `blocks.3.mlp.hook_post`."""
+    match = HOOK_PATTERN.match(name.strip())
+    if match is None:
+        raise UserError(f"hook {name!r}: expected blocks.L.SITE with SITE one of {', '.join(SITES)} "
+                        f"(e.g. blocks.3.mlp.hook_post); `monofast hooks --model ...` lists a model's hooks")
+    return int(match.group(1)), match.group(2)
 
 
 def transformers_module() -> Any:

@@ -26,7 +26,6 @@ Loading (local only unless downloads are allowed; refused when it cannot fit) is
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
@@ -35,27 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from monofast.common.errors import DataError, UserError
+from monofast.common.hf import SITES
 from monofast.gpt.model import GPTOutput
 
 MODEL_RECORD = "hf_model.json"
 """What the gpt stage writes instead of weights when it names a Hugging Face model."""
-SITES = ("mlp.hook_post", "hook_resid_post", "hook_attn_out")
-HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(s) for s in SITES) + r")$")
 DEFAULT_CONTEXT = 256
 """Tokens per context when a stage's length option is 0 (the model's own limit is far longer)."""
 PROJ_NAMES = ("c_proj", "dense_4h_to_h", "down_proj", "fc2", "fc_out", "w2")
 NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "final_norm")
 
 MLPHook = Callable[[torch.Tensor], Optional[torch.Tensor]]
-
-
-def parse_hook(name: str) -> tuple[int, str]:
-    """(layer, site) of a hook name such as `blocks.3.mlp.hook_post`."""
-    match = HOOK_PATTERN.match(name.strip())
-    if match is None:
-        raise UserError(f"hook {name!r}: expected blocks.L.SITE with SITE one of {', '.join(SITES)} "
-                        f"(e.g. blocks.3.mlp.hook_post); `monofast hooks --model ...` lists a model's hooks")
-    return int(match.group(1)), match.group(2)
 
 
 # ---------------------------------------------------------------------------------------

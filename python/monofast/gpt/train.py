@@ -308,6 +308,9 @@ def run_stage(cfg: GPTTrainConfig, run: Any) -> None:
             logger.info("gpt: using %s (%s, %d layers, %s parameters)", record["model"],
                         record["architecture"], record["n_layer"], f"{record['parameters']:,}")
         return
+    from monofast.gpt.hf import MODEL_RECORD
+
+    (out / MODEL_RECORD).unlink(missing_ok=True)  # this folder no longer names a Hugging Face model
     result = train(cfg, data_dir, out)
     last = result.metrics[-1]
     by_source = ", ".join(f"{k} {v:.3f}" for k, v in last["val_loss_by_source"].items())

@@ -93,7 +93,7 @@ def hook_site(hook: str | None) -> str:
     """The site (`mlp.hook_post`, ...) of a hook name; None and "" are the MLP's."""
     if not hook:
         return "mlp.hook_post"
-    from monofast.gpt.hf import parse_hook
+    from monofast.common.hf import parse_hook
 
     return parse_hook(hook)[1]
 
