@@ -221,6 +221,10 @@ def test_whole_pipeline_on_a_hugging_face_model(corpus, models, tmp_path, kind, 
     summary = json.loads((run / "analysis" / "summary.json").read_text())
     assert summary["hook_name"] == f"blocks.1.{site}" and summary["model"] == str(models[kind].resolve())
     assert (run / "site" / "index.html").is_file() and not (run / "site" / "lab.html").exists()
+    # Steering: a feature clamped at the hook, the SAE's error term spliced back in.
+    capsys.readouterr()
+    assert cli.main(["gpt", "sample", "--run", str(run), "--prompt", "Thou", "--tokens", "5", "--clamp", "3=2x"]) == 0
+    assert capsys.readouterr().out.startswith("Thou")
 
 
 def test_harvest_command_with_a_model_runs_the_stages_before_it(corpus, models, tmp_path, capsys):
