@@ -178,14 +178,15 @@ class HFModel(nn.Module):
             raise UserError(f"site {site!r}: choose one of {', '.join(SITES)}")
         self.lm = lm
         self.site = site
+        self.name = name
         c = lm.config
         n_layer = int(c.num_hidden_layers)
         d_model = int(getattr(c, "hidden_size", 0) or getattr(c, "n_embd"))
-        width = d_model
-        if site == "mlp.hook_post":
-            width = int(getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d_model)
         limit = int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048)
         vocab = int(lm.get_output_embeddings().weight.shape[0])
+        device = next(lm.parameters()).device
+        with torch.no_grad():  # the width as a forward pass of one token measures it, whatever the config calls it
+            width = int(self.mlp_activations(torch.zeros(1, 1, dtype=torch.long, device=device), 0).shape[-1])
         self.config = HFConfig(name, n_layer, limit, width, d_model, vocab, site, min(limit, DEFAULT_CONTEXT))
 
     def _site(self, layer: int) -> Site:
@@ -228,7 +229,7 @@ class HFModel(nn.Module):
         finally:
             handle.remove()
         if not seen:
-            raise DataError(f"the hook {self.hook_name(layer)} never ran in a forward pass of {self.config.name}")
+            raise DataError(f"the hook {self.hook_name(layer)} never ran in a forward pass of {self.name}")
         return seen[0]
 
     def run_to_mlp(self, idx: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
