@@ -110,6 +110,10 @@ def test_presets_lists_all(capsys):
     out = capsys.readouterr().out
     for name in ("smoke", "quick", "laptop", "paper"):
         assert out.count(f"{name}:") >= 1
+    # The table's time is the default run's; the findings' stages are counted apart.
+    row = next(line for line in out.splitlines() if line.strip().startswith("quick "))
+    estimated = next(line for line in out.splitlines() if line.startswith("  estimated:") and "family" in line)
+    assert "with findings)" in row and "family" in estimated
 
 
 def test_full_disk_is_one_line(tmp_path, two_sources, monkeypatch, capsys):

@@ -13,7 +13,7 @@ from monofast.run import estimate, results
 from monofast.run.pipeline import run_all
 from monofast.run.presets import PRESETS
 from monofast.run.resolve import file_layer, resolve_config
-from monofast.run.stages import EXTRAS, STAGES
+from monofast.run.stages import EXTRAS, STAGES, TWIN_STAGES
 
 
 class RunCommand:
@@ -90,12 +90,16 @@ class PresetsCommand:
         for name in PRESETS:
             configs = {s.name: resolve_config(s, name) for s in STAGES}
             table.append((name, estimate.estimate(configs, device)))
-        print(f"  {'preset':8s} {'time (est.)':>13s} {'disk (est.)':>12s}  for")
+        print(f"  {'preset':8s} {'time (est.)':>13s} {'disk (est.)':>12s}  for  (time and disk of `monofast run`; "
+              f"--with findings adds the rest)")
+        extras = {s.name for s in STAGES if s.extra}
         for name, stages in table:
-            seconds = sum(e.seconds for e in stages.values())
-            disk = sum(e.disk_bytes for e in stages.values())
+            seconds = sum(e.seconds for stage, e in stages.items() if stage not in extras)
+            disk = sum(e.disk_bytes for stage, e in stages.items() if stage not in extras)
+            # --with findings: the family and the findings, and the second model's GPT, harvest and SAE
+            more = sum(e.seconds for stage, e in stages.items() if stage in extras or stage in TWIN_STAGES)
             print(f"  {name:8s} {estimate.duration(seconds):>13s} {estimate.size(disk):>12s}  "
-                  f"{PRESETS[name].get('about', '')}")
+                  f"{PRESETS[name].get('about', '')} (+{estimate.duration(more)} with findings)")
         for name, stages in table:
             print()
             print(f"{name}: {PRESETS[name].get('about', '')}")
