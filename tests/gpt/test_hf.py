@@ -98,6 +98,18 @@ def test_hooks_list_every_site_with_its_width(models, kind, capsys):
         assert line.split()[1] == str(width) and line.endswith(module), line
 
 
+def test_contexts_default_to_256_tokens_not_the_model_limit():
+    import transformers
+
+    lm = transformers.AutoModelForCausalLM.from_config(hf_models.config("llama", 64, context=4096)).eval()
+    model = hf.HFModel(lm, "mlp.hook_post", "long")
+    assert model.config.block_size == 4096 and model.config.default_context == hf.DEFAULT_CONTEXT == 256
+    plan = harvest.plan(harvest.HarvestConfig(contexts=2, positions_per_context=4), model.config, 10_000)
+    assert plan.length == 256 and plan.dim == MLP_WIDTH["llama"]
+    assert harvest.plan(harvest.HarvestConfig(contexts=2, positions_per_context=4, context_length=1024),
+                        model.config, 10_000).length == 1024
+
+
 def test_data_stage_uses_the_model_tokenizer(corpus, models, tmp_path):
     import transformers
 

@@ -60,7 +60,7 @@ class HarvestConfig:
     positions_per_context: int = 200
     """Positions sampled from each context without replacement (the seed: 200 of 256)."""
     context_length: int = 0
-    """Tokens per context; 0 means the GPT's block size."""
+    """Tokens per context; 0 means the GPT's block size (256 for a Hugging Face model, not its limit)."""
     layer: int = -1
     """MLP layer whose post-GELU activations are stored; negative counts from the last."""
     hook: str = ""
@@ -182,8 +182,7 @@ def plan(cfg: HarvestConfig, model_cfg: Any, n_tokens: int) -> Plan:
     layer = requested + n_layer if requested < 0 else requested
     if not 0 <= layer < n_layer:
         raise UserError(f"layer={requested}: the model has layers 0..{n_layer - 1} (or -1 for the last)")
-    # A Hugging Face model takes far longer contexts than the SAE needs: its default is shorter.
-    length = cfg.context_length or getattr(model_cfg, "default_context", model_cfg.block_size)
+    length = cfg.context_length or model_cfg.default_context  # a Hugging Face model's: 256, not its limit
     if length > model_cfg.block_size:
         raise UserError(f"context_length={length} exceeds the GPT's block size {model_cfg.block_size}")
     skip = 1 if cfg.skip_first else 0

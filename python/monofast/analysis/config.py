@@ -21,7 +21,7 @@ class AnalysisConfig:
     splits: tuple[str, ...] = field(default=("train", "val"), metadata={"metavar": "SPLIT,..."})
     """Data splits the contexts come from, comma-separated: train, val or both."""
     context_size: int = 0
-    """Tokens per context (0: the GPT's block_size). Contexts tile the data without overlap."""
+    """Tokens per context (0: the GPT's block_size; 256 for a Hugging Face model). Contexts tile the data without overlap."""
     batch_contexts: int = 64
     """Contexts per forward pass; 64 x 256 tokens is a 16k-row batch (about 150 MB of activations
     at 1,536 features)."""

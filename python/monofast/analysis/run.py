@@ -56,7 +56,7 @@ def analyze(cfg: AnalysisConfig, data_dir: str | Path, gpt_dir: str | Path, sae_
     sae = SparseAutoencoder.load(sae_dir, device)
     check_shapes(model, sae, meta["vocab_size"], sae_dir)
     layer = resolve_layer(cfg.layer, model, sae_dir, activations_dir)
-    size = cfg.context_size or model.config.block_size
+    size = cfg.context_size or model.config.default_context  # a Hugging Face model's: 256, not its limit
     if size > model.config.block_size:
         raise UserError(f"context_size={size} exceeds the GPT's block_size={model.config.block_size}; "
                         f"lower --context-size")

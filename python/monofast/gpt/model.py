@@ -84,6 +84,11 @@ class GPTConfig(GPTShape):
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def default_context(self) -> int:
+        """Tokens per context where a stage's length option is 0: the whole block."""
+        return self.block_size
+
 
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's own only gained `bias=False` in 2.1)."""

@@ -351,7 +351,7 @@ def prepare(gpt_dir: str | Path, data_dir: str | Path, layer: int, d_in: int, ma
     if model.config.d_mlp != d_in:
         raise DataError(f"the activation store rows have width {d_in} but the GPT in {gpt_dir} has MLP width "
                         f"{model.config.d_mlp}; re-run `monofast activations harvest --force` with this GPT")
-    length = min(length or model.config.block_size, model.config.block_size)
+    length = min(length or model.config.default_context, model.config.block_size)
     return CEEvaluation(model, layer, held_out_tokens(data_dir, length, max_tokens))
 
 
