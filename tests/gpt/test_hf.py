@@ -127,6 +127,24 @@ def test_data_stage_uses_the_model_tokenizer(corpus, models, tmp_path):
     assert np.asarray(split.sources)[-1] == 1  # the code source's tokens carry its label
 
 
+def test_a_vocabulary_past_uint16_gets_uint32_token_files(corpus, tmp_path):
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({w for p in corpus[0].glob("verse.txt") for w in p.read_text(encoding="utf-8").split()})
+    vocab = {"<eos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    vocab.update({f"filler{i}": len(vocab) + i for i in range(70_000 - len(vocab))})  # past 65,536 entries
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(
+        tmp_path / "big")
+    meta = build(DataConfig(sources=corpus[1], chars_per_source=20_000, tokenizer=str(tmp_path / "big")),
+                 tmp_path / "data")
+    assert meta["vocab_size"] == 70_000 and meta["token_dtype"] == "uint32"
+    tokens = np.asarray(load_split(tmp_path / "data", "train").tokens)
+    assert tokens.dtype == np.uint32 and tokens.max() < 70_000 and (tokens == 0).sum() >= 1
+
+
 @pytest.mark.parametrize("kind", hf_models.KINDS)
 @pytest.mark.parametrize("site", hf.SITES)
 def test_harvested_rows_equal_a_plain_forward_hook(corpus, models, tmp_path, kind, site):

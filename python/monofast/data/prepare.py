@@ -139,7 +139,9 @@ def build(cfg: DataConfig, out: Path) -> dict[str, Any]:
 
     tok, eot_id, origin = _tokenizer(cfg, (d.text for s in sources for d in splits[s.name][0]))
     vocab = tok.get_vocab_size()
-    dtype = np.dtype(cfg.resolved_dtype())
+    # auto: by the tokenizer's real size (a Hugging Face model's may exceed uint16's 65,536)
+    dtype = np.dtype(cfg.resolved_dtype() if cfg.token_dtype != "auto" else
+                     "uint16" if vocab <= 2**16 else "uint32")
     if vocab > np.iinfo(dtype).max + 1:
         raise DataError(f"the tokenizer has {vocab} tokens, too many for {dtype}; use --token-dtype uint32")
 
