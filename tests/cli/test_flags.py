@@ -52,7 +52,7 @@ def test_help_shows_the_preset_values(capsys):
     assert "(now: 1700, from the laptop preset)" in laptop
     sae = _help(capsys, "sae", "train")
     assert "(now: april2024, from the quick preset)" in sae
-    assert "(now: 2.75, from the quick preset)" in sae
+    assert "(now: 2.0,2.75,4.0, from the quick preset)" in sae
     smoke = _help(capsys, "sae", "train", "--preset", "smoke")
     assert "(now: 2, from the smoke preset)" in smoke  # --expansion
     assert "(now: anthropic2023, the default)" in smoke  # smoke sets no variant
