@@ -223,7 +223,7 @@ def run_stage(cfg: HarvestConfig, run: Any) -> None:
 def harvest(cfg: HarvestConfig, data_dir: str | Path, gpt_dir: str | Path, out: str | Path) -> HarvestResult:
     """Harvest into `out`, resuming an interrupted harvest of the same inputs and config."""
     from monofast.common.device import pick_device
-    from monofast.gpt.hf import MODEL_RECORD
+    from monofast.gpt.hf import MODEL_RECORD, HFModel, saelens_hook_name
     from monofast.gpt.weights import (  # imports torch: only here, so the CLI starts without it
         MODEL_FILE,
         load_model,
@@ -239,9 +239,7 @@ def harvest(cfg: HarvestConfig, data_dir: str | Path, gpt_dir: str | Path, out: 
     gpt_info = {"checkpoint": f"{gpt_dir.name}/{weights.name}", "checksum": files.hash_file(weights),
                 "layer": the_plan.layer, "hook": HOOK, "n_layer": model.config.n_layer,
                 "d_mlp": model.config.d_mlp, "hook_name": f"blocks.{the_plan.layer}.mlp.hook_post"}
-    if hasattr(model, "lm"):  # a Hugging Face model: its name, and the module SAELens would hook
-        from monofast.gpt.hf import saelens_hook_name
-
+    if isinstance(model, HFModel):  # its name, and the module SAELens would hook
         gpt_info.update(hook=model.site, hook_name=model.hook_name(the_plan.layer), model=model.config.name,
                         hook_module=saelens_hook_name(model.lm, the_plan.layer, model.site))
     data_info = {"split": cfg.split,

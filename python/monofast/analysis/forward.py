@@ -124,6 +124,6 @@ def check_shapes(model: GPT, sae: SparseAutoencoder, vocab_size: int, sae_dir: P
     if sae.cfg.d_in != model.config.d_mlp:
         raise DataError(f"the SAE in {sae_dir} reads d_in={sae.cfg.d_in} but the GPT's MLP is "
                         f"{model.config.d_mlp} wide; train the SAE on this GPT's activations")
-    if model.config.vocab_size != vocab_size and (model.residual_shortcut or model.config.vocab_size < vocab_size):
+    if not model.config.accepts_vocab(vocab_size):
         raise DataError(f"the GPT has {model.config.vocab_size} tokens but the data's tokenizer "
                         f"{vocab_size}; re-run `monofast gpt train --force`")

@@ -59,15 +59,28 @@ def available_memory(device: Any) -> Optional[int]:
     return None
 
 
+def load_config(model: str, allow_download: bool = False) -> Any:
+    """The model's `transformers` config (local only unless downloads are allowed)."""
+    try:
+        return transformers_module().AutoConfig.from_pretrained(model, local_files_only=not allow_download)
+    except (OSError, ValueError) as err:
+        raise _not_found(model, allow_download, err) from None
+
+
+def meta_model(config: Any) -> Any:
+    """A causal LM of `config` on the meta device: its modules and shapes, no memory for weights."""
+    import torch
+
+    with torch.device("meta"):
+        return transformers_module().AutoModelForCausalLM.from_config(config)
+
+
 def parameter_bytes(config: Any, dtype: Any) -> int:
     """Bytes the weights of a model of `config` take at `dtype`, counted without allocating them."""
     import torch
 
-    transformers = transformers_module()
-    with torch.device("meta"):
-        shell = transformers.AutoModelForCausalLM.from_config(config)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return sum(p.numel() for p in shell.parameters()) * itemsize
+    return sum(p.numel() for p in meta_model(config).parameters()) * itemsize
 
 
 def load_lm(model: str, device: Any, dtype: Any, allow_download: bool = False) -> Any:
@@ -75,10 +88,7 @@ def load_lm(model: str, device: Any, dtype: Any, allow_download: bool = False) -
     `device` at `dtype`, refused with its size when it cannot fit in the memory free there."""
     transformers = transformers_module()
     local_only = not allow_download
-    try:
-        config = transformers.AutoConfig.from_pretrained(model, local_files_only=local_only)
-    except (OSError, ValueError) as err:
-        raise _not_found(model, allow_download, err) from None
+    config = load_config(model, allow_download)
     need = parameter_bytes(config, dtype)
     free = available_memory(device)
     if free is not None and need > free:

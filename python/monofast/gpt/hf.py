@@ -162,8 +162,11 @@ class HFConfig:
     """Width of the hooked activation (d_mlp at an MLP hook, d_model at the others)."""
     n_embd: int
     vocab_size: int
-    site: str
     default_context: int = DEFAULT_CONTEXT
+
+    def accepts_vocab(self, size: int) -> bool:
+        """Can a tokenizer of `size` tokens feed the model? Its unembedding may be padded past it."""
+        return size <= self.vocab_size
 
 
 class HFModel(nn.Module):
@@ -179,6 +182,7 @@ class HFModel(nn.Module):
         self.lm = lm
         self.site = site
         self.name = name
+        self._sites: dict[int, Site] = {}
         c = lm.config
         n_layer = int(c.num_hidden_layers)
         d_model = int(getattr(c, "hidden_size", 0) or getattr(c, "n_embd"))
@@ -187,10 +191,14 @@ class HFModel(nn.Module):
         device = next(lm.parameters()).device
         with torch.no_grad():  # the width as a forward pass of one token measures it, whatever the config calls it
             width = int(self.mlp_activations(torch.zeros(1, 1, dtype=torch.long, device=device), 0).shape[-1])
-        self.config = HFConfig(name, n_layer, limit, width, d_model, vocab, site, min(limit, DEFAULT_CONTEXT))
+        self.config = HFConfig(name, n_layer, limit, width, d_model, vocab, min(limit, DEFAULT_CONTEXT))
 
     def _site(self, layer: int) -> Site:
-        return find_site(self.lm, layer, self.site)
+        """Where `layer`'s hook reads, found once (every forward pass of the harvest and the
+        CE evaluation attaches there)."""
+        if layer not in self._sites:
+            self._sites[layer] = find_site(self.lm, layer, self.site)
+        return self._sites[layer]
 
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.{self.site}"

@@ -84,6 +84,10 @@ class GPTConfig(GPTShape):
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def accepts_vocab(self, size: int) -> bool:
+        """Can a tokenizer of `size` tokens feed the model? Only the one it was trained with."""
+        return size == self.vocab_size
+
     @property
     def default_context(self) -> int:
         """Tokens per context where a stage's length option is 0: the whole block."""

@@ -24,8 +24,7 @@ def sample(model: GPT, tok: Any, prompt: str, tokens: int, temperature: float = 
     new document."""
     eot = tok.token_to_id(EOT) if eot_id is None else eot_id
     ids = tok.encode(prompt, add_special_tokens=False).ids or [eot]
-    vocab = model.config.vocab_size  # a Hugging Face model's unembedding may be padded past its tokenizer
-    if tok.get_vocab_size() > vocab or (model.residual_shortcut and tok.get_vocab_size() != vocab):
+    if not model.config.accepts_vocab(tok.get_vocab_size()):
         raise DataError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model "
                         f"{model.config.vocab_size}; the model was trained on other data: "
                         f"re-run `monofast gpt train --force`")

@@ -33,10 +33,10 @@ def save_model(folder: Path, model: GPT) -> None:
 
 
 def record_hf(folder: Path, model: str, dtype: str, allow_download: bool, data_dir: Path) -> dict:
-    """The gpt stage with `--model`: check the model loads and fits and that the data was
-    tokenized with its tokenizer, then write `hf_model.json` naming it."""
-    from monofast.common.device import pick_dtype
-    from monofast.common.hf import load_lm, model_name
+    """The gpt stage with `--model`: check the model's config is there and that the data was
+    tokenized with its tokenizer, then write `hf_model.json` naming it. The weights load
+    where they are used (the harvest on): here a shell on the meta device counts them."""
+    from monofast.common.hf import load_config, meta_model, model_name
     from monofast.data.splits import load_meta
     from monofast.gpt import hf
 
@@ -47,8 +47,7 @@ def record_hf(folder: Path, model: str, dtype: str, allow_download: bool, data_d
         used = f"the tokenizer of {origin['model']}" if origin.get("model") else "its own BPE"
         raise UserError(f"the data in {data_dir} was tokenized with {used}, not {name}'s; run "
                         f"`monofast data --tokenizer {model}` (or `monofast run --model {model}`)")
-    cpu = torch.device("cpu")  # loaded once here to check the weights are there and readable
-    lm = load_lm(model, cpu, pick_dtype(dtype, cpu) or torch.float32, allow_download)
+    lm = meta_model(load_config(model, allow_download))
     vocab = int(lm.get_output_embeddings().weight.shape[0])
     if vocab < meta["vocab_size"]:
         raise DataError(f"{name} predicts {vocab} tokens but its tokenizer has {meta['vocab_size']}")

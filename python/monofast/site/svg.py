@@ -4,6 +4,7 @@ bars and a scatter map of linked points."""
 from __future__ import annotations
 
 import math
+import re
 from typing import NamedTuple, Optional, Sequence
 
 from monofast.site.text import escape, fmt
@@ -201,10 +202,15 @@ class XYSeries(NamedTuple):
     """(x, y, tooltip) of each point; joined by a line in order of x."""
 
 
-STANDALONE_STYLE = ("<style>text{font-family:sans-serif}.ax{stroke:#999}.ct{font-size:12px;font-weight:600}"
-                    ".xl,.yl,.xt,.lg{font-size:10px;fill:#555}.xl,.xt{text-anchor:middle}.yl{text-anchor:end}"
-                    ".mk{stroke:#c92a2a;stroke-dasharray:4 3}.gd{stroke:#eee}</style>")
-"""The site stylesheet's chart rules, for an SVG file read on its own (`monofast report`)."""
+def standalone_style() -> str:
+    """The site stylesheet's chart rules (`svg .ax { ... }`), for an SVG file read on its own
+    (`monofast report`): one set of styles for both."""
+    from importlib import resources
+
+    css = (resources.files("monofast.site") / "assets" / "style.css").read_text(encoding="utf-8")
+    rules = re.findall(r"svg (\.[\w-]+(?:, svg \.[\w-]+)*) (\{[^}]*\})", css)
+    return "<style>text{font-family:sans-serif}" + "".join(sel.replace("svg ", "") + body for sel, body in rules) \
+        + "</style>"
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
@@ -221,8 +227,10 @@ def xy(title: str, series: Sequence[XYSeries], xlabel: str, ylabel: str, log_x: 
     """Points of each series against numeric axes (x on a log scale with `log_x`), joined in
     order of x; `marked` points get a ring and a label, `hlines` a dashed line at a y value.
     `standalone`: a file of its own (namespace and styles inside)."""
-    pts = [(x, y) for s in series for x, y, _ in s.points
-           if math.isfinite(x) and math.isfinite(y) and (x > 0 or not log_x)]
+    def drawable(x: float, y: float) -> bool:
+        return math.isfinite(x) and math.isfinite(y) and (x > 0 or not log_x)
+
+    pts = [(x, y) for s in series for x, y, _ in s.points if drawable(x, y)]
     if not pts:
         return ""
     w, h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
@@ -256,15 +264,14 @@ def xy(title: str, series: Sequence[XYSeries], xlabel: str, ylabel: str, log_x: 
                     f'{escape(label)}</text>')
     for i, s in enumerate(series):
         color = COLORS[i % len(COLORS)]
-        inside = sorted((x, y, tip) for x, y, tip in s.points
-                        if math.isfinite(x) and math.isfinite(y) and (x > 0 or not log_x))
+        inside = sorted((x, y, tip) for x, y, tip in s.points if drawable(x, y))
         if len(inside) > 1:
             line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y, _ in inside)
             body.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
         body += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"><title>{escape(tip)}</title></circle>'
                  for x, y, tip in inside]
     for x, y, label in marked:
-        if math.isfinite(x) and math.isfinite(y) and (x > 0 or not log_x):
+        if drawable(x, y):
             body.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="6.5" fill="none" stroke="#222" '
                         f'stroke-width="1.5"/><text x="{px(x) + 9:.1f}" y="{py(y) - 8:.1f}" class="lg">'
                         f'{escape(label)}</text>')
@@ -272,5 +279,5 @@ def xy(title: str, series: Sequence[XYSeries], xlabel: str, ylabel: str, log_x: 
                    y_min=y_lo)
     if standalone:
         chart = chart.replace('<svg class="chart"', '<svg xmlns="http://www.w3.org/2000/svg" class="chart"', 1)
-        chart = chart.replace(">", ">" + STANDALONE_STYLE + f'<rect width="{WIDTH}" height="{HEIGHT}" fill="#fff"/>', 1)
+        chart = chart.replace(">", ">" + standalone_style() + f'<rect width="{WIDTH}" height="{HEIGHT}" fill="#fff"/>', 1)
     return chart
