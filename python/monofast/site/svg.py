@@ -3,6 +3,7 @@ bars and a scatter map of linked points."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import NamedTuple, Optional, Sequence
@@ -202,9 +203,10 @@ class XYSeries(NamedTuple):
     """(x, y, tooltip) of each point; joined by a line in order of x."""
 
 
+@functools.cache
 def standalone_style() -> str:
     """The site stylesheet's chart rules (`svg .ax { ... }`), for an SVG file read on its own
-    (`monofast report`): one set of styles for both."""
+    (`monofast report`): one set of styles for both, read from the stylesheet once."""
     from importlib import resources
 
     css = (resources.files("monofast.site") / "assets" / "style.css").read_text(encoding="utf-8")
