@@ -10,7 +10,8 @@ bfloat16, one thread (a bfloat16 product of these shapes takes ~22 ms there):
 - bias + ReLU after the encoder product, the decoder bias, and the L1 term added to the
   feature gradient all run inside oneDNN's product as its bias / post-op
   (`mkldnn._linear_pointwise`): free, against 0.7 ms for `add_` + 0.6 ms for `relu_`
-  and ~1.5 ms for `addmm`'s bias (it copies the bias into the output first);
+  and ~1.5 ms for `addmm`'s bias (it copies the bias into the output first). Only in
+  bfloat16: in float32 MKL's `addmm` is the faster product (`FUSED_LINEAR_DTYPES`);
 - column sums as a vector-matrix product with ones: 0.13 ms, against 0.8 ms for
   `sum(0, dtype=float32)` (which first casts the whole [B, F] tensor) and, at F 4,096,
   3 ms for a plain `sum(0)`;
@@ -53,9 +54,17 @@ _fused_linear_failed = False
 then on the plain products run, slower by the bias and ReLU passes but the same."""
 
 
+FUSED_LINEAR_DTYPES = (torch.bfloat16,)
+"""Dtypes whose CPU products take oneDNN's fused linear. In float32 MKL's `addmm` (+ `relu_`)
+is faster: on a 2-core AVX2 EPYC, two threads, 1.08-1.88x over the step's three products at
+four SAE shapes (B 2,048 x D 768 x F 3,072: the encoder's, its weight a transposed view,
+54.5 against 102.6 ms; the decoder's 52.0 against 79.4), and on Zen 4 the fused epilogue
+saves only the ~2 ms of the bias and ReLU passes."""
+
+
 def _fused_linear_ok(a: torch.Tensor) -> bool:
-    """oneDNN's fused linear serves CPU float32 and bfloat16 (as fast as `mm` for both)."""
-    return (not _fused_linear_failed and a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16)
+    """oneDNN's fused linear serves CPU products in `FUSED_LINEAR_DTYPES`."""
+    return (not _fused_linear_failed and a.device.type == "cpu" and a.dtype in FUSED_LINEAR_DTYPES
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 

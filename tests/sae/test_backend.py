@@ -201,12 +201,21 @@ def test_dispatch_casts_for_single_dtype_backends(monkeypatch):
 
 
 def test_plain_products_give_the_same_step(monkeypatch):
-    """Where oneDNN's fused linear is missing or refuses, the plain products compute the same."""
+    """Where oneDNN's fused linear is missing or refuses, the plain products compute the same
+    (float32 takes the plain products by default; here both ways are forced)."""
     x, params = make_inputs(37, 24, 50)
     upstream = make_upstream(37, 24, 50)
+    monkeypatch.setattr(eager, "FUSED_LINEAR_DTYPES", (torch.float32, torch.bfloat16))
+    monkeypatch.setattr(eager, "_fused_linear_failed", False)  # a bfloat16 call may have been refused
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(eager.torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
     fused, fused_grads = gradients(eager.sae_step, x, params, upstream, None, True)
     monkeypatch.setattr(eager, "_fused_linear_failed", True)
+    assert calls, "the fused linear was not taken"
+    calls.clear()
     plain, plain_grads = gradients(eager.sae_step, x, params, upstream, None, True)
+    assert not calls
     torch.testing.assert_close(plain.x_hat, fused.x_hat)
     for got, want in zip(plain_grads, fused_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
