@@ -53,7 +53,8 @@ REAL = ((2048, 768, 1536), (2048, 512, 4096))
 L1_COEFF = 1e-3
 
 FLOORS = ("matmul-bf16", "matmul-fp32")
-OURS = ("monofast-bf16", "monofast-fp32", "sparse-bf16", "sparse-fp32", "topk-bf16", "topk-dense-bf16",
+OURS = ("monofast-bf16", "monofast-fp32", "sparse-bf16", "sparse-fp32", "onednn-fp32", "sparse-onednn-fp32",
+        "topk-bf16", "topk-dense-bf16",
         "reference", "autograd-fp32", "autograd-bf16")
 PEERS = ("saelens-fp32", "saelens-bf16", "sparsify-fp32", "sparsify-bf16")
 PEERS_INSTALL = "pip install -e '.[peers]'  (sae-lens==6.54.0 eai-sparsify==1.3.3)"
@@ -115,6 +116,23 @@ def sae_training_step(n_rows: int, d_in: int, d_sae: int, compute_dtype: str, de
         (out.mse + L1_COEFF * out.l1).backward()
         sae.optimizer_step(opt)
         opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+def onednn_products(step: Callable[[], None]) -> Callable[[], None]:
+    """The step with its float32 products through oneDNN's fused linear, as they ran before
+    float32 moved to MKL's `addmm` (`monofast.kernels.eager.FUSED_LINEAR_DTYPES`): that
+    choice, timed side by side (`onednn-fp32`, `sparse-onednn-fp32`)."""
+    from monofast.kernels import eager
+
+    def run() -> None:
+        kept = eager.FUSED_LINEAR_DTYPES
+        eager.FUSED_LINEAR_DTYPES = (torch.float32, torch.bfloat16)
+        try:
+            step()
+        finally:
+            eager.FUSED_LINEAR_DTYPES = kept
 
     return run
 
@@ -239,6 +257,9 @@ def make(provider: str, n_rows: int, d_in: int, d_sae: int, device: str = "cpu")
         return matmul_floor(n_rows, d_in, d_sae, torch.bfloat16 if provider.endswith("bf16") else torch.float32,
                             device)
     precision = "bfloat16" if provider.endswith("bf16") else "float32"
+    if provider in ("onednn-fp32", "sparse-onednn-fp32"):
+        return onednn_products(sae_training_step(n_rows, d_in, d_sae, precision, device,
+                                                 sparse=provider.startswith("sparse-")))
     if provider.startswith(("monofast-", "sparse-")):
         return sae_training_step(n_rows, d_in, d_sae, precision, device, sparse=provider.startswith("sparse-"))
     if provider.startswith("topk-"):
@@ -274,7 +295,7 @@ def _assert_matches_reference() -> None:
 @pytest.mark.parametrize("provider", FLOORS + OURS + PEERS)
 def test_sae_step(benchmark, provider):
     benchmark.group = f"sae_step B{SMALL[0]}-D{SMALL[1]}-F{SMALL[2]}"
-    if provider.startswith(("monofast", "sparse")):
+    if provider.startswith(("monofast", "sparse", "onednn")):
         _assert_matches_reference()
     step = make(provider, *SMALL)
     step()  # warm-up: first-call allocations and lazy initialisation

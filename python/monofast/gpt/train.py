@@ -140,8 +140,9 @@ def train(cfg: GPTTrainConfig, data_dir: str | Path, out: str | Path) -> TrainRe
     with matmul_precision(device):
         trainer = Trainer(cfg, meta["vocab_size"], device, dtype)
         state = _start_state(cfg, out, trainer)
-        logger.info("gpt: %.2fM parameters, %s, %s autocast, %s, %s schedule, steps %d..%d of batch %d x %d%s",
-                    trainer.model.num_params() / 1e6, device, str(dtype).removeprefix("torch."),
+        precision = str(dtype).removeprefix("torch.") + ("" if dtype == torch.float32 else " autocast")
+        logger.info("gpt: %.2fM parameters, %s, %s, %s, %s schedule, steps %d..%d of batch %d x %d%s",
+                    trainer.model.num_params() / 1e6, device, precision,
                     "Muon + AdamW" if cfg.optimizer == "muon" else "AdamW", cfg.schedule,
                     state.step, cfg.max_iters, cfg.batch_size, cfg.block_size,
                     f" over {here.size} processes" if here.size > 1 else "")
