@@ -4,15 +4,20 @@ torch. A later run reads the answer instead of timing again, so runs on one mach
 the same choices (and write the same files); deleting the file measures again.
 
 Files live in the cache folder (`files.cache_dir()`), one JSON object per file, keyed by
-`machine(device)` plus whatever else the measurement depends on. A damaged file is
-rewritten; one that cannot be written costs a measurement per run, nothing else.
+`machine(device)` plus whatever else the measurement depends on. The key names the kernels'
+code too (`kernels_fingerprint`): a change that makes one form faster is measured afresh
+instead of racing by an answer timed before it. A damaged file is rewritten; one that cannot
+be written costs a measurement per run, nothing else.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import platform
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -21,8 +26,25 @@ from monofast.common import files
 from monofast.common.log import logger
 
 
+@functools.cache
+def kernels_fingerprint() -> str:
+    """12 hex digits of a digest of the SAE step's code: every file of `monofast.kernels`
+    (Python, Metal) and the native library, read once per process."""
+    import monofast
+
+    digest = hashlib.sha256()
+    package = Path(monofast.__file__).parent
+    kernels = (package / "kernels").resolve()
+    native = sorted(package.glob("_native*.so")) + sorted(package.glob("_native*.pyd"))
+    for path in sorted(kernels.rglob("*.py")) + sorted(kernels.rglob("*.metal")) + native:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def machine(device: torch.device) -> str:
-    """The processor (with torch's thread count) or card, and torch's version."""
+    """The processor (with torch's thread count) or card, torch's version and the kernels'
+    code (`kernels_fingerprint`)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     elif device.type == "cpu":
@@ -35,7 +57,7 @@ def machine(device: torch.device) -> str:
         name = f"{name}, {torch.get_num_threads()} threads"
     else:
         name = device.type
-    return f"{name} | torch {torch.__version__} | {device.type}"
+    return f"{name} | torch {torch.__version__} | {device.type} | kernels {kernels_fingerprint()}"
 
 
 def remembered(file: str, key: str, measure: Callable[[], dict[str, Any]],
