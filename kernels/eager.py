@@ -58,8 +58,9 @@ FUSED_LINEAR_DTYPES = (torch.bfloat16,)
 """Dtypes whose CPU products take oneDNN's fused linear. In float32 MKL's `addmm` (+ `relu_`)
 is faster: on a 2-core AVX2 EPYC, two threads, 1.08-1.88x over the step's three products at
 four SAE shapes (B 2,048 x D 768 x F 3,072: the encoder's, its weight a transposed view,
-54.5 against 102.6 ms; the decoder's 52.0 against 79.4), and on Zen 4 the fused epilogue
-saves only the ~2 ms of the bias and ReLU passes."""
+54.5 against 102.6 ms; the decoder's 52.0 against 79.4). Where the fused linear was chosen
+(Zen 4, bfloat16, above) its epilogue saved the ~2 ms of the bias and ReLU passes; float32
+there is untimed (`benches/bench_sae.py` times `onednn-fp32` beside `monofast-fp32`)."""
 
 
 def _fused_linear_ok(a: torch.Tensor) -> bool:

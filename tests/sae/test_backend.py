@@ -221,6 +221,19 @@ def test_plain_products_give_the_same_step(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_float32_products_take_addmm(monkeypatch):
+    """float32 steps run MKL's `addmm`, not oneDNN's fused linear (slower in float32, up to
+    1.9x on an AVX2 CPU: benches/RESULTS.md)."""
+    monkeypatch.setattr(eager, "_fused_linear_failed", False)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(eager.torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].dtype) or real(*a))
+    x, params = make_inputs(37, 24, 50)
+    gradients(eager.sae_step, x, params, make_upstream(37, 24, 50), None, True)
+    assert calls == []
+    assert torch.float32 not in eager.FUSED_LINEAR_DTYPES
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_topk_gather_decode_matches_the_dense_product(monkeypatch, dtype):
     """The k-row gather and the dense [B, F] x [F, D] product decode alike, gradients included."""
