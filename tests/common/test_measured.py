@@ -52,3 +52,29 @@ def test_remembered_measures_once_per_key(tmp_path, monkeypatch):
     assert measured.remembered("t.json", "a", measure(2.0)) == {"ms": 1.0}  # read back, not timed
     assert measured.remembered("t.json", "b", measure(3.0)) == {"ms": 3.0}
     assert calls == [1.0, 3.0]
+
+
+def test_the_digest_follows_a_linked_kernels_folder_and_skips_stray_files(tmp_path, monkeypatch):
+    """In a checkout the package's kernels/ is a link to the sources' folder: the digest reads
+    through it (Metal sources included), and an editor's lock file (a dangling link) or a
+    hidden backup neither breaks it nor moves it."""
+    source = tmp_path / "src" / "kernels"
+    (source / "metal").mkdir(parents=True)
+    (source / "eager.py").write_text("STEP = 1\n")
+    (source / "metal" / "sae.metal").write_text("kernel void a() {}\n")
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "kernels").symlink_to(source, target_is_directory=True)
+    monkeypatch.setattr(monofast, "__file__", str(package / "__init__.py"))
+    try:
+        measured.kernels_fingerprint.cache_clear()
+        first = measured.kernels_fingerprint()
+        (source / ".#eager.py").symlink_to(tmp_path / "gone")  # dangling, as an editor leaves it
+        (source / ".eager.py.swp.py").write_text("junk")
+        measured.kernels_fingerprint.cache_clear()
+        assert measured.kernels_fingerprint() == first
+        (source / "metal" / "sae.metal").write_text("kernel void b() {}\n")
+        measured.kernels_fingerprint.cache_clear()
+        assert measured.kernels_fingerprint() != first
+    finally:
+        measured.kernels_fingerprint.cache_clear()

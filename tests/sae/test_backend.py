@@ -200,6 +200,12 @@ def test_dispatch_casts_for_single_dtype_backends(monkeypatch):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in leaves)
 
 
+needs_onednn = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
+    reason="needs oneDNN's fused linear (torch.ops.mkldnn._linear_pointwise)")
+
+
+@needs_onednn
 def test_plain_products_give_the_same_step(monkeypatch):
     """Where oneDNN's fused linear is missing or refuses, the plain products compute the same
     (float32 takes the plain products by default; here both ways are forced)."""
@@ -221,6 +227,7 @@ def test_plain_products_give_the_same_step(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@needs_onednn
 def test_float32_products_take_addmm(monkeypatch):
     """float32 steps run MKL's `addmm`, not oneDNN's fused linear (slower in float32, up to
     1.9x on an AVX2 CPU: benches/RESULTS.md)."""

@@ -34,11 +34,18 @@ def kernels_fingerprint() -> str:
 
     digest = hashlib.sha256()
     package = Path(monofast.__file__).parent
-    kernels = (package / "kernels").resolve()
-    native = sorted(package.glob("_native*.so")) + sorted(package.glob("_native*.pyd"))
-    for path in sorted(kernels.rglob("*.py")) + sorted(kernels.rglob("*.metal")) + native:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+    kernels = (package / "kernels").resolve()  # a link to the sources' kernels/ in a checkout
+    found = [(f"kernels/{path.relative_to(kernels).as_posix()}", path)
+             for pattern in ("*.py", "*.metal") for path in kernels.rglob(pattern)]
+    found += [(path.name, path) for pattern in ("_native*.so", "_native*.pyd") for path in package.glob(pattern)]
+    for name, path in sorted(found):
+        if any(part.startswith(".") for part in name.split("/")) or not path.is_file():
+            continue  # an editor's lock or backup file, a dangling link
+        digest.update(name.encode() + b"\0")
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            digest.update(b"unreadable")
     return digest.hexdigest()[:12]
 
 

@@ -11,7 +11,7 @@ TopK fires k / d_sae by construction, so the two steps are timed at that k and t
 one is kept.
 
 A measurement is kept per machine in the cache folder (`sparse_crossover.json`, keyed by
-the processor, the torch version, the threads, the shapes and precisions;
+the processor, the torch version, the threads, the kernels' code, the shapes and precisions;
 `monofast.common.measured`), like an autotuner's: later runs on the machine read it, so they switch at the same steps and
 write the same files (the two forms agree to rounding, not to the bit), and a resumed
 run continues exactly as it would have. A measurement disturbed by other work is tried
@@ -127,7 +127,8 @@ def measure(sae: SparseAutoencoder, batch_size: int) -> Crossover:
 
 
 def cache_key(sae: SparseAutoencoder, batch_size: int) -> str:
-    """What a measurement depends on: the machine, torch, the shapes and precisions."""
+    """What a measurement depends on: the machine, torch, the kernels' code, the shapes and
+    precisions."""
     cfg = sae.cfg
     return (f"{measured_on(sae.W_enc.device)} | {cfg.variant} B{batch_size} D{cfg.d_in} F{cfg.d_sae}"
             f"{f' k{cfg.top_k}' if cfg.top_k else ''} | {cfg.dtype} with "
