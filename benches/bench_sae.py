@@ -123,19 +123,17 @@ def sae_training_step(n_rows: int, d_in: int, d_sae: int, compute_dtype: str, de
 @contextlib.contextmanager
 def onednn_float32() -> Iterator[None]:
     """float32 products through oneDNN's fused linear, as they ran before float32 moved to
-    MKL's `addmm` (`monofast.kernels.eager.FUSED_LINEAR_DTYPES`). A refusal of another
-    dtype earlier in the process (bf16 where the CPU lacks it) does not count; one inside
-    raises, since the step would have timed `addmm` under the oneDNN name."""
+    MKL's `addmm` (`monofast.kernels.eager.FUSED_LINEAR_DTYPES`). Raises if oneDNN refused
+    float32, since the step would have timed `addmm` under the oneDNN name."""
     from monofast.kernels import eager
 
-    kept = eager.FUSED_LINEAR_DTYPES, eager._fused_linear_failed
-    eager.FUSED_LINEAR_DTYPES, eager._fused_linear_failed = (torch.float32, torch.bfloat16), False
+    kept = eager.FUSED_LINEAR_DTYPES
+    eager.FUSED_LINEAR_DTYPES = (torch.float32, torch.bfloat16)
     try:
         yield
-        refused = eager._fused_linear_failed
     finally:
-        eager.FUSED_LINEAR_DTYPES, eager._fused_linear_failed = kept
-    if refused:
+        eager.FUSED_LINEAR_DTYPES = kept
+    if torch.float32 in eager._fused_linear_refused:
         raise RuntimeError("oneDNN's fused linear refused a float32 product here; the onednn providers cannot run")
 
 

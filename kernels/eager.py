@@ -49,9 +49,10 @@ _FIRED_BLOCK = 128
 """Rows counted per uint8 block when counting firings (<= 255 keeps uint8 exact)."""
 
 
-_fused_linear_failed = False
-"""Set when oneDNN's private fused linear refuses a call (a PyTorch that changed it): from
-then on the plain products run, slower by the bias and ReLU passes but the same."""
+_fused_linear_refused: set[torch.dtype] = set()
+"""Dtypes whose call oneDNN's private fused linear refused (a PyTorch that changed it, a CPU
+without bf16 support): from then on their products run plain, slower by the bias and ReLU
+passes but the same. Per dtype, so a bfloat16 refusal leaves float32 alone."""
 
 
 FUSED_LINEAR_DTYPES = (torch.bfloat16,)
@@ -65,7 +66,7 @@ there is untimed (`benches/bench_sae.py` times `onednn-fp32` beside `monofast-fp
 
 def _fused_linear_ok(a: torch.Tensor) -> bool:
     """oneDNN's fused linear serves CPU products in `FUSED_LINEAR_DTYPES`."""
-    return (not _fused_linear_failed and a.device.type == "cpu" and a.dtype in FUSED_LINEAR_DTYPES
+    return (a.device.type == "cpu" and a.dtype in FUSED_LINEAR_DTYPES and a.dtype not in _fused_linear_refused
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
@@ -74,12 +75,11 @@ def linear(a: torch.Tensor, w_t: torch.Tensor, bias: Optional[torch.Tensor], rel
 
     a [M, K], w_t [N, K] (any strides: a transposed view reads as fast), bias [N] or None.
     """
-    global _fused_linear_failed
     if _fused_linear_ok(a):
         try:
             return torch.ops.mkldnn._linear_pointwise(a, w_t, bias, "relu" if relu else "none", [], "")
         except (RuntimeError, TypeError):
-            _fused_linear_failed = True
+            _fused_linear_refused.add(a.dtype)
     out = torch.mm(a, w_t.T) if bias is None else torch.addmm(bias, a, w_t.T)
     return out.relu_() if relu else out
 

@@ -205,19 +205,26 @@ needs_onednn = pytest.mark.skipif(
     reason="needs oneDNN's fused linear (torch.ops.mkldnn._linear_pointwise)")
 
 
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[torch.dtype]:
+    """The input dtype of every call to oneDNN's fused linear in the test, nothing refused yet."""
+    calls: list[torch.dtype] = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(eager.torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].dtype) or real(*a))
+    monkeypatch.setattr(eager, "_fused_linear_refused", set())
+    return calls
+
+
 @needs_onednn
-def test_plain_products_give_the_same_step(monkeypatch):
+def test_plain_products_give_the_same_step(monkeypatch, fused_calls):
     """Where oneDNN's fused linear is missing or refuses, the plain products compute the same
     (float32 takes the plain products by default; here both ways are forced)."""
+    calls = fused_calls
     x, params = make_inputs(37, 24, 50)
     upstream = make_upstream(37, 24, 50)
     monkeypatch.setattr(eager, "FUSED_LINEAR_DTYPES", (torch.float32, torch.bfloat16))
-    monkeypatch.setattr(eager, "_fused_linear_failed", False)  # a bfloat16 call may have been refused
-    calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(eager.torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
     fused, fused_grads = gradients(eager.sae_step, x, params, upstream, None, True)
-    monkeypatch.setattr(eager, "_fused_linear_failed", True)
+    monkeypatch.setattr(eager, "_fused_linear_refused", {torch.float32, torch.bfloat16})
     assert calls, "the fused linear was not taken"
     calls.clear()
     plain, plain_grads = gradients(eager.sae_step, x, params, upstream, None, True)
@@ -228,16 +235,12 @@ def test_plain_products_give_the_same_step(monkeypatch):
 
 
 @needs_onednn
-def test_float32_products_take_addmm(monkeypatch):
+def test_float32_products_take_addmm(fused_calls):
     """float32 steps run MKL's `addmm`, not oneDNN's fused linear (slower in float32, up to
     1.9x on an AVX2 CPU: benches/RESULTS.md)."""
-    monkeypatch.setattr(eager, "_fused_linear_failed", False)
-    calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(eager.torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].dtype) or real(*a))
     x, params = make_inputs(37, 24, 50)
     gradients(eager.sae_step, x, params, make_upstream(37, 24, 50), None, True)
-    assert calls == []
+    assert fused_calls == []
     assert torch.float32 not in eager.FUSED_LINEAR_DTYPES
 
 
