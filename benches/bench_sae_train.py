@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -98,40 +99,56 @@ def measure(cfg: SAETrainConfig, store_dir: Path, gpt_dir: Optional[Path] = None
             loop_seconds = json.loads(lines[-1])["seconds"]
     finally:
         sae_train.train_step = step
-    name, sae_eval = next(iter(evaluation["saes"].items()))
-    steps = evaluation["training"]["sparse_step"].get("saes", {}).get(name, {}).get("steps")
     total_steps = int(json.loads(lines[-1])["step"])
-    steps = steps or {"dense": total_steps, "sparse": 0}
     batch = sample_rows(store, cfg.batch_size, store.rows, np.random.default_rng(0))
     d_sae = cfg.d_sae or cfg.expansion * store.dim
-    density = min(1.0, sae_eval["l0"] / d_sae)
-    bare = {"dense": bare_step_ms(cfg, store.dim, batch, False, 0.5, reps),
-            "sparse": bare_step_ms(cfg, store.dim, batch, True, density, reps)}
-    bare_seconds = sum(steps[form] * bare[form] for form in ("dense", "sparse")) / 1e3
-    return {"wall_s": wall, "loop_s": loop_seconds, "in_steps_s": in_steps[0], "steps": steps, "bare_ms": bare,
-            "bare_s": bare_seconds, "l0": sae_eval["l0"], "ratio": in_steps[0] / wall,
-            "loop_ratio": in_steps[0] / loop_seconds, "isolated_ratio": bare_seconds / wall}
+    forms = evaluation["training"]["sparse_step"].get("saes", {})
+    dense_ms = bare_step_ms(cfg, store.dim, batch, False, 0.5, reps)
+    # Every member of a sweep takes its own step on each batch: the bare time is theirs summed,
+    # each member's sparse steps timed at its own held-out density.
+    members: dict[str, Any] = {}
+    for name, sae_eval in evaluation["saes"].items():
+        steps = forms.get(name, {}).get("steps") or {"dense": total_steps, "sparse": 0}
+        density = min(1.0, sae_eval["l0"] / d_sae)
+        bare = {"dense": dense_ms,
+                "sparse": bare_step_ms(cfg, store.dim, batch, True, density, reps) if steps["sparse"] else math.nan}
+        members[name] = {"steps": steps, "bare_ms": bare, "l0": sae_eval["l0"],
+                         "bare_s": sum(steps[form] * bare[form] for form in ("dense", "sparse") if steps[form]) / 1e3}
+    bare_seconds = sum(m["bare_s"] for m in members.values())
+    return {"wall_s": wall, "loop_s": loop_seconds, "in_steps_s": in_steps[0], "members": members,
+            "bare_s": bare_seconds, "ratio": in_steps[0] / wall, "loop_ratio": in_steps[0] / loop_seconds,
+            "isolated_ratio": bare_seconds / wall}
 
 
 def report(result: dict[str, Any]) -> str:
-    steps, bare = result["steps"], result["bare_ms"]
-    return (f"trainer: {result['wall_s']:.1f} s whole, {result['loop_s']:.1f} s in the training loop, "
-            f"{result['in_steps_s']:.1f} s in its {steps['dense']} dense + {steps['sparse']} sparse steps; "
-            f"held-out L0 {result['l0']:.1f}\n"
-            f"trainer rate / its bare step rate: {result['ratio']:.0%} of the whole stage, "
-            f"{result['loop_ratio']:.0%} of the loop\n"
-            f"isolated step: dense {bare['dense']:.1f} ms, sparse {bare['sparse']:.1f} ms -> {result['bare_s']:.1f} s "
-            f"for those steps, {result['isolated_ratio']:.0%} of the whole stage")
+    members = result["members"]
+    lines = [f"trainer: {result['wall_s']:.1f} s whole, {result['loop_s']:.1f} s in the training loop, "
+             f"{result['in_steps_s']:.1f} s in the steps of its {len(members)} SAE(s)",
+             f"trainer rate / its bare step rate: {result['ratio']:.0%} of the whole stage, "
+             f"{result['loop_ratio']:.0%} of the loop"]
+    for name, m in members.items():
+        steps, bare = m["steps"], m["bare_ms"]
+        lines.append(f"  {name}: {steps['dense']} dense + {steps['sparse']} sparse steps, held-out L0 {m['l0']:.1f}; "
+                     f"isolated step dense {bare['dense']:.1f} ms, sparse {bare['sparse']:.1f} ms -> {m['bare_s']:.1f} s")
+    lines.append(f"isolated steps of every SAE: {result['bare_s']:.1f} s, {result['isolated_ratio']:.0%} of the whole "
+                 f"stage, {result['bare_s'] / result['in_steps_s']:.0%} of the time inside its steps")
+    return "\n".join(lines)
 
 
 def test_trainer_against_bare_step(tmp_path):
     store = tmp_path / "activations"
     small_store(store, 6000, 32)
     cfg = SAETrainConfig(expansion=4, batch_size=256, held_out=600, ce_eval_tokens=0, log_every=5,
-                         compute_dtype="float32", device="cpu", b_dec_init="mean", resample_rows=512)
+                         compute_dtype="float32", device="cpu", b_dec_init="mean", resample_rows=512,
+                         l1_coeff=(1.0, 5.0), sparse_step="on")
     result = measure(cfg, store, reps=2)
-    assert sum(result["steps"].values()) == (6000 - 600) // 256
-    assert 0 < result["in_steps_s"] < result["loop_s"] < result["wall_s"] and result["bare_s"] > 0
+    members = result["members"]
+    assert list(members) == ["l1_1", "l1_5"]  # a sweep: every member's steps count
+    for m in members.values():
+        assert m["steps"] == {"dense": 0, "sparse": (6000 - 600) // 256}
+        assert m["bare_s"] == m["steps"]["sparse"] * m["bare_ms"]["sparse"] / 1e3 > 0
+    assert result["bare_s"] == sum(m["bare_s"] for m in members.values())
+    assert 0 < result["in_steps_s"] < result["loop_s"] < result["wall_s"]
     print(report(result))
 
 
