@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -206,6 +207,17 @@ def test_race_to_loss_interleaved_equals_alone(tmp_path, capsys):
     target = raced[0].evals[-1]["val_loss_by_source"]
     hit = first_at_or_below(raced[1], target)
     assert hit is None or all(hit["val_loss_by_source"][k] <= v for k, v in target.items())
+
+
+def test_parse_recipe():
+    name, cfg = parse_recipe("laptop@1500,muon_lr=0.03,schedule=cosine,warmup_iters=20")
+    assert name == "laptop@1500,muon_lr=0.03,schedule=cosine,warmup_iters=20"
+    assert (cfg.max_iters, cfg.muon_lr, cfg.schedule, cfg.warmup_iters) == (1500, 0.03, "cosine", 20)
+    assert cfg.optimizer == "muon" and cfg.n_embd == 192  # the rest is the preset's
+    assert parse_recipe("seed")[1].max_iters == 7500
+    for bad in ("laptop,muon_lr", "laptop,nonsense=1"):
+        with pytest.raises(SystemExit, match="FIELD=VALUE"):
+            parse_recipe(bad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,9 +417,21 @@ def laptop_data(folder: Path) -> Path:
 
 
 def parse_recipe(spec: str) -> tuple[str, GPTTrainConfig]:
-    """"PRESET" or "PRESET@STEPS" (the preset's recipe with another step count)."""
-    preset, _, steps = spec.partition("@")
-    return spec, recipe(preset, **({"max_iters": int(steps)} if steps else {}))
+    """"PRESET", "PRESET@STEPS" (another step count) and either followed by ",FIELD=VALUE"
+    changes to the GPT config's fields (e.g. "laptop@1500,muon_lr=0.03"), so a lever is
+    raced against the seed from the command line."""
+    head, *changes = spec.split(",")
+    preset, _, steps = head.partition("@")
+    values: dict[str, Any] = {"max_iters": int(steps)} if steps else {}
+    kinds = {f.name: f.type for f in fields(GPTTrainConfig)}
+    for change in changes:
+        name, eq, text = change.partition("=")
+        if not eq or name not in kinds:
+            raise SystemExit(f"--recipe {spec!r}: {change!r} is not FIELD=VALUE of a GPT config field "
+                             f"(e.g. muon_lr=0.03, dropout=0.1)")
+        kind = str(kinds[name])
+        values[name] = int(text) if kind == "int" else float(text) if kind == "float" else text
+    return spec, recipe(preset, **values)
 
 
 def time_to_loss(args: argparse.Namespace) -> None:
@@ -439,9 +463,9 @@ def main() -> None:
                                             "bf16 only where the CPU multiplies it natively)")
     parser.add_argument("--time-to-loss", action="store_true",
                         help="train the seed recipe and --recipe to the end side by side instead")
-    parser.add_argument("--recipe", action="append", metavar="PRESET[@STEPS]",
-                        help="a preset whose GPT races the seed's, optionally with another step count "
-                             "(repeatable; default: laptop)")
+    parser.add_argument("--recipe", action="append", metavar="PRESET[@STEPS][,FIELD=VALUE...]",
+                        help="a preset whose GPT races the seed's, optionally with another step count and "
+                             "changed config fields, e.g. laptop@1500,muon_lr=0.03 (repeatable; default: laptop)")
     parser.add_argument("--data", help="a data stage's folder (default: build the laptop preset's "
                                        "in a temporary folder)")
     parser.add_argument("--chunks", type=int, default=100, help="interleaved chunks (default: 100)")
