@@ -106,14 +106,33 @@ def gather_sum(table: Tensor, index: Tensor, ptr: Tensor, weights: Tensor, trans
     ([D, S] with `transpose`), in `out_dtype` (default table's).
 
     table [N, D]; index, weights [nnz] (weights in table's dtype); ptr [S + 1]. An empty
-    segment gives a zero row. One `embedding_bag` (with the transpose and the cast in one
-    copy): on CPUs it matched a native segment sum inside the step, so there is none.
+    segment gives a zero row. One `embedding_bag` (then the transpose and the cast in one
+    blocked copy): on CPUs it matched a native segment sum inside the step, so there is none.
     """
-    out = torch.nn.functional.embedding_bag(index, table, ptr, per_sample_weights=weights, mode="sum",
+    # Detached: a table that requires grad (a parameter, even under no_grad) sends embedding_bag
+    # down its training path, which also builds what its own backward would need: 11.3 against
+    # 7.9 ms for the laptop shape's decoder rows. The sums here never carry autograd's gradients.
+    out = torch.nn.functional.embedding_bag(index, table.detach(), ptr, per_sample_weights=weights, mode="sum",
                                             include_last_offset=True)
     if transpose:
-        return torch.empty(out.shape[::-1], dtype=out_dtype or out.dtype, device=out.device).copy_(out.T)
+        return transposed(out, out_dtype or out.dtype)
     return out if out_dtype is None else out.to(out_dtype)
+
+
+_TRANSPOSE_BLOCK = 512
+"""Rows of the source per block of `transposed` on CPUs."""
+
+
+def transposed(a: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous copy of a.T [D, S] in `dtype`, from a [S, D]. On CPUs in blocks of source
+    rows, whose strided reads stay in cache: at [3,072, 768] float32, 3.7 ms against 6.6 ms
+    for one strided copy of the whole (2 threads, AVX2)."""
+    out = torch.empty(a.shape[::-1], dtype=dtype, device=a.device)
+    if a.device.type != "cpu":
+        return out.copy_(a.T)
+    for start in range(0, a.shape[0], _TRANSPOSE_BLOCK):
+        out[:, start:start + _TRANSPOSE_BLOCK].copy_(a[start:start + _TRANSPOSE_BLOCK].T)
+    return out
 
 
 _SAMPLED_CHUNK = 1 << 14

@@ -121,3 +121,20 @@ def test_the_primitives_against_plain_products():
     torch.testing.assert_close(sparse.gather_sum(b, active.col, active.row_ptr, active.val), feats @ b)
     by_feature = sparse.gather_sum(a, active.row[active.by_feature], active.feat_ptr, active.val[active.by_feature])
     torch.testing.assert_close(by_feature, feats.T @ a)
+    by_feature_t = sparse.gather_sum(a, active.row[active.by_feature], active.feat_ptr,
+                                     active.val[active.by_feature], transpose=True, out_dtype=torch.float32)
+    assert by_feature_t.dtype == torch.float32 and by_feature_t.is_contiguous()
+    torch.testing.assert_close(by_feature_t, (feats.T @ a).T.float())
+    # A parameter's table (requires grad) gives the same sums and no autograd graph.
+    table = torch.nn.Parameter(b.clone())
+    summed = sparse.gather_sum(table, active.col, active.row_ptr, active.val)
+    assert not summed.requires_grad
+    torch.testing.assert_close(summed, feats @ b)
+
+
+@pytest.mark.parametrize("rows", [1, 511, 512, 1100])
+def test_transposed_in_blocks(rows):
+    a = torch.randn(rows, 9, generator=torch.Generator().manual_seed(rows), dtype=torch.float64)
+    got = sparse.transposed(a, torch.float32)
+    assert got.shape == (9, rows) and got.is_contiguous() and got.dtype == torch.float32
+    assert torch.equal(got, a.T.float())
