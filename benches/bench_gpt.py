@@ -210,13 +210,16 @@ def test_race_to_loss_interleaved_equals_alone(tmp_path, capsys):
 
 
 def test_parse_recipe():
-    name, cfg = parse_recipe("laptop@1500,muon_lr=0.03,schedule=cosine,warmup_iters=20")
-    assert name == "laptop@1500,muon_lr=0.03,schedule=cosine,warmup_iters=20"
+    name, cfg = parse_recipe("laptop@1500,muon_lr=0.03,schedule=cosine,warmup_iters=20,bias=false")
+    assert name == "laptop@1500,muon_lr=0.03,schedule=cosine,warmup_iters=20,bias=false"
     assert (cfg.max_iters, cfg.muon_lr, cfg.schedule, cfg.warmup_iters) == (1500, 0.03, "cosine", 20)
-    assert cfg.optimizer == "muon" and cfg.n_embd == 192  # the rest is the preset's
+    assert cfg.bias is False and parse_recipe("laptop,bias=True")[1].bias is True
+    assert (cfg.optimizer, cfg.dropout, cfg.decay_frac) == ("muon", 0.05, 1.0)  # the rest is the laptop preset's
     assert parse_recipe("seed")[1].max_iters == 7500
-    for bad in ("laptop,muon_lr", "laptop,nonsense=1"):
-        with pytest.raises(SystemExit, match="FIELD=VALUE"):
+    for bad, message in (("laptop,muon_lr", "FIELD=VALUE"), ("laptop,nonsense=1", "FIELD=VALUE"),
+                         ("laptop,sample_prompts=x", "FIELD=VALUE"), ("laptop@x", "max_iters takes an integer"),
+                         ("laptop,muon_lr=fast", "muon_lr takes a number"), ("laptop,bias=yes", "not true or false")):
+        with pytest.raises(SystemExit, match=message):
             parse_recipe(bad)
 
 
@@ -419,18 +422,28 @@ def laptop_data(folder: Path) -> Path:
 def parse_recipe(spec: str) -> tuple[str, GPTTrainConfig]:
     """"PRESET", "PRESET@STEPS" (another step count) and either followed by ",FIELD=VALUE"
     changes to the GPT config's fields (e.g. "laptop@1500,muon_lr=0.03"), so a lever is
-    raced against the seed from the command line."""
+    raced against the seed from the command line. Each value takes the type of the field's
+    value in the preset (true / false for a flag)."""
     head, *changes = spec.split(",")
     preset, _, steps = head.partition("@")
-    values: dict[str, Any] = {"max_iters": int(steps)} if steps else {}
-    kinds = {f.name: f.type for f in fields(GPTTrainConfig)}
-    for change in changes:
+    base = recipe(preset)
+    values: dict[str, Any] = {}
+    for change in ([f"max_iters={steps}"] if steps else []) + changes:
         name, eq, text = change.partition("=")
-        if not eq or name not in kinds:
-            raise SystemExit(f"--recipe {spec!r}: {change!r} is not FIELD=VALUE of a GPT config field "
-                             f"(e.g. muon_lr=0.03, dropout=0.1)")
-        kind = str(kinds[name])
-        values[name] = int(text) if kind == "int" else float(text) if kind == "float" else text
+        current = getattr(base, name, None) if eq and name in {f.name for f in fields(GPTTrainConfig)} else None
+        if current is None or not isinstance(current, (bool, int, float, str)):
+            raise SystemExit(f"--recipe {spec!r}: {change!r} is not FIELD=VALUE of a GPT config field that "
+                             f"takes a number, a flag or a word (e.g. muon_lr=0.03, dropout=0.1, bias=false)")
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(f"{text!r} is not true or false")
+                values[name] = text.lower() == "true"
+            else:
+                values[name] = type(current)(text)
+        except ValueError as err:
+            kind = {int: "an integer", float: "a number", bool: "true or false"}[type(current)]
+            raise SystemExit(f"--recipe {spec!r}: {name} takes {kind}: {err}") from None
     return spec, recipe(preset, **values)
 
 

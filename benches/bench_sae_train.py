@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import pytest
 import torch
 from monofast.activations.store import open_store
 from monofast.sae import train as sae_train
@@ -103,17 +103,18 @@ def measure(cfg: SAETrainConfig, store_dir: Path, gpt_dir: Optional[Path] = None
     batch = sample_rows(store, cfg.batch_size, store.rows, np.random.default_rng(0))
     d_sae = cfg.d_sae or cfg.expansion * store.dim
     forms = evaluation["training"]["sparse_step"].get("saes", {})
-    dense_ms = bare_step_ms(cfg, store.dim, batch, False, 0.5, reps)
+    steps = {name: forms.get(name, {}).get("steps") or {"dense": total_steps, "sparse": 0}
+             for name in evaluation["saes"]}
+    dense_ms = bare_step_ms(cfg, store.dim, batch, False, 0.5, reps) if any(s["dense"] for s in steps.values()) else 0.0
     # Every member of a sweep takes its own step on each batch: the bare time is theirs summed,
     # each member's sparse steps timed at its own held-out density.
     members: dict[str, Any] = {}
     for name, sae_eval in evaluation["saes"].items():
-        steps = forms.get(name, {}).get("steps") or {"dense": total_steps, "sparse": 0}
-        density = min(1.0, sae_eval["l0"] / d_sae)
-        bare = {"dense": dense_ms,
-                "sparse": bare_step_ms(cfg, store.dim, batch, True, density, reps) if steps["sparse"] else math.nan}
-        members[name] = {"steps": steps, "bare_ms": bare, "l0": sae_eval["l0"],
-                         "bare_s": sum(steps[form] * bare[form] for form in ("dense", "sparse") if steps[form]) / 1e3}
+        bare = {"dense": dense_ms} if steps[name]["dense"] else {}  # the forms this member took
+        if steps[name]["sparse"]:
+            bare["sparse"] = bare_step_ms(cfg, store.dim, batch, True, min(1.0, sae_eval["l0"] / d_sae), reps)
+        members[name] = {"steps": steps[name], "bare_ms": bare, "l0": sae_eval["l0"],
+                         "bare_s": sum(steps[name][form] * ms for form, ms in bare.items()) / 1e3}
     bare_seconds = sum(m["bare_s"] for m in members.values())
     return {"wall_s": wall, "loop_s": loop_seconds, "in_steps_s": in_steps[0], "members": members,
             "bare_s": bare_seconds, "ratio": in_steps[0] / wall, "loop_ratio": in_steps[0] / loop_seconds,
@@ -128,25 +129,29 @@ def report(result: dict[str, Any]) -> str:
              f"{result['loop_ratio']:.0%} of the loop"]
     for name, m in members.items():
         steps, bare = m["steps"], m["bare_ms"]
+        timed = ", ".join(f"{form} {ms:.1f} ms" for form, ms in bare.items())
         lines.append(f"  {name}: {steps['dense']} dense + {steps['sparse']} sparse steps, held-out L0 {m['l0']:.1f}; "
-                     f"isolated step dense {bare['dense']:.1f} ms, sparse {bare['sparse']:.1f} ms -> {m['bare_s']:.1f} s")
+                     f"isolated step {timed} -> {m['bare_s']:.1f} s")
     lines.append(f"isolated steps of every SAE: {result['bare_s']:.1f} s, {result['isolated_ratio']:.0%} of the whole "
                  f"stage, {result['bare_s'] / result['in_steps_s']:.0%} of the time inside its steps")
     return "\n".join(lines)
 
 
-def test_trainer_against_bare_step(tmp_path):
+@pytest.mark.parametrize("sparse_step", ["on", "off"])
+def test_trainer_against_bare_step(tmp_path, sparse_step):
     store = tmp_path / "activations"
     small_store(store, 6000, 32)
     cfg = SAETrainConfig(expansion=4, batch_size=256, held_out=600, ce_eval_tokens=0, log_every=5,
                          compute_dtype="float32", device="cpu", b_dec_init="mean", resample_rows=512,
-                         l1_coeff=(1.0, 5.0), sparse_step="on")
+                         l1_coeff=(1.0, 5.0), sparse_step=sparse_step)
     result = measure(cfg, store, reps=2)
     members = result["members"]
     assert list(members) == ["l1_1", "l1_5"]  # a sweep: every member's steps count
+    form = "sparse" if sparse_step == "on" else "dense"
     for m in members.values():
-        assert m["steps"] == {"dense": 0, "sparse": (6000 - 600) // 256}
-        assert m["bare_s"] == m["steps"]["sparse"] * m["bare_ms"]["sparse"] / 1e3 > 0
+        assert m["steps"] == {"dense": 0, "sparse": 0, form: (6000 - 600) // 256}
+        assert list(m["bare_ms"]) == [form]  # only the form it took is timed
+        assert m["bare_s"] == m["steps"][form] * m["bare_ms"][form] / 1e3 > 0
     assert result["bare_s"] == sum(m["bare_s"] for m in members.values())
     assert 0 < result["in_steps_s"] < result["loop_s"] < result["wall_s"]
     print(report(result))
