@@ -108,6 +108,7 @@ def gather_sum(table: Tensor, index: Tensor, ptr: Tensor, weights: Tensor, trans
     table [N, D]; index, weights [nnz] (weights in table's dtype); ptr [S + 1]. An empty
     segment gives a zero row. One `embedding_bag` (then the transpose and the cast in one
     blocked copy): on CPUs it matched a native segment sum inside the step, so there is none.
+    The result carries no autograd graph: the sparse step computes its gradients itself.
     """
     # Detached: a table that requires grad (a parameter, even under no_grad) sends embedding_bag
     # down its training path, which also builds what its own backward would need: 11.3 against
