@@ -34,13 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import pytest
 import torch
+from monofast.common import config
 from monofast.common.device import matmul_precision, native_bf16
+from monofast.common.errors import UserError
 from monofast.data.splits import Split, load_meta, load_split
 from monofast.gpt import dropout as gpt_dropout
 from monofast.gpt.batches import EvalResult, evaluate, get_batch, tiling_starts
@@ -216,9 +217,11 @@ def test_parse_recipe():
     assert cfg.bias is False and parse_recipe("laptop,bias=True")[1].bias is True
     assert (cfg.optimizer, cfg.dropout, cfg.decay_frac) == ("muon", 0.05, 1.0)  # the rest is the laptop preset's
     assert parse_recipe("seed")[1].max_iters == 7500
+    assert parse_recipe("laptop,sample_prompts=def f")[1].sample_prompts == ("def f",)
     for bad, message in (("laptop,muon_lr", "FIELD=VALUE"), ("laptop,nonsense=1", "FIELD=VALUE"),
-                         ("laptop,sample_prompts=x", "FIELD=VALUE"), ("laptop@x", "max_iters takes an integer"),
-                         ("laptop,muon_lr=fast", "muon_lr takes a number"), ("laptop,bias=yes", "not true or false")):
+                         ("laptop@x", "max_iters = \"x\" is not an integer"),
+                         ("laptop,muon_lr=fast", "muon_lr = \"fast\" is not a finite number"),
+                         ("laptop,bias=maybe", "bias = \"maybe\" is not true or false")):
         with pytest.raises(SystemExit, match=message):
             parse_recipe(bad)
 
@@ -422,28 +425,20 @@ def laptop_data(folder: Path) -> Path:
 def parse_recipe(spec: str) -> tuple[str, GPTTrainConfig]:
     """"PRESET", "PRESET@STEPS" (another step count) and either followed by ",FIELD=VALUE"
     changes to the GPT config's fields (e.g. "laptop@1500,muon_lr=0.03"), so a lever is
-    raced against the seed from the command line. Each value takes the type of the field's
-    value in the preset (true / false for a flag)."""
+    raced against the seed from the command line. Values parse as the CLI's flags do."""
     head, *changes = spec.split(",")
     preset, _, steps = head.partition("@")
-    base = recipe(preset)
+    hints = config.type_hints(GPTTrainConfig)
     values: dict[str, Any] = {}
     for change in ([f"max_iters={steps}"] if steps else []) + changes:
         name, eq, text = change.partition("=")
-        current = getattr(base, name, None) if eq and name in {f.name for f in fields(GPTTrainConfig)} else None
-        if current is None or not isinstance(current, (bool, int, float, str)):
-            raise SystemExit(f"--recipe {spec!r}: {change!r} is not FIELD=VALUE of a GPT config field that "
-                             f"takes a number, a flag or a word (e.g. muon_lr=0.03, dropout=0.1, bias=false)")
+        if not eq or name not in hints:
+            raise SystemExit(f"--recipe {spec!r}: {change!r} is not FIELD=VALUE of a GPT config field "
+                             f"(e.g. muon_lr=0.03, dropout=0.1, bias=false)")
         try:
-            if isinstance(current, bool):
-                if text.lower() not in ("true", "false"):
-                    raise ValueError(f"{text!r} is not true or false")
-                values[name] = text.lower() == "true"
-            else:
-                values[name] = type(current)(text)
-        except ValueError as err:
-            kind = {int: "an integer", float: "a number", bool: "true or false"}[type(current)]
-            raise SystemExit(f"--recipe {spec!r}: {name} takes {kind}: {err}") from None
+            values[name] = config.coerce(GPTTrainConfig, name, text, f"--recipe {spec!r}")
+        except UserError as err:
+            raise SystemExit(str(err)) from None
     return spec, recipe(preset, **values)
 
 
