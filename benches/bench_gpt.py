@@ -324,7 +324,7 @@ class Leg:
     @property
     def flops(self) -> float:
         """Training FLOPs of every step (6N + 12 L T C per token)."""
-        tokens = self.cfg.windows() * self.cfg.block_size  # the batch ramp's smaller batches included
+        tokens = self.cfg.max_iters * self.cfg.batch_size * self.cfg.block_size
         return float(self.trainer.model.flops_per_token(self.cfg.block_size) * tokens)
 
 
@@ -445,8 +445,7 @@ def parse_recipe(spec: str) -> tuple[str, GPTTrainConfig]:
 def time_to_loss(args: argparse.Namespace) -> None:
     legs = dict([parse_recipe("seed")] + [parse_recipe(spec) for spec in args.recipe or ["laptop"]])
     for name, cfg in legs.items():
-        ramp = f" (growing in quarters over the first {cfg.batch_ramp})" if cfg.batch_ramp else ""
-        print(f"{name}: {cfg.max_iters} steps of {cfg.batch_size} x {cfg.block_size}{ramp}, {cfg.optimizer}, "
+        print(f"{name}: {cfg.max_iters} steps of {cfg.batch_size} x {cfg.block_size}, {cfg.optimizer}, "
               f"{cfg.schedule}, dropout {cfg.dropout}, {cfg.dtype}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(args.data) if args.data else laptop_data(Path(tmp))

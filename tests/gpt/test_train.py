@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from monofast import cli
-from monofast.common import config, distributed
+from monofast.common import config
 from monofast.common import device as device_
 from monofast.common.errors import DataError, UserError
 from monofast.data.prepare import DataConfig, build
@@ -176,36 +176,6 @@ def test_batches_are_keyed_on_the_step(data_dir):
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert torch.equal(x, batches.get_batch(split, 3, cfg, torch.device("cpu"))[0])
     assert not torch.equal(x, batches.get_batch(split, 4, cfg, torch.device("cpu"))[0])
-
-
-def test_batch_ramp_grows_the_batch_in_quarters_from_the_same_draws(data_dir):
-    split = load_split(data_dir, "train")
-    cfg = tiny_cfg(batch_ramp=8)
-    assert [cfg.batch_at(step) for step in range(10)] == [2, 2, 4, 4, 6, 6, 8, 8, 8, 8]
-    assert cfg.windows() == 2 * (2 + 4 + 6 + 8) + 12 * 8
-    assert tiny_cfg().windows() == 20 * 8 and tiny_cfg(batch_ramp=20).windows() == 5 * (2 + 4 + 6 + 8)
-    cpu = torch.device("cpu")
-    for step, rows in ((0, 2), (5, 6), (8, 8)):
-        x, y = batches.get_batch(split, step, cfg, cpu)
-        full, _ = batches.get_batch(split, step, tiny_cfg(), cpu)
-        assert x.shape == y.shape == (rows, cfg.block_size)
-        assert torch.equal(x, full[:rows])  # the first windows of the unramped step's draw
-    # Each rank takes its consecutive share of the ramped batch, as of the full one.
-    halves = [batches.get_batch(split, 3, cfg, cpu, distributed.World(r, 2, r))[0] for r in (0, 1)]
-    assert torch.equal(torch.cat(halves), batches.get_batch(split, 3, cfg, cpu)[0][:4])
-
-
-def test_a_batch_ramp_run_learns_and_resumes_exactly_mid_ramp(data_dir, tmp_path, monkeypatch):
-    cfg = dict(batch_ramp=12)
-    full = train.train(tiny_cfg(**cfg), data_dir, tmp_path / "full")
-    assert full.metrics[-1]["val_loss"] < full.metrics[0]["val_loss"] - 0.3
-    plain = train.train(tiny_cfg(), data_dir, tmp_path / "plain")
-    assert without_timing(plain.metrics) != without_timing(full.metrics)  # the ramp changed the steps
-    train_killed_at(7, tiny_cfg(**cfg), data_dir, tmp_path / "gpt", monkeypatch)
-    resumed = train.train(tiny_cfg(**cfg, resume=True), data_dir, tmp_path / "gpt")
-    assert_same_run(resumed, full)
-    with pytest.raises(UserError, match=r"batch_ramp=12 \(now 8\)"):
-        train.train(tiny_cfg(batch_ramp=8, resume=True), data_dir, tmp_path / "gpt")
 
 
 def test_per_source_eval_matches_a_direct_computation(data_dir, trained):
@@ -376,11 +346,8 @@ def test_load_model_errors_name_the_file(trained, tmp_path):
     ({"decay_frac": 0.0}, "decay_frac=0.0"),
     ({"muon_lr": -1.0}, "muon_lr=-1.0"),
     ({"muon_momentum": 1.0}, "muon_momentum=1.0"),
-    ({"batch_ramp": 21}, r"batch_ramp=21 must be in \[0, max_iters=20\]"),
-    ({"batch_ramp": 4, "batch_size": 6}, "batch_size=6 must be a multiple of 4"),
 ], ids=["indivisible-heads", "warmup-too-long", "min-lr-above-lr", "bad-dtype", "bad-device", "no-batch",
-        "bad-optimizer", "bad-schedule", "no-decay", "negative-muon-lr", "muon-momentum-1", "ramp-too-long",
-        "ramp-uneven-batch"])
+        "bad-optimizer", "bad-schedule", "no-decay", "negative-muon-lr", "muon-momentum-1"])
 def test_config_errors_name_the_fix(overrides, match):
     with pytest.raises(UserError, match=match):
         config.build(GPTTrainConfig, dataclasses.asdict(tiny_cfg()), overrides)

@@ -42,9 +42,6 @@ def test_time_scales_with_steps_and_the_device_rate():
     faster = estimate.estimate(configs("quick"), CPU._replace(gflops=1000.0))["gpt"].seconds
     assert longer == pytest.approx(2 * base, rel=0.1)
     assert faster < 0.6 * base
-    # A batch ramp over every step trains on 5/8 of the windows: the arithmetic shrinks by as much.
-    ramped = estimate.estimate(configs("quick", gpt={"batch_ramp": 1500}), CPU)["gpt"].seconds
-    assert 0.55 * base < ramped < 0.8 * base
 
 
 def test_sizes_match_a_smoke_run(smoke_run):

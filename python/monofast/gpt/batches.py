@@ -29,14 +29,11 @@ def check_data(cfg: GPTTrainConfig, meta: dict[str, Any], train: Split, val: Spl
 
 
 def get_batch(split: Split, step: int, cfg: GPTTrainConfig, device: torch.device,
-              here: distributed.World = distributed.SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+              rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
     """Step `step`'s random training windows: inputs and next-token targets, (B, T) each;
-    `here`'s share of the global batch only. During the batch ramp the global batch is the
-    first `cfg.batch_at(step)` of the batch_size windows the step draws."""
+    `rows` of them only (a rank's share of the global batch)."""
     rng = np.random.default_rng([cfg.seed, step])
-    starts = rng.integers(0, len(split.tokens) - cfg.block_size, size=cfg.batch_size)  # (batch_size,)
-    batch = cfg.batch_at(step)
-    starts = starts[:batch][rank_rows(batch, here)]  # (B,)
+    starts = rng.integers(0, len(split.tokens) - cfg.block_size, size=cfg.batch_size)[rows]  # (B,)
     window = starts[:, None] + np.arange(cfg.block_size + 1)  # (B, T + 1)
     chunk = torch.from_numpy(split.tokens[window].astype(np.int64))  # (B, T + 1)
     if device.type == "cuda":

@@ -12,7 +12,6 @@ from monofast.gpt.model import GPTConfig, GPTShape
 COMPILE_CHOICES = ("auto", "true", "false")
 OPTIMIZER_CHOICES = ("adamw", "muon")
 SCHEDULE_CHOICES = ("cosine", "wsd")
-RAMP_STAGES = 4  # the batch ramp grows the batch in quarters
 
 
 @dataclass
@@ -31,11 +30,7 @@ class GPTTrainConfig(GPTShape):
     dropout: float = 0.2
     """Dropout probability during training (0 for none)."""
     batch_size: int = 24
-    """Training windows per step (after the batch ramp)."""
-    batch_ramp: int = 0
-    """Steps over which the batch grows to batch_size, in four equal stages of a quarter,
-    a half, three quarters and all of it (0: the whole batch from the first step). Early
-    steps learn about as much from fewer windows, so a ramp saves 3/8 of its steps' windows."""
+    """Training windows per step."""
     max_iters: int = 7500
     """Optimizer steps; the schedule ends at exactly this many."""
     optimizer: str = "adamw"
@@ -110,11 +105,6 @@ class GPTTrainConfig(GPTShape):
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if not 0.0 < self.learning_rate:
             raise ValueError(f"learning_rate={self.learning_rate} must be positive, e.g. 1e-3")
-        if not 0 <= self.batch_ramp <= self.max_iters:
-            raise ValueError(f"batch_ramp={self.batch_ramp} must be in [0, max_iters={self.max_iters}]")
-        if self.batch_ramp and self.batch_size % RAMP_STAGES:
-            raise ValueError(f"batch_size={self.batch_size} must be a multiple of {RAMP_STAGES} to grow in "
-                             f"quarters over batch_ramp={self.batch_ramp} steps (or use --batch-ramp 0)")
         if self.optimizer not in OPTIMIZER_CHOICES:
             raise ValueError(f"optimizer={self.optimizer!r}; choose one of {', '.join(OPTIMIZER_CHOICES)}")
         if self.schedule not in SCHEDULE_CHOICES:
@@ -142,18 +132,6 @@ class GPTTrainConfig(GPTShape):
         parse_device(self.device)
         if self.sample_tokens < 0 or self.num_samples < 0 or self.top_k < 0 or self.temperature < 0:
             raise ValueError("sample_tokens, num_samples, top_k and temperature must be non-negative")
-
-    def batch_at(self, step: int) -> int:
-        """The global batch of training step `step` (counted from 0): a quarter of batch_size
-        in the first quarter of the ramp, then a half, three quarters, and all of it."""
-        if step >= self.batch_ramp:
-            return self.batch_size
-        return self.batch_size * (RAMP_STAGES * step // self.batch_ramp + 1) // RAMP_STAGES
-
-    def windows(self) -> int:
-        """Training windows over all max_iters steps (the ramp's stages included)."""
-        ramp = sum(self.batch_at(step) for step in range(self.batch_ramp))
-        return ramp + (self.max_iters - self.batch_ramp) * self.batch_size
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, **self.shape())

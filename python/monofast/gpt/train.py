@@ -43,8 +43,8 @@ from monofast.common.errors import UserError
 from monofast.common.log import logger, progress
 from monofast.data import tokenizer
 from monofast.data.splits import Split, load_meta, load_split
-from monofast.gpt.batches import check_data, evaluate, get_batch
-from monofast.gpt.config import RAMP_STAGES, GPTTrainConfig
+from monofast.gpt.batches import check_data, evaluate, get_batch, rank_rows
+from monofast.gpt.config import GPTTrainConfig
 from monofast.gpt.model import GPT
 from monofast.gpt.sample import SAMPLES_FILE, write_samples
 from monofast.gpt.trainer import Trainer, lr_at
@@ -133,10 +133,6 @@ def train(cfg: GPTTrainConfig, data_dir: str | Path, out: str | Path) -> TrainRe
     check_data(cfg, meta, train_split, val_split)
     sources = [s["name"] for s in sorted(meta["sources"], key=lambda s: s["id"])]
     here = distributed.check_divides(cfg.batch_size, "--batch-size")
-    if cfg.batch_ramp and (cfg.batch_size // RAMP_STAGES) % here.size:
-        raise UserError(f"--batch-size {cfg.batch_size} starts its ramp at {cfg.batch_size // RAMP_STAGES} windows, "
-                        f"which do not split evenly over {here.size} processes; use a multiple of "
-                        f"{RAMP_STAGES * here.size} or --batch-ramp 0")
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device, half_fallback=True)  # fp16 with a loss scaler on older GPUs
     out.mkdir(parents=True, exist_ok=True)
@@ -145,11 +141,10 @@ def train(cfg: GPTTrainConfig, data_dir: str | Path, out: str | Path) -> TrainRe
         trainer = Trainer(cfg, meta["vocab_size"], device, dtype)
         state = _start_state(cfg, out, trainer)
         precision = str(dtype).removeprefix("torch.") + ("" if dtype == torch.float32 else " autocast")
-        logger.info("gpt: %.2fM parameters, %s, %s, %s, %s schedule, steps %d..%d of batch %d x %d%s%s",
+        logger.info("gpt: %.2fM parameters, %s, %s, %s, %s schedule, steps %d..%d of batch %d x %d%s",
                     trainer.model.num_params() / 1e6, device, precision,
                     "Muon + AdamW" if cfg.optimizer == "muon" else "AdamW", cfg.schedule,
                     state.step, cfg.max_iters, cfg.batch_size, cfg.block_size,
-                    f" (growing to it in quarters over steps 0..{cfg.batch_ramp})" if cfg.batch_ramp else "",
                     f" over {here.size} processes" if here.size > 1 else "")
         state = _train_loop(trainer, state, train_split, val_split, sources, out)
     trainer.model.eval()
@@ -243,10 +238,11 @@ def _train_loop(trainer: Trainer, state: TrainState, train_split: Split, val_spl
     window = _Window(trainer.device)
     shown: dict[str, str] = {}
     bar: Any = progress(total=cfg.max_iters, initial=step, desc="gpt", unit="step")  # a tqdm
+    rows = rank_rows(cfg.batch_size, trainer.world)
     try:
         while step < cfg.max_iters:
             tick = time.perf_counter()
-            x, y = get_batch(train_split, step, cfg, trainer.device, trainer.world)
+            x, y = get_batch(train_split, step, cfg, trainer.device, rows)
             window.add(trainer.step(step, x, y), x.numel() * trainer.world.size)
             step += 1
             if step % LOG_EVERY == 0:  # a device sync, timed with the step

@@ -203,9 +203,7 @@ def _data(cfg: Any, sh: Shapes, device: Device, rates: Rates) -> StageEstimate:
 
 def _gpt(cfg: Any, sh: Shapes, device: Device, rates: Rates) -> StageEstimate:
     tokens_per_step = cfg.batch_size * cfg.block_size
-    # The steps' mean batch: a batch ramp trains its first steps on fewer windows.
-    mean_tokens = cfg.windows() / cfg.max_iters * cfg.block_size
-    train_flops = (6 * sh.gpt_params() + 12 * sh.n_layer * sh.block * sh.n_embd) * mean_tokens
+    train_flops = (6 * sh.gpt_params() + 12 * sh.n_layer * sh.block * sh.n_embd) * tokens_per_step
     evals = cfg.max_iters // cfg.eval_interval + 1
     eval_flops = evals * cfg.eval_batches * tokens_per_step * sh.forward_flops()
     sample_flops = (len(cfg.sample_prompts) * cfg.num_samples * cfg.sample_tokens
