@@ -49,7 +49,7 @@ def test_help_shows_the_preset_values(capsys):
     assert "(now: 0.1, the default)" in quick  # --weight-decay: no preset sets it
     laptop = _help(capsys, "gpt", "train", "--preset", "laptop")
     assert "(now: 192, from the laptop preset)" in laptop
-    assert "(now: 1700, from the laptop preset)" in laptop
+    assert "(now: 1200, from the laptop preset)" in laptop
     sae = _help(capsys, "sae", "train")
     assert "(now: april2024, from the quick preset)" in sae
     assert "(now: 2.0,2.75,4.0, from the quick preset)" in sae
@@ -63,7 +63,7 @@ def test_help_shows_config_file_values(capsys, tmp_path):
     cfg.write_text("[gpt]\nn_embd = 96\n")
     text = _help(capsys, "gpt", "train", "--preset", "laptop", "--config", str(cfg))
     assert f"(now:96,fromtheconfig{cfg})" in text.replace(" ", "")  # argparse breaks long paths
-    assert "(now: 1700, from the laptop preset)" in text
+    assert "(now: 1200, from the laptop preset)" in text
 
 
 @pytest.mark.parametrize("preset", ["smoke", "laptop"])
