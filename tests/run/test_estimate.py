@@ -44,6 +44,32 @@ def test_time_scales_with_steps_and_the_device_rate():
     assert faster < 0.6 * base
 
 
+def test_the_sparse_step_counts_two_products_once_the_sae_is_sparse():
+    """An L1 SAE trains dense for its first steps, then at two products of five a step."""
+    def sae_seconds(**sae):
+        return estimate.estimate(configs("laptop", sae=sae), CPU)["sae"].seconds
+
+    dense, auto, on = (sae_seconds(sparse_step=m) for m in ("off", "auto", "on"))
+    assert on < auto < dense
+    steps = 1_445  # one pass of 1,024-row batches over the laptop store, less the held-out rows
+    assert (dense - on) / (dense - auto) == pytest.approx(steps / (steps - estimate.SAE_DENSE_STEPS), rel=0.01)
+    assert sae_seconds(sparse_step="on", l1_coeff=[2.5]) < 0.55 * on  # one member of two
+    topk = sae_seconds(variant="topk", k=[32, 64], sparse_step="off")
+    assert 0.6 * dense < topk < 0.7 * dense  # three products a step, whatever the mode, plus the CE pass
+
+
+def test_a_bf16_rate_on_the_cpu_is_discounted():
+    """A CPU whose best rate is bf16 reaches a smaller share of it: the same rate labelled
+    bf16 gives longer compute stages, and the per-item stages do not change."""
+    fp32 = estimate.estimate(configs("quick"), CPU)
+    bf16 = estimate.estimate(configs("quick"), CPU._replace(precision="bf16"))
+    assert bf16["gpt"].seconds > 1.5 * fp32["gpt"].seconds
+    assert bf16["data"].seconds == fp32["data"].seconds and bf16["site"].seconds == fp32["site"].seconds
+    gpu = estimate.Device("cuda", "GPU", 500.0, measured=False)
+    assert estimate.estimate(configs("quick"), gpu)["gpt"].seconds == pytest.approx(
+        estimate.estimate(configs("quick"), gpu._replace(precision="bf16"))["gpt"].seconds)
+
+
 def test_sizes_match_a_smoke_run(smoke_run):
     """Within a factor of 1.5 of the bytes the smoke run really wrote, stage by stage."""
     cfgs = {s.name: resolve_config(s, "smoke") for s in STAGES}

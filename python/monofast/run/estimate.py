@@ -7,8 +7,10 @@ per SAE; harvest and analysis: forward passes), divided by the device's matrix-p
 rate (measured in a fraction of a second when asked) times the share of that rate the
 stage reaches, plus a fixed cost per step (kernel launches, the Python loop) and per
 item for the parts that are not matrix products (tokenizing, writing rows and pages).
-The shares and per-item costs were measured on the `quick` preset on a 2-core CPU; on
-other machines, and for shapes far from `quick`, expect errors of 2× or more.
+An L1 SAE's step, once it is sparse (`monofast.sae.crossover`), counts as two products
+instead of five. The shares and per-item costs were fitted to the `quick` and `laptop`
+presets on a 2-core CPU; on other machines, and for shapes far from these, expect errors
+of 2× or more.
 
 Disk use is counted from what each stage keeps: tokens, weights and optimizer state,
 activation rows × dimension × bytes per value, example windows and pages.
@@ -39,6 +41,9 @@ class Device(NamedTuple):
     """Best matrix-product rate of fp32 and bf16, GFLOP/s."""
     measured: bool
     """False when `gflops` is an assumption (nothing could be measured)."""
+    precision: str = "fp32"
+    """The precision of the `gflops` rate: bf16 where the device multiplies it natively and
+    faster, else fp32."""
 
 
 @dataclass(frozen=True)
@@ -63,28 +68,36 @@ class Rates:
     """Per analysed token: top-k, reservoirs and histograms on the CPU."""
 
 
-# CPU: GPT training fitted to two runs on a quiet 2-core CPU (products measured at 408-430
-# GFLOP/s): quick (block 128) reached 40% of that rate and laptop (block 256, dropout)
-# 27%; the share below sits between them (both estimates within 25%). The other CPU rates
-# were fitted to a quick run on a loaded machine (products at 100 GFLOP/s; harvest 8.9 s,
-# SAE 149 s, analysis 35 s), in line with the benchmarks (the SAE step 80-90% of its five
-# products, benches/bench_sae.py). The SAE's products are larger than the measured ones,
-# hence a share near 1. GPU numbers are assumptions (small models are bound by kernel
-# launches) until measured on a GPU.
+# CPU: fitted to a quick and a laptop run on a quiet 2-core AVX2 CPU, everything in fp32
+# (products measured at 180 GFLOP/s; quick: GPT 190 s, harvest 3.5 s, SAE 119 s, analysis
+# 9.9 s, site 7.8 s; laptop: GPT 531 s, harvest 35 s, SAE 190 s, analysis 52 s, site 12 s;
+# each stage's estimate within 30% of both). GPT training reached 60-65% of the fp32 rate
+# in both. Where the CPU's best rate is bf16 (AVX-512 BF16, AMX) the shares are scaled by
+# `BF16_CPU_SCALE`: the GPT reached 27-40% of the bf16 rate on such a 2-core CPU, its
+# elementwise work not sped up by bf16 products. GPU numbers are assumptions (small models
+# are bound by kernel launches) until measured on a GPU.
 RATES = {
-    "cpu": Rates(gpt_share=0.33, gpt_step_s=0.002, forward_share=0.40, sae_share=0.9, sae_step_s=0.002,
-                 harvest_row_s=5e-6, analysis_share=0.25, analysis_token_s=8e-6),
+    "cpu": Rates(gpt_share=0.62, gpt_step_s=0.002, forward_share=0.9, sae_share=0.9, sae_step_s=0.002,
+                 harvest_row_s=5e-6, analysis_share=0.7, analysis_token_s=8e-6),
     "cuda": Rates(gpt_share=0.30, gpt_step_s=0.008, forward_share=0.20, sae_share=0.5, sae_step_s=0.0015,
                   harvest_row_s=1e-6, analysis_share=0.10, analysis_token_s=4e-6),
     "mps": Rates(gpt_share=0.30, gpt_step_s=0.015, forward_share=0.20, sae_share=0.4, sae_step_s=0.004,
                  harvest_row_s=3e-6, analysis_share=0.10, analysis_token_s=10e-6),
 }
 ASSUMED_GFLOPS = {"cpu": 200.0, "cuda": 100_000.0, "mps": 5_000.0}
+BF16_CPU_SCALE = 0.55
+"""The CPU shares' factor where the measured rate is bf16 (0.33 / 0.60 for GPT training)."""
+SAE_DENSE_STEPS = 100
+"""Steps an L1 SAE trains in the dense form before its firing falls below the crossover
+(the laptop and quick runs switched at steps 75-150)."""
+SAE_SPARSE_PRODUCTS = 2.0
+"""The sparse step's cost in (B, D) × (D, F) products: its dense encoder product and the
+firing-sized rest (0.31 of the five-product step at 1% firing, 0.53 at 8%, laptop shape)."""
 
-DATA_CHAR_S = 2e-6
-"""Reading, normalising and tokenizing one character (2M characters: 3-4.5 s)."""
-PAGE_S = 0.01
-"""Writing one feature page (2,048 pages: 15-30 s)."""
+DATA_CHAR_S = 3e-7
+"""Reading, normalising and tokenizing one character (2M characters: 0.9 s)."""
+PAGE_S = 0.004
+"""Writing one feature page (2,048 pages: 7.8 s; 3,072: 12 s)."""
 WRITE_BYTES_S = 1.0e9
 """Sustained file writing, bytes per second."""
 
@@ -108,7 +121,7 @@ def measure_device(name: str = "auto") -> Device:
 
     device = pick_device(name)
     n = 1536 if device.type == "cpu" else 8192  # 1,024 under-reports a 2-core CPU by ~30%
-    best = 0.0
+    best, precision = 0.0, "fp32"
     for dtype in (torch.float32, torch.bfloat16) if native_bf16(device) else (torch.float32,):
         try:
             a = torch.randn(n, n, device=device).to(dtype)
@@ -120,12 +133,13 @@ def measure_device(name: str = "auto") -> Device:
                 a @ b
                 _sync(device)
                 seconds = min(seconds, time.perf_counter() - start)
-            best = max(best, 2 * n**3 / seconds / 1e9)
+            if 2 * n**3 / seconds / 1e9 > best:
+                best, precision = 2 * n**3 / seconds / 1e9, "bf16" if dtype == torch.bfloat16 else "fp32"
         except (RuntimeError, TypeError):  # a dtype this device cannot multiply
             continue
     kind = device.type if device.type in RATES else "cpu"
     measured = best > 0
-    return Device(kind, _device_name(device), best if measured else ASSUMED_GFLOPS[kind], measured)
+    return Device(kind, _device_name(device), best if measured else ASSUMED_GFLOPS[kind], measured, precision)
 
 
 def _sync(device: Any) -> None:
@@ -232,11 +246,17 @@ def _sae(cfg: Any, sh: Shapes, device: Device, rates: Rates, rows: int) -> Stage
     members = len(cfg.k) if cfg.variant in K_VARIANTS else len(cfg.l1_coeff)
     held = min(cfg.held_out, rows // 10)
     steps = math.ceil(max(rows - held, 0) * cfg.epochs / cfg.batch_size)
-    products = 3 if cfg.variant in K_VARIANTS else 5  # TopK decodes k rows per token, not all F
-    step_flops = members * products * 2 * cfg.batch_size * sh.d_mlp * sh.d_sae
+    if cfg.variant in K_VARIANTS:
+        products = 3.0 * steps  # TopK decodes k rows per token, not all F
+    elif cfg.sparse_step == "off":
+        products = 5.0 * steps
+    else:  # dense until the penalty makes it sparse (from the start with --sparse-step on)
+        dense = 0 if cfg.sparse_step == "on" else min(steps, SAE_DENSE_STEPS)
+        products = 5.0 * dense + SAE_SPARSE_PRODUCTS * (steps - dense)
+    product_flops = 2 * cfg.batch_size * sh.d_mlp * sh.d_sae
     ce_flops = 3 * cfg.ce_eval_tokens * (sh.forward_flops() + members * 4 * sh.d_mlp * sh.d_sae)
     rate = device.gflops * 1e9
-    seconds = (steps * (step_flops / (rate * rates.sae_share) + rates.sae_step_s)
+    seconds = (members * (products * product_flops / (rate * rates.sae_share) + steps * rates.sae_step_s)
                + ce_flops / (rate * rates.forward_share) + 1.0)
     weights = 4 * (2 * sh.d_mlp * sh.d_sae + sh.d_sae + sh.d_mlp)
     return StageEstimate(seconds, int((members + 1) * weights))
@@ -286,6 +306,9 @@ def estimate(configs: Mapping[str, Any], device: Device) -> dict[str, StageEstim
     the model does not know get none."""
     sh = shapes(configs)
     rates = RATES.get(device.kind, RATES["cpu"])
+    if device.kind == "cpu" and device.precision == "bf16":
+        rates = dataclasses.replace(rates, **{f: getattr(rates, f) * BF16_CPU_SCALE for f in
+                                              ("gpt_share", "forward_share", "sae_share", "analysis_share")})
     out: dict[str, StageEstimate] = {}
     harvest = configs.get("activations")
     rows = harvest.contexts * harvest.positions_per_context if harvest is not None else 0
