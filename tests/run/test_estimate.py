@@ -51,11 +51,21 @@ def test_the_sparse_step_counts_two_products_once_the_sae_is_sparse():
 
     dense, auto, on = (sae_seconds(sparse_step=m) for m in ("off", "auto", "on"))
     assert on < auto < dense
-    steps = 1_445  # one pass of 1,024-row batches over the laptop store, less the held-out rows
+    steps = 1_446  # ceil(1,480,000 / 1,024): one pass over the laptop store, less the held-out rows
     assert (dense - on) / (dense - auto) == pytest.approx(steps / (steps - estimate.SAE_DENSE_STEPS), rel=0.01)
     assert sae_seconds(sparse_step="on", l1_coeff=[2.5]) < 0.55 * on  # one member of two
-    topk = sae_seconds(variant="topk", k=[32, 64], sparse_step="off")
-    assert 0.6 * dense < topk < 0.7 * dense  # three products a step, whatever the mode, plus the CE pass
+    topk = {m: sae_seconds(variant="topk", k=[32, 64], sparse_step=m) for m in ("off", "auto", "on")}
+    assert topk["off"] == topk["auto"] == topk["on"]  # three products a step, whatever the mode
+    assert 0.6 * dense < topk["off"] < 0.7 * dense  # plus the same CE pass
+
+
+def test_a_graphed_sae_step_on_cuda_stays_dense():
+    gpu = estimate.Device("cuda", "GPU", 500.0, measured=False)
+    def sae_seconds(**sae):
+        return estimate.estimate(configs("laptop", sae=sae), gpu)["sae"].seconds
+
+    assert sae_seconds(cuda_graphs=True) == sae_seconds(cuda_graphs=True, sparse_step="off")
+    assert sae_seconds(cuda_graphs=False) < 0.6 * sae_seconds(cuda_graphs=True)
 
 
 def test_a_bf16_rate_on_the_cpu_is_discounted():
@@ -63,6 +73,8 @@ def test_a_bf16_rate_on_the_cpu_is_discounted():
     bf16 gives longer compute stages, and the per-item stages do not change."""
     fp32 = estimate.estimate(configs("quick"), CPU)
     bf16 = estimate.estimate(configs("quick"), CPU._replace(precision="bf16"))
+    for stage in ("gpt", "activations", "sae", "analysis"):
+        assert bf16[stage].seconds > fp32[stage].seconds, stage  # each has a product part
     assert bf16["gpt"].seconds > 1.5 * fp32["gpt"].seconds
     assert bf16["data"].seconds == fp32["data"].seconds and bf16["site"].seconds == fp32["site"].seconds
     gpu = estimate.Device("cuda", "GPU", 500.0, measured=False)

@@ -71,14 +71,14 @@ class PresetsCommand:
                             help="device the estimates are for: auto (cuda, then mps, then cpu), cpu, "
                                  "cuda or mps (default: auto)")
         parser.add_argument("--gflops", type=float, default=None, metavar="X",
-                            help="assume this matrix-product rate (GFLOP/s) instead of measuring it")
+                            help="assume this fp32 matrix-product rate (GFLOP/s) instead of measuring it")
 
     def main(self, args: argparse.Namespace) -> int:
         if args.gflops is not None and args.gflops <= 0:
             raise UserError(f"--gflops {args.gflops}: give a positive rate, e.g. --gflops 500")
         device = estimate.measure_device(args.device)
         if args.gflops is not None:
-            device = device._replace(gflops=args.gflops, measured=False)
+            device = device._replace(gflops=args.gflops, measured=False, precision="fp32")
         how = "measured just now" if device.measured else "assumed"
         print(textwrap.fill(
             f"Estimated time and disk use of each preset on this machine ({device.name}, matrix "

@@ -42,8 +42,7 @@ class Device(NamedTuple):
     measured: bool
     """False when `gflops` is an assumption (nothing could be measured)."""
     precision: str = "fp32"
-    """The precision of the `gflops` rate: bf16 where the device multiplies it natively and
-    faster, else fp32."""
+    """What `auto` computes in there: bf16 where the device multiplies it natively, else fp32."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class Rates:
     sae_share: float
     """Share reached by the SAE step."""
     sae_step_s: float
-    """Fixed cost of an SAE step."""
+    """Fixed cost of one SAE's step (a sweep pays it per member)."""
     harvest_row_s: float
     """Per stored activation row: gathering, converting and writing it."""
     analysis_share: float
@@ -85,8 +84,8 @@ RATES = {
                  harvest_row_s=3e-6, analysis_share=0.10, analysis_token_s=10e-6),
 }
 ASSUMED_GFLOPS = {"cpu": 200.0, "cuda": 100_000.0, "mps": 5_000.0}
-BF16_CPU_SCALE = 0.55
-"""The CPU shares' factor where the measured rate is bf16 (0.33 / 0.60 for GPT training)."""
+BF16_CPU_SCALE = 0.53
+"""The CPU shares' factor where the device computes in bf16 (GPT training: 0.33 / 0.62)."""
 SAE_DENSE_STEPS = 100
 """Steps an L1 SAE trains in the dense form before its firing falls below the crossover
 (the laptop and quick runs switched at steps 75-150)."""
@@ -95,7 +94,8 @@ SAE_SPARSE_PRODUCTS = 2.0
 firing-sized rest (0.31 of the five-product step at 1% firing, 0.53 at 8%, laptop shape)."""
 
 DATA_CHAR_S = 3e-7
-"""Reading, normalising and tokenizing one character (2M characters: 0.9 s)."""
+"""Reading, normalising and tokenizing one character (2M characters: 0.9 s measured, 1.1 s
+estimated with the stage's fixed 0.5 s)."""
 PAGE_S = 0.004
 """Writing one feature page (2,048 pages: 7.8 s; 3,072: 12 s)."""
 WRITE_BYTES_S = 1.0e9
@@ -121,7 +121,7 @@ def measure_device(name: str = "auto") -> Device:
 
     device = pick_device(name)
     n = 1536 if device.type == "cpu" else 8192  # 1,024 under-reports a 2-core CPU by ~30%
-    best, precision = 0.0, "fp32"
+    best = 0.0
     for dtype in (torch.float32, torch.bfloat16) if native_bf16(device) else (torch.float32,):
         try:
             a = torch.randn(n, n, device=device).to(dtype)
@@ -133,12 +133,12 @@ def measure_device(name: str = "auto") -> Device:
                 a @ b
                 _sync(device)
                 seconds = min(seconds, time.perf_counter() - start)
-            if 2 * n**3 / seconds / 1e9 > best:
-                best, precision = 2 * n**3 / seconds / 1e9, "bf16" if dtype == torch.bfloat16 else "fp32"
+            best = max(best, 2 * n**3 / seconds / 1e9)
         except (RuntimeError, TypeError):  # a dtype this device cannot multiply
             continue
     kind = device.type if device.type in RATES else "cpu"
     measured = best > 0
+    precision = "bf16" if native_bf16(device) else "fp32"  # what the stages' `auto` picks there
     return Device(kind, _device_name(device), best if measured else ASSUMED_GFLOPS[kind], measured, precision)
 
 
@@ -246,9 +246,10 @@ def _sae(cfg: Any, sh: Shapes, device: Device, rates: Rates, rows: int) -> Stage
     members = len(cfg.k) if cfg.variant in K_VARIANTS else len(cfg.l1_coeff)
     held = min(cfg.held_out, rows // 10)
     steps = math.ceil(max(rows - held, 0) * cfg.epochs / cfg.batch_size)
+    graphed = device.kind == "cuda" and cfg.cuda_graphs  # a graphed step stays dense (monofast.sae.graph)
     if cfg.variant in K_VARIANTS:
         products = 3.0 * steps  # TopK decodes k rows per token, not all F
-    elif cfg.sparse_step == "off":
+    elif cfg.sparse_step == "off" or graphed:
         products = 5.0 * steps
     else:  # dense until the penalty makes it sparse (from the start with --sparse-step on)
         dense = 0 if cfg.sparse_step == "on" else min(steps, SAE_DENSE_STEPS)
