@@ -44,11 +44,13 @@ def test_time_scales_with_steps_and_the_device_rate():
     assert faster < 0.6 * base
 
 
+def laptop_sae_seconds(device: estimate.Device = CPU, **sae) -> float:
+    return estimate.estimate(configs("laptop", sae=sae), device)["sae"].seconds
+
+
 def test_the_sparse_step_counts_two_products_once_the_sae_is_sparse():
     """An L1 SAE trains dense for its first steps, then at two products of five a step."""
-    def sae_seconds(**sae):
-        return estimate.estimate(configs("laptop", sae=sae), CPU)["sae"].seconds
-
+    sae_seconds = laptop_sae_seconds
     dense, auto, on = (sae_seconds(sparse_step=m) for m in ("off", "auto", "on"))
     assert on < auto < dense
     steps = 1_446  # ceil(1,480,000 / 1,024): one pass over the laptop store, less the held-out rows
@@ -61,11 +63,9 @@ def test_the_sparse_step_counts_two_products_once_the_sae_is_sparse():
 
 def test_a_graphed_sae_step_on_cuda_stays_dense():
     gpu = estimate.Device("cuda", "GPU", 500.0, measured=False)
-    def sae_seconds(**sae):
-        return estimate.estimate(configs("laptop", sae=sae), gpu)["sae"].seconds
-
-    assert sae_seconds(cuda_graphs=True) == sae_seconds(cuda_graphs=True, sparse_step="off")
-    assert sae_seconds(cuda_graphs=False) < 0.6 * sae_seconds(cuda_graphs=True)
+    graphed = laptop_sae_seconds(gpu, cuda_graphs=True)
+    assert graphed == laptop_sae_seconds(gpu, cuda_graphs=True, sparse_step="off")
+    assert laptop_sae_seconds(gpu, cuda_graphs=False) < 0.6 * graphed
 
 
 def test_a_bf16_rate_on_the_cpu_is_discounted():

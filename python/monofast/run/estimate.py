@@ -121,8 +121,9 @@ def measure_device(name: str = "auto") -> Device:
 
     device = pick_device(name)
     n = 1536 if device.type == "cpu" else 8192  # 1,024 under-reports a 2-core CPU by ~30%
+    bf16 = native_bf16(device)
     best = 0.0
-    for dtype in (torch.float32, torch.bfloat16) if native_bf16(device) else (torch.float32,):
+    for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
         try:
             a = torch.randn(n, n, device=device).to(dtype)
             b = torch.randn(n, n, device=device).to(dtype)
@@ -138,7 +139,7 @@ def measure_device(name: str = "auto") -> Device:
             continue
     kind = device.type if device.type in RATES else "cpu"
     measured = best > 0
-    precision = "bf16" if native_bf16(device) else "fp32"  # what the stages' `auto` picks there
+    precision = "bf16" if bf16 else "fp32"  # what the stages' `auto` picks there
     return Device(kind, _device_name(device), best if measured else ASSUMED_GFLOPS[kind], measured, precision)
 
 
@@ -241,12 +242,16 @@ def _activations(cfg: Any, sh: Shapes, device: Device, rates: Rates) -> StageEst
 
 
 def _sae(cfg: Any, sh: Shapes, device: Device, rates: Rates, rows: int) -> StageEstimate:
-    from monofast.sae.model import K_VARIANTS  # here: listing presets' estimates imports no torch until asked
+    import torch  # here: listing presets' estimates imports no torch until asked
+
+    from monofast.sae import graph as sae_graph
+    from monofast.sae.model import K_VARIANTS
 
     members = len(cfg.k) if cfg.variant in K_VARIANTS else len(cfg.l1_coeff)
     held = min(cfg.held_out, rows // 10)
     steps = math.ceil(max(rows - held, 0) * cfg.epochs / cfg.batch_size)
-    graphed = device.kind == "cuda" and cfg.cuda_graphs  # a graphed step stays dense (monofast.sae.graph)
+    # A step replayed as a CUDA graph stays dense (one process assumed).
+    graphed = sae_graph.unavailable(cfg.cuda_graphs, cfg.variant, torch.device(device.kind), 1) is None
     if cfg.variant in K_VARIANTS:
         products = 3.0 * steps  # TopK decodes k rows per token, not all F
     elif cfg.sparse_step == "off" or graphed:
