@@ -114,13 +114,31 @@ def gather_decode(indices: torch.Tensor, values: torch.Tensor, w_dec: torch.Tens
     return torch.nn.functional.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum").add_(b_dec)
 
 
+def finish_forward(ctx, x: torch.Tensor, x_hat: torch.Tensor, col_sum: torch.Tensor, fired: torch.Tensor,
+                   w_dec: torch.Tensor, dec_norm: bool, bias_dtypes: tuple[torch.dtype, torch.dtype]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The end every step's forward shares (dense or sparse): the reconstruction error
+    x_hat - x [B, D] (in float32 where x_hat is in a lower precision), its square summed over
+    D and averaged over the rows (mse), the penalties' (w, l1, l0), and what the backward
+    needs to know besides its saved tensors. Returns (err, mse, w, l1, l0)."""
+    n_rows = x.shape[0]
+    err = x_hat - x if x_hat.dtype == x.dtype else x_hat.float().sub_(x)  # [B, D]
+    flat = err.view(-1)
+    mse = torch.dot(flat, flat) / n_rows
+    w, l1, l0 = penalties(col_sum, fired, w_dec, dec_norm, n_rows)  # w [F]
+    ctx.dtypes = (x.dtype, *bias_dtypes)
+    ctx.dec_norm = dec_norm
+    ctx.mark_non_differentiable(l0, fired)
+    ctx.set_materialize_grads(False)
+    return err, mse, w, l1, l0
+
+
 class EagerStep(torch.autograd.Function):
     """Forward and the hand-written five-product backward in ATen operations."""
 
     @staticmethod
     def forward(ctx, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype):
         dt = compute_dtype or x.dtype
-        n_rows, d_in = x.shape
         x_c = (x - b_dec).to(dt)  # [B, D]
         w_enc_c = w_enc.to(dt)  # [D, F]
         w_dec_c = w_dec.to(dt)  # [F, D]
@@ -136,15 +154,9 @@ class EagerStep(torch.autograd.Function):
             x_hat = gather_decode(indices, values, w_dec_c, b_dec.to(dt))  # [B, D]
         else:
             x_hat = linear(feats, w_dec_c.T, b_dec.to(dt))  # [B, D]
-        err = x_hat - x if x_hat.dtype == x.dtype else x_hat.float().sub_(x)  # [B, D]
-        flat = err.view(-1)
-        mse = torch.dot(flat, flat) / n_rows
-        w, l1, l0 = penalties(col_sum, fired, w_dec, dec_norm, n_rows)  # w [F] float32
+        err, mse, w, l1, l0 = finish_forward(ctx, x, x_hat, col_sum, fired, w_dec, dec_norm,
+                                             (b_enc.dtype, b_dec.dtype))  # w [F] float32
         ctx.save_for_backward(x_c, w_enc, w_dec, w_dec_c, w_enc_c, feats, err, col_sum, w)
-        ctx.dtypes = (x.dtype, b_enc.dtype, b_dec.dtype)
-        ctx.dec_norm = dec_norm
-        ctx.mark_non_differentiable(l0, fired)
-        ctx.set_materialize_grads(False)
         return x_hat, feats, mse, l1, l0, fired
 
     @staticmethod

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from . import native_sparse
-from .eager import linear
-from .reference import StepOut, norm_pull, penalties
+from .eager import finish_forward, linear
+from .reference import StepOut, norm_pull
 from .select import top_k
 
 _NATIVE = native_sparse.available()
@@ -171,7 +171,7 @@ class SparseStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_enc, b_enc, w_dec, b_dec, k, dec_norm, compute_dtype):
         dt = compute_dtype or x.dtype
-        n_rows, d_sae = x.shape[0], w_enc.shape[1]
+        d_sae = w_enc.shape[1]
         x_c = (x - b_dec).to(dt)  # [B, D]
         w_dec_c = w_dec.to(dt)  # [F, D]
         feats = linear(x_c, w_enc.to(dt).T, b_enc.to(dt), relu=k is None)  # [B, F] (TopK: pre-activations)
@@ -187,15 +187,9 @@ class SparseStep(torch.autograd.Function):
         fired = torch.zeros(d_sae, dtype=torch.int32, device=x.device).index_add_(
             0, active.col, (active.val > 0).int())
         x_hat = gather_sum(w_dec_c, active.col, active.row_ptr, active.val).add_(b_dec.to(dt))  # [B, D]
-        err = x_hat - x if x_hat.dtype == x.dtype else x_hat.float().sub_(x)  # [B, D]
-        flat = err.view(-1)
-        mse = torch.dot(flat, flat) / n_rows
-        w, l1, l0 = penalties(col_sum, fired, w_dec, dec_norm, n_rows)  # w [F]
+        err, mse, w, l1, l0 = finish_forward(ctx, x, x_hat, col_sum, fired, w_dec, dec_norm,
+                                             (b_enc.dtype, b_dec.dtype))  # w [F]
         ctx.save_for_backward(x_c, w_enc, w_dec, w_dec_c, err, col_sum, w, *active)
-        ctx.dtypes = (x.dtype, b_enc.dtype, b_dec.dtype)
-        ctx.dec_norm = dec_norm
-        ctx.mark_non_differentiable(l0, fired)
-        ctx.set_materialize_grads(False)
         return x_hat, feats, mse, l1, l0, fired
 
     @staticmethod
