@@ -117,10 +117,12 @@ def gather_decode(indices: torch.Tensor, values: torch.Tensor, w_dec: torch.Tens
 def finish_forward(ctx, x: torch.Tensor, x_hat: torch.Tensor, col_sum: torch.Tensor, fired: torch.Tensor,
                    w_dec: torch.Tensor, dec_norm: bool, bias_dtypes: tuple[torch.dtype, torch.dtype]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The end every step's forward shares (dense or sparse): the reconstruction error
-    x_hat - x [B, D] (in float32 where x_hat is in a lower precision), its square summed over
-    D and averaged over the rows (mse), the penalties' (w, l1, l0), and what the backward
-    needs to know besides its saved tensors. Returns (err, mse, w, l1, l0)."""
+    """The tail the torch backend's dense (`EagerStep`) and sparse (`SparseStep`) forwards
+    share. Returns (err, mse, w, l1, l0): the reconstruction error x_hat - x [B, D] (float32
+    where x_hat's dtype differs from x's, else x's dtype), its square summed over D and
+    averaged over the rows, and the penalties' (w, l1, l0). On `ctx` it sets `dtypes` and
+    `dec_norm`, marks l0 and fired non-differentiable and turns off grad materialisation;
+    saving the tensors is left to the caller."""
     n_rows = x.shape[0]
     err = x_hat - x if x_hat.dtype == x.dtype else x_hat.float().sub_(x)  # [B, D]
     flat = err.view(-1)
