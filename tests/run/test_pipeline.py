@@ -103,6 +103,32 @@ def test_downstream_follows_upstream(run):
     assert run_stage(TOY, ToyConfig(), r) is True
 
 
+def toy_after_stage(cfg: ToyConfig, run: RunDir) -> None:
+    (run.stage("after") / "sum.txt").write_text(str(int((run.require("toy") / "part1.txt").read_text()) + 1))
+
+
+AFTER = Stage("after", f"{__name__}:ToyConfig", f"{__name__}:toy_after_stage", ("toy",), "after toy")
+
+
+def test_a_stage_made_from_an_earlier_input_is_refused(run):
+    """A stage whose own files are intact but were made from an input since redone (an SAE
+    trained on activations of a GPT retrained since) is refused by the stages that read it,
+    not silently mixed with the new input."""
+    r, cfg = run
+    run_stage(DATA, cfg, r)
+    run_stage(TOY, ToyConfig(), r)
+    run_stage(AFTER, ToyConfig(), r)
+    run_stage(DATA, DataConfig(sources=cfg.sources, chars_per_source=5_000, vocab_size=300), r)  # toy is now stale
+    with pytest.raises(UserError, match=r"toy was made from other files than the run holds now "
+                                        r"\(data/\S+ changed since, \d+ in all\).*--from toy"):
+        run_stage(AFTER, ToyConfig(), r)
+    with pytest.raises(UserError, match="toy was made from other files"):
+        up_to_date(AFTER, ToyConfig(), r)
+    assert run_stage(TOY, ToyConfig(), r) is True  # redoing it from there clears the way
+    assert run_stage(AFTER, ToyConfig(), r) is True
+    assert run_stage(AFTER, ToyConfig(), r) is False
+
+
 def test_killed_stage_is_not_trusted(run):
     r, cfg = run
     run_stage(DATA, cfg, r)

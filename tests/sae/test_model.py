@@ -241,6 +241,21 @@ def test_load_errors_name_the_file(tmp_path):
         SparseAutoencoder.load(tmp_path / "other")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused_on_load(tmp_path, value):
+    """A saved SAE with NaN or Inf in a weight (no manifest records it: the file is as it
+    was written) is one error naming the tensor, not NaN features in every reader."""
+    from safetensors.torch import load_file, save_file
+
+    make().save(tmp_path)
+    path = tmp_path / "sae_weights.safetensors"
+    tensors = load_file(str(path))
+    tensors["W_dec"][3, 1] = value
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(DataError, match="W_dec holds NaN or infinite values.*monofast sae train --force"):
+        SparseAutoencoder.load(tmp_path)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_of_sparse_features_sums_their_rows_as_the_product_does(dtype):
     sae = SparseAutoencoder(SAEConfig(d_in=12, d_sae=80, dtype=dtype), generator=torch.Generator().manual_seed(0))

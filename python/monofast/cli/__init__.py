@@ -94,6 +94,28 @@ def _native_file_error(err: BaseException) -> str | None:
     return message
 
 
+def _os_error_message(err: OSError) -> str:
+    """One line for a file-system error: what happened to which path, and the fix. Stages
+    write every file atomically and a manifest last, so running again after the fix is safe."""
+    path = err.filename or ""
+    again = "then run the same command again: finished stages are kept"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {path}" if path else ""
+        return f"the disk is full{where}; free some space (or write to another disk: --run, or --out for a report) and {again}"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {path}; give this user access to it (or use another folder: --run, --out), {again}"
+    if err.errno == errno.EROFS:
+        return f"{path} is on a read-only file system; write to a writable folder with --run (or --out for a report)"
+    if err.errno in (errno.ENOTDIR, errno.EEXIST) or (path and Path(path).is_file() and err.errno != errno.ENOENT):
+        return f"{path} is a file where monofast needs a folder (or a part of that path is one); move it away or choose another path"
+    if path and Path(path).is_dir():
+        return f"{path} is a folder where monofast needs a file; remove it and {again}"
+    if err.errno == errno.ENOENT:
+        return f"{path} does not exist; check the path (a stage that wrote it may need running again: `{PROG} run --run DIR`)"
+    reason = err.strerror or str(err)
+    return f"{reason}: {path}; check the path and the disk, {again}" if path else f"{reason}; {again}"
+
+
 def _rewrite_hint(message: str) -> str:
     """How to write again the file a native message starts with (`PATH: reason`): the stage
     whose folder holds it, run again from there. Only the activations stage writes the
@@ -194,12 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `monofast presets | head` stopped reading: nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        where = f" writing {err.filename}" if err.filename else ""
-        print(f"{PROG}: error: the disk is full{where}; free some space (or pass --run on another "
-              f"disk) and run the same command again: finished stages are kept", file=sys.stderr)
+    except OSError as err:  # the file system refused: one line naming the path and the fix
+        print(f"{PROG}: error: {_os_error_message(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # the native module's file errors; anything else is a bug
         message = _native_file_error(err)

@@ -91,7 +91,12 @@ def hash_file(path: str | os.PathLike) -> str:
     """XXH3-128 hex digest of a file (native, GIL released, memory-mapped)."""
     from monofast import _native
 
-    return _native.hash_file(os.fspath(path))
+    try:
+        return _native.hash_file(os.fspath(path))
+    except OSError as err:
+        if err.filename is None:  # the native message names no file: give the CLI the path
+            raise OSError(err.errno, err.strerror or str(err), os.fspath(path)) from err
+        raise
 
 
 def hash_bytes(data: bytes) -> str:

@@ -26,7 +26,7 @@ from monofast import __version__
 from monofast.common import config, distributed, files
 from monofast.common.errors import UserError
 from monofast.common.log import logger
-from monofast.run.stages import RunDir, Stage
+from monofast.run.stages import TWIN, RunDir, Stage, stage_named
 
 MANIFEST_FORMAT = 1
 """Bumped when a manifest's meaning changes; a folder with another format is refused."""
@@ -85,19 +85,89 @@ def incompatible(folder: Path, manifest: dict[str, Any]) -> UserError:
         f"or start a fresh run directory with --name NAME or --run DIR")
 
 
-def _input_digests(stage: Stage, run: RunDir) -> dict[str, str]:
-    """Current digests of every file the stage reads, keyed `stage/relative/path`."""
+def _input_digests(stage: Stage, run: RunDir, current: set[str] | None = None) -> dict[str, str]:
+    """Current digests of every file the stage reads, keyed `stage/relative/path`. Each
+    input stage must be intact and itself up to date with its own inputs (`_check_current`);
+    `current` collects the stage folders already found so, to check each once."""
+    current = set() if current is None else current
     digests: dict[str, str] = {}
     present = [name for name in stage.optional_inputs if (run.stage(name) / files.MANIFEST_FILE).is_file()]
     for name in stage.inputs + tuple(present):
         folder = run.require(name)
         manifest = _read_manifest(folder) or {}
-        for rel, record in manifest.get("outputs", {}).items():
-            digest = files.current_digest(folder / rel, record)
-            if digest is None or digest != record.get("digest"):  # missing, or changed since
-                raise files.not_as_recorded(folder / rel, folder)
-            digests[f"{run.folder_name(name)}/{rel}"] = digest
+        digests.update({f"{run.folder_name(name)}/{rel}": digest for rel, digest in _intact(folder, manifest).items()})
+        _check_current(run.folder_name(name), manifest, run.root, current)
     return digests
+
+
+def _intact(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """The digest of each output the manifest records, refusing one missing or changed since."""
+    digests = {}
+    for rel, record in manifest.get("outputs", {}).items():
+        digest = files.current_digest(folder / rel, record)
+        if digest is None or digest != record.get("digest"):
+            raise files.not_as_recorded(folder / rel, folder)
+        digests[rel] = digest
+    return digests
+
+
+def _check_current(label: str, manifest: dict[str, Any], root: Path, current: set[str]) -> None:
+    """Refuse a finished stage (folder `label` of the run directory `root`) made from other
+    files than the stages it read hold now: an SAE trained on the activations of a GPT
+    retrained since, a site over the analysis of an earlier SAE. Its own files are intact, so
+    only its manifest's record of what it read tells; the check goes up the chain of stages.
+    `current` collects the folders already found current, to check each once."""
+    if label in current:
+        return
+    recorded = manifest.get("inputs")
+    if not isinstance(recorded, dict):
+        return
+    now: dict[str, str] = {}
+    for read in sorted({_stage_folder(key, root) for key in recorded}):
+        read_manifest = _read_manifest(root / read)
+        if read_manifest is None:  # being redone, or gone: nothing of it can match
+            continue
+        now.update({f"{read}/{rel}": digest for rel, digest in _intact(root / read, read_manifest).items()})
+        _check_current(read, read_manifest, root, current)
+    if recorded != now:
+        changed = sorted(key for key in recorded.keys() | now.keys() if recorded.get(key) != now.get(key))
+        raise UserError(f"{root / label} was made from other files than the run holds now ({changed[0]} "
+                        f"changed since, {len(changed)} in all): redo it and the stages after it with "
+                        f"`{_redo(label, root)}`")
+    current.add(label)
+
+
+def _stage_folder(key: str, root: Path) -> str:
+    """The stage folder of an input key `folder/relative/path` (`sae/l1_4/...` is the sae
+    stage's, `twin/gpt/...` the second model's GPT): the shortest prefix with a manifest."""
+    parts = key.split("/")
+    for end in range(1, len(parts)):
+        if (root.joinpath(*parts[:end]) / files.MANIFEST_FILE).is_file():
+            return "/".join(parts[:end])
+    return parts[0]
+
+
+def _redo(label: str, root: Path) -> str:
+    """The command that redoes stage folder `label` and what follows it: a stage of an extra
+    (and the second model's) re-runs with `--with` when its inputs changed."""
+    try:
+        extra = stage_named(label).extra
+    except UserError:  # not a pipeline stage
+        extra = ""
+    if extra:
+        return f"monofast run --run {root} --with {extra}"
+    twin = " --with findings" if label.startswith(f"{TWIN}/") else ""
+    return f"monofast run --run {root}{twin} --from {label}"
+
+
+def require_current(run: RunDir, name: str) -> Path:
+    """The folder of finished stage `name` for a command outside the pipeline (`gpt sample`):
+    its files intact and made from the files its inputs hold now, else a `UserError`."""
+    folder = run.require(name)
+    manifest = _read_manifest(folder) or {}
+    _intact(folder, manifest)
+    _check_current(run.folder_name(name), manifest, run.root, set())
+    return folder
 
 
 def up_to_date(stage: Stage, cfg: Any, run: RunDir) -> bool:

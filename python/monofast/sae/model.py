@@ -478,6 +478,9 @@ class SparseAutoencoder(nn.Module):
             if name not in tensors or tuple(tensors[name].shape) != shape:
                 got = tuple(tensors[name].shape) if name in tensors else "missing"
                 raise DataError(f"{path}: {name} should have shape {shape}, found {got}")
+            if not bool(torch.isfinite(tensors[name]).all()):  # every reader would compute NaN from here on
+                raise DataError(f"{path}: {name} holds NaN or infinite values: the SAE is corrupt; retrain it "
+                                f"with `monofast sae train --force` (or `monofast run --from sae`)")
             with torch.no_grad():
                 getattr(sae, name).copy_(tensors[name])
         return sae
