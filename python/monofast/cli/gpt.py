@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from pathlib import Path
 from typing import ContextManager, Optional, Sequence
 
@@ -14,6 +15,7 @@ import torch
 from monofast.analysis.output import FEATURES
 from monofast.cli.options import DEFAULT_PRESET, args_run_dir
 from monofast.common import files
+from monofast.common.config import not_utf8
 from monofast.common.device import pick_device
 from monofast.common.errors import DataError, UserError
 from monofast.common.log import logger
@@ -23,6 +25,7 @@ from monofast.gpt.model import GPT
 from monofast.gpt.sample import sample
 from monofast.gpt.weights import load_model
 from monofast.run import presets
+from monofast.run.manifest import require_current
 from monofast.run.stages import RunDir
 from monofast.sae.model import SparseAutoencoder
 from monofast.sae.steer import ClampSpec, clamped, parse_clamp, resolve_clamps, sae_hook, sae_layer
@@ -58,14 +61,22 @@ class SampleCommand:
                            help="run directory holding data/ and gpt/ (default: runs/<preset>)")
 
     def main(self, args: argparse.Namespace) -> int:
+        if not math.isfinite(args.temperature):
+            raise UserError(f"--temperature {args.temperature} is not a finite number; give e.g. 0.8 (0 is greedy)")
         if args.tokens < 0 or args.num_samples < 1 or args.top_k < 0 or args.temperature < 0:
             raise UserError("--tokens, --top-k and --temperature must be non-negative and "
                             "--num-samples at least 1")
+        for prompt in args.prompt or []:
+            if not_utf8(prompt) is not None:
+                raise UserError(f"--prompt '{not_utf8(prompt)}' holds bytes that are not UTF-8 text; "
+                                f"give the prompt as UTF-8")
         specs = [parse_clamp(spec) for spec in args.clamp or []]  # bad syntax fails before anything loads
         device = pick_device(args.device)
         run = args_run_dir(args)
-        hook = sae_hook(run.require("sae")) if specs else None
-        model = load_model(run.stage("gpt"), device, hook)
+        # Finished, intact and made from the files the run holds now (not a GPT trained on an
+        # earlier tokenizer, an SAE of another GPT's activations).
+        hook = sae_hook(require_current(run, "sae")) if specs else None
+        model = load_model(require_current(run, "gpt"), device, hook)
         tok = tokenizer.load(run.stage("data"))
         eot_id = load_meta(run.stage("data"))["eot_id"]
         with clamp_context(run, model, specs, device) if specs else contextlib.nullcontext():
@@ -79,7 +90,7 @@ class SampleCommand:
 
 def clamp_context(run: RunDir, model: GPT, specs: Sequence[ClampSpec], device: torch.device) -> ContextManager[None]:
     """The run's SAE loaded and `specs` applied at the layer it reads, for a `with` block."""
-    sae_dir = run.require("sae")
+    sae_dir = require_current(run, "sae")
     sae = SparseAutoencoder.load(sae_dir, device)
     sae.eval()
     layer = sae_layer(sae_dir, run.stage("activations"))

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from monofast.common import files
-from monofast.common.errors import UserError
+from monofast.common.errors import DataError, UserError
 from monofast.common.log import logger
 from monofast.run import results
 from monofast.run.stages import run_order
@@ -48,11 +48,16 @@ FINDINGS_SCREEN = (1100, 4200)
 
 
 def write_report(run: Path, out: Path, features: Optional[Sequence[int]] = None) -> list[Path]:
-    """Write the report of `run` into `out`; returns the files written."""
-    if not (run / "analysis" / "summary.json").is_file():
-        raise UserError(f"{run} has no finished analysis (analysis/summary.json); run "
+    """Write the report of `run` into `out`; returns the files written. Only finished
+    stages are read, each checked against its manifest first (`results.collect`); the
+    analysis must be made from the files the run holds now."""
+    if not (run / "analysis" / files.MANIFEST_FILE).is_file():
+        raise UserError(f"{run} has no finished analysis (no analysis/{files.MANIFEST_FILE}); run "
                         f"`monofast run --run {run}` first")
-    res = results.collect(run)
+    res = results.collect(run, required=("analysis",))
+    for note in res.missing:
+        logger.warning("report: not in results.md: %s", note)
+    summary = res.summary or {}  # the analysis has finished: collect read and checked it
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.md", out / "purity.svg"]
     files.write_text(written[0], "\n\n".join([
@@ -60,28 +65,26 @@ def write_report(run: Path, out: Path, features: Optional[Sequence[int]] = None)
         results.markdown(res),
         results.timings_markdown(res, [folder for folder, _ in run_order()]),
     ]) + "\n")
-    files.write_text(written[1], purity_svg(res.summary or {}))
-    evaluation_path = run / "sae" / "eval.json"
-    if evaluation_path.is_file():
+    files.write_text(written[1], purity_svg(summary))
+    if res.evaluation is not None:
         from monofast.site.quality import pareto
 
-        for name, chart in zip(("pareto-ce.svg", "pareto-fvu.svg"),
-                               pareto(files.read_json(evaluation_path, "SAE evaluation"), standalone=True)):
+        for name, chart in zip(("pareto-ce.svg", "pareto-fvu.svg"), pareto(res.evaluation, standalone=True)):
             written.append(out / name)
             files.write_text(written[-1], chart)
     if res.site_index is None:
-        logger.warning("report: %s has no finished site; no screenshots", run)
+        logger.warning("report: %s has no finished site made from the files it holds now; no screenshots", run)
         return written
     browser = find_browser()
     if browser is None:
         logger.warning("report: no Chromium found (%s); no screenshots", ", ".join(BROWSERS))
         return written
-    picks = (list(enumerate(features)) if features else
-             [(s, f) for s, f in showcase(run / "analysis") if f is not None])
+    shown = showcase(summary, feature_arrays(run / "analysis"))
+    picks = list(enumerate(features)) if features else [(s, f) for s, f in shown if f is not None]
     if not picks:
         logger.warning("report: no feature is more than %.0f%% one source; no screenshots (choose "
-                       "pages with --feature N)", 100 * (res.summary or {}).get("purity", {}).get("pure_share", 0.9))
-    names = (res.summary or {}).get("sources", [])
+                       "pages with --feature N)", 100 * summary["purity"]["pure_share"])
+    names = summary["sources"]
     for source, feature in picks:
         page = res.site_index.parent / "features" / f"{feature}.html"
         if not page.is_file():
@@ -96,25 +99,26 @@ def write_report(run: Path, out: Path, features: Optional[Sequence[int]] = None)
         screenshot(browser, findings_page, written[-1], FINDINGS_SCREEN)
     lab = res.site_index.parent / "lab.html"
     if lab.is_file() and not features:
-        written += lab_screenshots(browser, run, lab, out)
+        written += lab_screenshots(browser, run, lab, out, [f for _, f in shown], res.findings is not None)
     return written
 
 
-def lab_screenshots(browser: str, run: Path, lab: Path, out: Path) -> list[Path]:
-    """lab-shaded.png: the last source's showcase feature shaded on its own top example;
-    lab-steer.png: the first source's feature clamped while the GPT continues that text."""
+def lab_screenshots(browser: str, run: Path, lab: Path, out: Path, picks: list[Optional[int]],
+                    findings: bool = False) -> list[Path]:
+    """lab-shaded.png: the last source's showcase feature (`picks`: one per source) shaded on
+    its own top example; lab-steer.png: the first source's feature (with the `findings`, the
+    best steered one) clamped while the GPT continues that text."""
     from monofast.analysis import output
     from monofast.site.lab import try_it
     from monofast.site.pages import top_text
     from monofast.site.text import Vocab
 
-    picks = [f for _, f in showcase(run / "analysis")]
     if len(picks) < 2 or picks[0] is None or picks[-1] is None:
         logger.warning("report: no pure feature for two sources; no lab screenshots")
         return []
     analysis = output.load(run / "analysis")
     text = top_text(analysis.examples, Vocab(analysis.tokens), picks[-1])
-    steer, prompt = _best_steered(run) or (picks[0], text)
+    steer, prompt = (_best_steered(run) if findings else None) or (picks[0], text)
     shots = [(out / "lab-shaded.png", try_it(picks[-1], text, depth=0)),
              (out / "lab-steer.png", try_it(steer, prompt, depth=0) + "&generate=1")]
     for target, link in shots:
@@ -127,30 +131,52 @@ def _best_steered(run: Path) -> Optional[tuple[int, str]]:
     continuations to their source, the one whose clamped text stayed most fluent (a clamp
     can win the classifier with a stutter), and the first prompt it was steered from."""
     path = run / "findings" / "steering.json"
-    if not path.is_file():
+    if not path.is_file():  # checked with the findings' other files by `results.collect`
         return None
-    entries = [e for e in files.read_json(path, "steering results").get("features", [])
-               if isinstance(e, dict) and e.get("examples")]
+    steering = files.read_json(path, "steering results")
+    entries = [e for e in (steering.get("features") or [] if isinstance(steering, dict) else [])
+               if isinstance(e, dict) and type(e.get("feature")) is int and isinstance(e.get("examples"), list)
+               and e["examples"] and isinstance(e["examples"][0], dict)]
     if not entries:
         return None
-    steered = [e for e in entries if (e.get("share_clamped") or 0.0) >= 0.5] or entries
-    best = max(steered, key=lambda e: (e.get("logprob_clamped") or -1e9, -int(e["feature"])))
-    return int(best["feature"]), str(best["examples"][0].get("prompt", ""))
+    steered = [e for e in entries if _number(e.get("share_clamped"), 0.0) >= 0.5] or entries
+    best = max(steered, key=lambda e: (_number(e.get("logprob_clamped"), -1e9), -e["feature"]))
+    return best["feature"], str(best["examples"][0].get("prompt", ""))
+
+
+def _number(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
 # ---------------------------------------------------------------------------------------
 # Choosing and photographing feature pages
 
-def showcase(analysis_dir: Path) -> list[tuple[int, Optional[int]]]:
-    """(source id, feature) per source: of the features at least `SHOWCASE_PURITY` that
-    source (else more than the analysis's `pure_share`), the one that fires most often;
-    None where a source has no pure feature."""
+FEATURE_ARRAYS = ("fires", "purity", "dominant")
+"""The arrays of analysis/features.npz the showcase reads, one value per feature."""
+
+
+def feature_arrays(analysis_dir: Path) -> dict[str, Any]:
+    """`FEATURE_ARRAYS` of a finished analysis's features.npz (checked against its manifest
+    by `results.collect`); a file without them is a `DataError` naming it."""
+    path = analysis_dir / "features.npz"
+    redo = f"redo that stage with `monofast run --run {analysis_dir.parent} --from {analysis_dir.name}`"
+    arrays = files.read_npz(path, redo)
+    lacking = [name for name in FEATURE_ARRAYS if name not in arrays]
+    shapes = {arrays[name].shape for name in FEATURE_ARRAYS if name not in lacking}
+    if lacking or len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise DataError(f"{path} does not hold {', '.join(FEATURE_ARRAYS)} as one value per feature "
+                        f"({'no ' + ', '.join(lacking) if lacking else f'shapes {sorted(shapes)}'}); {redo}")
+    return arrays
+
+
+def showcase(summary: dict[str, Any], arrays: dict[str, Any]) -> list[tuple[int, Optional[int]]]:
+    """(source id, feature) per source of the analysis `summary`: of the features at least
+    `SHOWCASE_PURITY` that source (else more than the analysis's `pure_share`), the one that
+    fires most often (`arrays`: `feature_arrays`); None where a source has no pure feature."""
     import numpy as np
 
-    summary = files.read_json(analysis_dir / "summary.json", "analysis summary")
     pure = summary["purity"]["pure_share"]
-    with np.load(analysis_dir / "features.npz") as z:
-        fires, purity, dominant = z["fires"], z["purity"], z["dominant"]
+    fires, purity, dominant = (arrays[name] for name in FEATURE_ARRAYS)  # (F,) each
     picks: list[tuple[int, Optional[int]]] = []
     for s in range(len(summary["sources"])):
         mine = (dominant == s) & (fires > 0)
