@@ -374,6 +374,27 @@ def test_layer_conflicts_and_bad_options_are_user_errors(tmp_path):
                 tmp_path / "out")
 
 
+def test_windows_and_top_k_beyond_the_data_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="top_k=5000 is more windows per feature than the 4000 tokens analysed"):
+        AnalysisConfig(tokens=4_000, top_k=5_000)
+    with pytest.raises(ValueError, match="window_radius=16 is wider than the contexts of 16 tokens .* at most 15"):
+        AnalysisConfig(context_size=16, window_radius=16)
+    AnalysisConfig(context_size=16, window_radius=15)
+    # context_size 0 is the model's block size (32 here): known, and checked, once the model is loaded.
+    paths = make_run(tmp_path, layer=1)
+    with pytest.raises(UserError, match="window_radius=1000 is wider than the contexts of 32 tokens"):
+        analyze(AnalysisConfig(tokens=2_000, window_radius=1_000, device="cpu"), paths["data"], paths["gpt"],
+                paths["sae"], tmp_path / "out")
+    # Selections whose buffers alone exceed the free memory are refused before they are allocated.
+    from monofast.analysis import streaming
+
+    monkeypatch.setattr(streaming, "available_memory", lambda device: 2**20)
+    with pytest.raises(UserError, match=r"example windows need 1\.0 GiB but cpu has 0\.0 GiB free; lower --top-k"):
+        StreamingTopK(2**14, 64, {"acts": ((256,), torch.float32)}, CPU)
+    with pytest.raises(UserError, match="lower --quantile-samples"):
+        CellReservoir(2**14, 64, {"acts": ((256,), torch.float32)}, CPU)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_last_layer_effects_equal_layer_norm_and_unembedding(bias):
     torch.manual_seed(0)

@@ -243,3 +243,58 @@ def test_presets_show_labelled_estimates(capsys):
     assert "estimated: data" in out
     assert cli.main(["presets", "--gflops", "0"]) == 2
     assert "positive rate" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# Values refused before a stage starts (its folder and manifest untouched)
+
+@pytest.mark.parametrize("command", [["data"], ["gpt", "train"], ["activations", "harvest"], ["sae", "train"],
+                                     ["analysis"], ["findings"]], ids=lambda c: "-".join(c))
+def test_a_negative_seed_is_refused_before_the_stage_runs(tmp_path, capsys, command):
+    assert cli.main([*command, "--preset", "smoke", "--run", str(tmp_path / "r"), "--seed", "-1", "--force"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "seed=-1 must be >= 0" in err
+    assert not (tmp_path / "r").exists()  # refused while the config was read: nothing cleared
+
+
+def test_a_negative_seed_through_set_is_refused(tmp_path, capsys):
+    assert cli.main(["run", "--preset", "smoke", "--run", str(tmp_path / "r"), "--set", "sae.seed=-1"]) == 2
+    assert "sae config: seed=-1 must be >= 0" in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"[1, 2]", "holds a list, not a table of options"),
+    (b"null", "holds null, not a table of options"),
+    (b"vocab_size = 300\n\xff\xfe\n", "is not UTF-8 text"),
+], ids=["json-list", "json-null", "toml-not-utf8"])
+def test_a_malformed_config_file_is_one_line(tmp_path, capsys, content, match):
+    path = tmp_path / ("c.toml" if b"=" in content else "c.json")
+    path.write_bytes(content)
+    assert cli.main(["run", "--preset", "smoke", "--run", str(tmp_path / "r"), "--config", str(path)]) == 2
+    assert match in _one_line(capsys.readouterr().err)
+
+
+def test_gpt_sample_refuses_non_finite_temperatures_and_non_utf8_prompts(tmp_path, capsys):
+    import os
+
+    sample = ["gpt", "sample", "--run", str(tmp_path / "none"), "--device", "cpu"]  # refused before any file is read
+    for value in ("nan", "inf", "-inf"):
+        assert cli.main([*sample, "--temperature", value]) == 2
+        assert f"--temperature {value} is not a finite number" in _one_line(capsys.readouterr().err)
+    prompt = os.fsdecode(b"ab\xff\xfecd")  # as Python gives undecodable command-line bytes
+    assert cli.main([*sample, "--prompt", prompt]) == 2
+    assert r"--prompt 'ab\xff\xfecd' holds bytes that are not UTF-8 text" in _one_line(capsys.readouterr().err)
+    assert cli.main(["gpt", "train", "--run", str(tmp_path / "none"), "--sample-prompts", prompt]) == 2
+    assert "sample_prompts: 'ab\\xff\\xfecd' holds bytes" in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["sae", "train", "--variant", "topk", "--k", "8", "--aux-coeff", "-1"], "aux_coeff is a weight of the AuxK loss"),
+    (["sae", "train", "--aux-coeff", "-1e6"], "got -1000000.0"),
+    (["sae", "train", "--resample-every", "-7"], "resample_every=-7"),
+    (["analysis", "--top-k", "100000"], "top_k=100000 is more windows per feature than the 4096 tokens"),
+    (["analysis", "--context-size", "16", "--window-radius", "16"], "give at most 15"),
+], ids=["aux-coeff", "aux-coeff-scientific", "resample-every", "top-k", "window-radius"])
+def test_out_of_range_stage_options_are_one_line(tmp_path, capsys, argv, match):
+    assert cli.main([*argv, "--preset", "smoke", "--run", str(tmp_path / "r")]) == 2
+    assert match in _one_line(capsys.readouterr().err)

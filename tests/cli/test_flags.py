@@ -87,3 +87,18 @@ def test_every_stage_help_names_its_preset(capsys, command, preset):
 def test_a_renamed_command_names_the_new_one(capsys):
     assert cli.main(["analyze", "--preset", "smoke"]) == 2
     assert capsys.readouterr().err.strip() == "monofast: error: `monofast analyze` is now `monofast analysis`"
+
+
+@pytest.mark.parametrize("value", ["-1e6", "-1E+6", "-.5e-3", "-inf"])
+def test_negative_numbers_in_any_spelling_are_values(value):
+    from monofast.cli.options import Parser
+
+    parser = Parser(prog="toy")
+    flags.add_arguments(parser, Toy)
+    assert flags.cli_overrides(Toy, parser.parse_args(["--lr", value])) == {"lr": float(value)}
+
+
+def test_a_word_for_an_integer_says_it_wants_an_integer(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["gpt", "train", "--n-layer", "abc"])
+    assert "argument --n-layer: expected an integer, got 'abc'" in capsys.readouterr().err

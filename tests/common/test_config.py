@@ -54,6 +54,32 @@ def test_load_toml_and_json(tmp_path):
         config.load_config_file(tmp_path / "missing.toml")
 
 
+@pytest.mark.parametrize("name, content, match", [
+    ("list.json", b"[1, 2]", "list.json holds a list, not a table of options"),
+    ("text.json", b'"x"', "text.json holds a string, not a table of options"),
+    ("bytes.toml", b"a = 1\n\xff\xfe\n", r"bytes.toml is not UTF-8 text \(invalid start byte at byte 6\)"),
+    ("bytes.json", b'{"a": "\xff"}', "bytes.json is not UTF-8 text"),
+], ids=["json-list", "json-string", "toml-bytes", "json-bytes"])
+def test_a_config_file_that_is_no_table_of_options_is_a_user_error(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=match):
+        config.load_config_file(tmp_path / name)
+
+
+def test_a_word_for_an_integer_says_it_wants_an_integer():
+    with pytest.raises(ValueError, match="expected an integer, got 'abc'"):
+        config.parse_value(int, "abc")
+    assert config.parse_value(int, "1e4") == 10_000
+
+
+def test_not_utf8_shows_the_bytes_as_typed():
+    import os
+
+    assert config.not_utf8("héllo") is None
+    assert config.not_utf8(os.fsdecode(b"ab\xff\xfecd")) == "ab\\xff\\xfecd"
+    assert config.not_utf8("x\ud800") == "x\\ud800"  # a surrogate no byte makes
+
+
 def test_to_dict_is_json_ready():
     assert config.to_dict(Toy()) == {"n_embd": 64, "lr": 1e-3, "compile": False, "name": "toy",
                                      "widths": [1, 2], "limit": None, "tags": ["a"]}

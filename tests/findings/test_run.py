@@ -36,6 +36,10 @@ def test_family_members_one_per_width():
             FamilyConfig(**bad)
     with pytest.raises(ValueError, match="twin_seed_offset"):
         FindingsConfig(twin_seed_offset=0)
+    with pytest.raises(ValueError, match="twin_seed_offset=-1 must be >= 1"):  # the twin's seeds could go negative
+        FindingsConfig(twin_seed_offset=-1)
+    with pytest.raises(ValueError, match="seed=-1 must be >= 0"):
+        FindingsConfig(seed=-1)
 
 
 def test_an_unknown_extra_is_refused(capsys):

@@ -317,6 +317,16 @@ def test_errors_name_the_problem_and_the_fix(corpus, models, tmp_path, monkeypat
     assert "does not run on a Hugging Face model" in capsys.readouterr().err
 
 
+def test_hooks_refuses_an_empty_name_and_a_folder_that_is_no_model(tmp_path, capsys):
+    assert cli.main(["hooks", "--model", ""]) == 2
+    err = capsys.readouterr().err
+    assert "--model is empty; give a Hugging Face model" in err and "hf download" not in err
+    assert cli.main(["hooks", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is a folder but not a Hugging Face model folder (it holds no config.json)" in err
+    assert "neither a local folder" not in err
+
+
 def test_without_transformers_the_command_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "transformers", None)
     assert cli.main(["hooks", "--model", "gpt2"]) == 2

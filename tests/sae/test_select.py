@@ -65,6 +65,20 @@ def test_without_ce_measurements_falls_back_to_the_target_then_the_first():
     assert select(SWEEP, NAMES, rule="target_l0", target_l0=29).published == "l1_3"
 
 
+def test_without_held_out_rows_the_first_is_published_and_the_rule_says_why():
+    # --held-out 0: eval.json holds CE-loss recovered (measured on data's validation split)
+    # but no held-out L0 or dead fraction, which both rules rank by.
+    ce_only = {n: {k: m[k] for k in ("ce_loss_recovered", "ce_loss_recovered_by_source")} for n, m in SWEEP.items()}
+    for rule in ("quality", "target_l0"):
+        choice = select(ce_only, NAMES, rule=rule, target_l0=20)
+        assert choice.published == "l1_1" and choice.met_goal is None
+        assert choice.rule == (f"first: the sweep's first SAE ({rule}: no rows were held out to measure L0 and "
+                               f"dead features)")
+        assert choice.warning.startswith("no rows were held out, so the 4 SAEs of the sweep were not compared")
+        assert f"--held-out N) to choose by {rule}" in choice.warning
+    assert select({"l1_1": ce_only["l1_1"]}, ["l1_1"]).warning is None  # one SAE: nothing to compare
+
+
 def test_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="choose one of quality, target_l0, first"):
         select(SWEEP, NAMES, rule="best")

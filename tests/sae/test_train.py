@@ -61,6 +61,12 @@ def test_nan_activations_stop_training_with_a_clear_error(make_store, small, tmp
     assert not (tmp_path / "sae" / "sae_weights.safetensors").exists()
 
 
+def test_a_sweep_too_large_for_the_memory_is_refused_before_anything_is_allocated(store_dir, small, tmp_path):
+    with pytest.raises(UserError, match=r"need at least .* GiB .* free; lower --expansion"):
+        sae_train.train(small(expansion=10**9), store_dir, tmp_path / "sae")
+    assert not (tmp_path / "sae" / "metrics.jsonl").exists()
+
+
 def test_too_little_data_is_named(make_store, small, tmp_path):
     store_dir = make_store(tmp_path / "tiny", rows=50)
     with pytest.raises(DataError, match="fewer than one batch of 128"):

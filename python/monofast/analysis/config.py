@@ -75,6 +75,11 @@ class AnalysisConfig:
         for name in ("window_radius", "top_tokens", "logit_tokens", "neighbours", "rerun_examples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.top_k > self.tokens:  # each top window is a token of the pass: more never fill
+            raise ValueError(f"top_k={self.top_k} is more windows per feature than the {self.tokens} tokens "
+                             f"analysed; lower --top-k (e.g. 20) or raise --tokens")
+        if self.context_size and self.too_wide(self.context_size):
+            raise ValueError(self.too_wide(self.context_size))
         if not 0.0 <= self.ultralow_density < 1.0:
             raise ValueError(f"ultralow_density={self.ultralow_density} must be in [0, 1), e.g. 1e-5")
         if not 0.5 <= self.pure_share < 1.0:
@@ -85,6 +90,17 @@ class AnalysisConfig:
             raise ValueError(f"dtype={self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
         if "/" in self.sae_name or self.sae_name.startswith("."):
             raise ValueError(f"sae_name={self.sae_name!r} must be a plain sub-folder name of sae/")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0 (numpy and torch take non-negative seeds), e.g. 1337")
+
+    def too_wide(self, context_size: int) -> str | None:
+        """What is wrong when the example windows are wider than the contexts they are cut
+        from (`context_size` tokens; a radius of context_size - 1 already shows a whole
+        context around any peak), else None."""
+        if self.window_radius < context_size:
+            return None
+        return (f"window_radius={self.window_radius} is wider than the contexts of {context_size} tokens it "
+                f"windows; give at most {context_size - 1} (e.g. --window-radius 12)")
 
     @property
     def window(self) -> int:

@@ -20,6 +20,7 @@ from monofast.analysis.contexts import Batch
 from monofast.analysis.forward import Encoder, final_residual
 from monofast.analysis.stats import FeatureStats, NeuronStats, firings, log_edges
 from monofast.analysis.streaming import CellReservoir, StreamingTopK
+from monofast.common.errors import UserError
 from monofast.gpt.model import GPT
 
 
@@ -57,6 +58,8 @@ class Scan:
     def __init__(self, cfg: AnalysisConfig, model: GPT, encoder: Encoder, layer: int, n_contexts: int,
                  context_size: int, n_sources: int, device: torch.device, autocast_dtype: torch.dtype,
                  seed: int):
+        if cfg.too_wide(context_size):  # context_size 0 in the config: the model's, known only now
+            raise UserError(f"analysis: {cfg.too_wide(context_size)}")
         self.cfg, self.model, self.encoder, self.layer = cfg, model, encoder, layer
         self.T, self.device, self.autocast_dtype = context_size, device, autocast_dtype
         self.last_layer = layer == model.config.n_layer - 1 and model.residual_shortcut

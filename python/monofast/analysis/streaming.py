@@ -10,10 +10,14 @@ over a pass, a reservoir cell R (1 + ln(items / R)) times.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from monofast.common.errors import UserError
+from monofast.common.hf import available_memory
 
 Payload = Callable[[Tensor, Tensor], dict[str, Tensor]]
 """`fn(features (m,), rows (m,)) -> {name: (m, ...)}`: the payload of m new entries, given
@@ -24,8 +28,14 @@ EMPTY_KEY = 2.0
 
 
 def _allocate(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], lead: tuple[int, ...],
-              device: torch.device) -> dict[str, Tensor]:
-    """Payload buffers of shape lead + each entry's shape, NaN (floats) or -1 (integers)."""
+              device: torch.device, fix: str) -> dict[str, Tensor]:
+    """Payload buffers of shape lead + each entry's shape, NaN (floats) or -1 (integers);
+    refused with `fix` (the options to lower) when they alone exceed the memory free on `device`."""
+    need = math.prod(lead) * sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"analysis: the example windows need {need / 2**30:.1f} GiB but {device} has "
+                        f"{free / 2**30:.1f} GiB free; {fix}")
     out = {}
     for name, (shape, dtype) in shapes.items():
         fill = float("nan") if dtype.is_floating_point else -1
@@ -46,7 +56,8 @@ class StreamingTopK:
         self.k = k
         self.values = torch.zeros(n_features, k, device=device)  # (F, k)
         self.ids = torch.full((n_features, k), -1, dtype=torch.int64, device=device)  # (F, k)
-        self.payload = _allocate(payload, (n_features, k), device)  # each (F, k, ...)
+        self.payload = _allocate(payload, (n_features, k), device,  # each (F, k, ...)
+                                 "lower --top-k or --window-radius")
 
     def threshold(self) -> Tensor:
         """(F,) the value a new entry of each column must beat (0 while it has free slots)."""
@@ -119,7 +130,8 @@ class CellReservoir:
         self.keys = torch.full((n_cells, capacity), EMPTY_KEY, device=device)  # (C, R)
         self.values = torch.zeros(n_cells, capacity, device=device)  # (C, R)
         self.ids = torch.full((n_cells, capacity), -1, dtype=torch.int64, device=device)  # (C, R)
-        self.payload = _allocate(payload, (n_cells, capacity), device)  # each (C, R, ...)
+        self.payload = _allocate(payload, (n_cells, capacity), device,  # each (C, R, ...)
+                                 "lower --quantile-samples, --bins-per-decade or --window-radius")
 
     def thresholds(self, cells: Tensor) -> Tensor:
         """(m,) the key an item of each cell must be below to enter (its R-th smallest kept key)."""

@@ -4,6 +4,9 @@ reads and its width."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from monofast.common.errors import UserError
 
 
 class HooksCommand:
@@ -21,6 +24,7 @@ class HooksCommand:
         from monofast.common.hf import load_lm, model_name
         from monofast.gpt.hf import list_hooks
 
+        check_model_name(args.model)
         lm = load_lm(args.model, torch.device("cpu"), torch.float32, args.allow_download)
         hooks = list_hooks(lm)
         params = sum(p.numel() for p in lm.parameters())
@@ -33,3 +37,15 @@ class HooksCommand:
         print("Harvest one with `monofast run --model MODEL --hook NAME` (or `monofast harvest --model MODEL "
               "--hook NAME`).")
         return 0
+
+
+def check_model_name(model: str) -> None:
+    """Refuse, before the loader looks in the Hugging Face cache, an empty name and a folder
+    that holds no model (the loader would call either one missing from the cache)."""
+    if not model.strip():
+        raise UserError("--model is empty; give a Hugging Face model: a local folder or a hub id "
+                        "(e.g. --model gpt2)")
+    folder = Path(model).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise UserError(f"{folder} is a folder but not a Hugging Face model folder (it holds no config.json); "
+                        f"give the folder a model was saved into, or a hub id")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -18,9 +19,22 @@ from monofast.run.stages import RunDir, Stage, run_dir, stage_named
 DEFAULT_PRESET = "quick"
 
 
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+r"""What argparse must read as a (negative) value, not an option: argparse's own pattern
+(`^-\d+$|^-\d*\.\d+$` in Python 3.11) takes `-1e6` and `-inf` for unknown options and
+answers `expected one argument`; with these read as values, the option's check names the
+range instead."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (usage lines of stage commands run to dozens of
-    flags): `monofast data: error: unrecognized arguments: --nope; see `monofast data --help``."""
+    flags): `monofast data: error: unrecognized arguments: --nope; see `monofast data --help``.
+    Negative numbers in any spelling are values (`NEGATIVE_NUMBER`): no option of monofast
+    looks like one."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER  # argparse's own attribute, read when parsing
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")

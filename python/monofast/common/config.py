@@ -62,7 +62,10 @@ def _parse_int(text: str) -> int:
         return int(text)
     except ValueError:
         pass
-    number = float(text)  # `1e4`, `2.0`: a whole number written as a float
+    try:
+        number = float(text)  # `1e4`, `2.0`: a whole number written as a float
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
     if not (math.isfinite(number) and number.is_integer()):
         raise ValueError(f"expected an integer, got {text!r}")
     return int(number)
@@ -235,6 +238,22 @@ def coerce(cls: type, name: str, value: Any, where: str) -> Any:
     return coerce_type(type_hints(cls)[name], value, f"{where}: {name}")
 
 
+def not_utf8(text: str) -> str | None:
+    """`text` shown with its bytes that are not UTF-8 as `\\xff` escapes, when it has any (Python
+    gives undecodable command-line bytes as lone surrogates, which no tokenizer or file
+    takes); else None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the bytes as typed
+    except UnicodeEncodeError:  # a surrogate no byte makes (`"\\ud800"` in a JSON file)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def flag(name: str) -> str:
     """The command-line flag of a field: `n_embd` -> `--n-embd`."""
     return "--" + name.replace("_", "-")
@@ -245,17 +264,29 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                        f"save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror or err}; check its permissions") from None
     try:
         if path.suffix.lower() == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib  # type: ignore[no-redef]
-            return tomllib.loads(text)
-        return json.loads(text)
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
     except Exception as err:  # tomllib and json raise different classes
-        raise UserError(f"cannot parse config file {path}: {err}") from None
+        raise UserError(f"cannot parse config file {path}: {_one_line(err)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} holds {'null' if data is None else _kind(data)}, not a table of "
+                        f"options; write "
+                        f'{{"option": value}} or {{"stage": {{"option": value}}}}')
+    return data
 
 
 def build(cls: type, *layers: Mapping[str, Any], where: str = "config") -> Any:

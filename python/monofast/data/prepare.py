@@ -75,6 +75,8 @@ class DataConfig:
         if self.token_dtype == "uint16" and self.vocab_size > 2**16:
             raise ValueError(f"vocab_size={self.vocab_size} does not fit uint16 tokens; "
                              f"use --token-dtype uint32 (or auto)")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0 (numpy and torch take non-negative seeds), e.g. 1337")
 
     def resolved_dtype(self) -> str:
         if self.token_dtype == "auto":

@@ -88,8 +88,11 @@ class FindingsConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype={self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
-        if self.twin_seed_offset == 0:
-            raise ValueError("twin_seed_offset=0 would train the same model again; give another, e.g. 1")
+        if self.twin_seed_offset < 1:  # 0 trains the same model again; below, the twin's seeds may go negative
+            raise ValueError(f"twin_seed_offset={self.twin_seed_offset} must be >= 1 (0 would train the same "
+                             f"model again), e.g. 1")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0 (numpy and torch take non-negative seeds), e.g. 1337")
         if self.tokens < 1_000:
             raise ValueError(f"tokens={self.tokens} is too few to correlate activations; give 100000 or more")
         for name in ("batch_contexts", "specificity_bins", "steer_prompts", "steer_tokens"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from monofast.common.config import not_utf8
 from monofast.common.device import DTYPE_CHOICES, parse_device
 from monofast.gpt.model import GPTConfig, GPTShape
 
@@ -132,6 +133,12 @@ class GPTTrainConfig(GPTShape):
         parse_device(self.device)
         if self.sample_tokens < 0 or self.num_samples < 0 or self.top_k < 0 or self.temperature < 0:
             raise ValueError("sample_tokens, num_samples, top_k and temperature must be non-negative")
+        for prompt in self.sample_prompts:
+            if not_utf8(prompt) is not None:
+                raise ValueError(f"sample_prompts: '{not_utf8(prompt)}' holds bytes that are not UTF-8 text; "
+                                 f"give the prompts as UTF-8")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0 (numpy and torch take non-negative seeds), e.g. 1337")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, **self.shape())

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
+from monofast.common.errors import UserError
+from monofast.common.hf import available_memory
 from monofast.sae.model import K_VARIANTS, VARIANTS
 from monofast.sae.select import RULES
 
@@ -113,6 +115,12 @@ class SAETrainConfig:
                              f"e.g. --l1-coeff 1,3,10")
         if not self.k or any(k < 1 for k in self.k):
             raise ValueError(f"k must be one or more positive integers, got {self.k}; e.g. --k 16,32")
+        if not (self.aux_coeff >= 0 and math.isfinite(self.aux_coeff)):
+            raise ValueError(f"aux_coeff is a weight of the AuxK loss, >= 0 (0 turns it off), got {self.aux_coeff}; "
+                             f"e.g. --aux-coeff 0.03125")
+        if self.resample_every < -1:
+            raise ValueError(f"resample_every={self.resample_every}: give a number of steps, 0 (a quarter of "
+                             f"the run) or -1 (never)")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}")
         if not self.lr > 0:
@@ -138,6 +146,8 @@ class SAETrainConfig:
         if self.ce_eval_tokens < 0 or self.checkpoint_every < 0:
             raise ValueError(f"ce_eval_tokens and checkpoint_every must be >= 0 (0 turns them off), got "
                              f"{self.ce_eval_tokens}, {self.checkpoint_every}")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0 (numpy and torch take non-negative seeds), e.g. 0")
 
     def sweep(self) -> list[tuple[str, float, Optional[int]]]:
         """(name, l1 coefficient, k) of every SAE to train."""
@@ -150,6 +160,28 @@ class SAETrainConfig:
         the sweep, all of one width (a family of widths overrides this)."""
         d_sae = self.d_sae or self.expansion * d_in
         return [(name, l1, k, d_sae) for name, l1, k in self.sweep()]
+
+    def memory_needed(self, d_in: int) -> int:
+        """Bytes that training the sweep on inputs of `d_in` holds at the least: each SAE's
+        float32 weights, their gradients and Adam's two moments, and a batch's pre-activations
+        and features; the step's temporaries come on top."""
+        total = 0
+        for _, _, _, d_sae in self.members(d_in):
+            params = 2 * d_in * d_sae + d_sae + d_in  # W_enc, W_dec, b_enc, b_dec
+            total += 4 * (4 * params + 2 * self.batch_size * d_sae)
+        return total
+
+    def check_memory(self, d_in: int, device: Any) -> None:
+        """Refuse, before anything is allocated, a sweep that cannot fit in the memory free on
+        `device` (a UserError with the numbers); nothing is checked where that is unknown."""
+        need, free = self.memory_needed(d_in), available_memory(device)
+        if free is None or need <= free:
+            return
+        widths = "/".join(f"{w:,}" for w in sorted({m[3] for m in self.members(d_in)}))
+        raise UserError(f"sae: {len(self.members(d_in))} SAE(s) of {widths} features on inputs of {d_in} need "
+                        f"at least {need / 2**30:.1f} GiB (weights, gradients, Adam state and a batch) but {device} "
+                        f"has {free / 2**30:.1f} GiB free; lower --expansion (or --d-sae) or --batch-size, or "
+                        f"train fewer SAEs at once")
 
     def warmup_fraction(self) -> float:
         return self.l1_warmup if self.l1_warmup != -1.0 else (0.05 if self.variant == "april2024" else 0.0)

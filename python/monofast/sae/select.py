@@ -9,6 +9,8 @@ warning naming the source that falls short and what to try. Without CE-loss reco
 (`--ce-eval-tokens 0`) the rule falls back to `target_l0` (nearest L0) or the first member.
 
 `target_l0`: the member whose held-out L0 is nearest `--target-l0`. `first`: the sweep's first.
+Without held-out rows (`--held-out 0`) neither rule can rank: the first is published, with a
+warning when the sweep has several.
 The choice, the rule and each member's verdict go into eval.json under "selection".
 """
 
@@ -96,7 +98,8 @@ def select(saes: dict[str, dict[str, Any]], names: list[str], rule: str = "quali
     """The member of `names` (sweep order) to publish, from eval.json's "saes" entries."""
     if rule not in RULES:
         raise ValueError(f"selection rule {rule!r} is unknown; choose one of {', '.join(RULES)}")
-    measured = bool(names) and all("ce_loss_recovered_by_source" in saes.get(n, {}) for n in names)
+    held_out = bool(names) and all({"l0", "dead_fraction"} <= saes.get(n, {}).keys() for n in names)
+    measured = held_out and all("ce_loss_recovered_by_source" in saes[n] for n in names)
     if rule == "quality" and measured:
         short = {n: shortfalls(saes[n], goal) for n in names}
         meeting = [n for n in names if not short[n]]
@@ -113,8 +116,18 @@ def select(saes: dict[str, dict[str, Any]], names: list[str], rule: str = "quali
                    f"{miss}; {advice(saes[best], goal)}")
         return Selection(best, words + "; none did, so the one whose worst source recovers most", False, short,
                          warning, goal)
+    if rule != "first" and not held_out:
+        # No rows held out (--held-out 0, or a last context longer than the 10% cap): no L0 or
+        # dead fraction to rank by, so the first is published, saying so. Not ranked by the
+        # training batches' statistics instead: eval.json does not hold them, and they were
+        # measured on the rows the SAEs trained on while lambda and the LR still moved.
+        unranked = None if len(names) < 2 else (
+            f"no rows were held out, so the {len(names)} SAEs of the sweep were not compared; published "
+            f"{names[0]}, the first; hold rows out (--held-out N) to choose by {rule}")
+        return Selection(names[0], f"first: the sweep's first SAE ({rule}: no rows were held out to measure "
+                                   f"L0 and dead features)", warning=unranked, goal=goal)
     why = "" if rule != "quality" else " (quality: no CE-loss recovered was measured)"
-    if rule in ("quality", "target_l0") and target_l0 > 0 and all("l0" in saes.get(n, {}) for n in names):
+    if rule in ("quality", "target_l0") and target_l0 > 0:
         best = min(names, key=lambda n: abs(saes[n]["l0"] - target_l0))
         return Selection(best, f"target_l0: the held-out L0 nearest {target_l0:g}{why}", goal=goal)
     return Selection(names[0], f"first: the sweep's first SAE{why}", goal=goal)

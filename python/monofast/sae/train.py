@@ -219,6 +219,7 @@ def train(cfg: SAETrainConfig, store_dir: str | Path, out: str | Path,
     here = distributed.check_divides(cfg.batch_size, "--batch-size")
     device = pick_device(cfg.device)
     pick_dtype(cfg.compute_dtype, device, flag="--compute-dtype")  # refuse a bad precision before any work
+    cfg.check_memory(store.dim, device)  # and a sweep too large for the memory free there
     cutoff = split_rows(store, cfg.held_out)
     steps = cutoff * cfg.epochs // cfg.batch_size
     if steps < 1:
