@@ -377,7 +377,7 @@ def test_layer_conflicts_and_bad_options_are_user_errors(tmp_path):
 def test_windows_and_top_k_beyond_the_data_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="top_k=5000 is more windows per feature than the 4000 tokens analysed"):
         AnalysisConfig(tokens=4_000, top_k=5_000)
-    with pytest.raises(ValueError, match="window_radius=16 is wider than the contexts of 16 tokens .* at most 15"):
+    with pytest.raises(ValueError, match="window_radius=16 is wider than the contexts of 16 tokens .* at most --window-radius 15"):
         AnalysisConfig(context_size=16, window_radius=16)
     AnalysisConfig(context_size=16, window_radius=15)
     # context_size 0 is the model's block size (32 here): known, and checked, once the model is loaded.

@@ -293,7 +293,7 @@ def test_gpt_sample_refuses_non_finite_temperatures_and_non_utf8_prompts(tmp_pat
     (["sae", "train", "--aux-coeff", "-1e6"], "got -1000000.0"),
     (["sae", "train", "--resample-every", "-7"], "resample_every=-7"),
     (["analysis", "--top-k", "100000"], "top_k=100000 is more windows per feature than the 4096 tokens"),
-    (["analysis", "--context-size", "16", "--window-radius", "16"], "give at most 15"),
+    (["analysis", "--context-size", "16", "--window-radius", "16"], "give at most --window-radius 15"),
 ], ids=["aux-coeff", "aux-coeff-scientific", "resample-every", "top-k", "window-radius"])
 def test_out_of_range_stage_options_are_one_line(tmp_path, capsys, argv, match):
     assert cli.main([*argv, "--preset", "smoke", "--run", str(tmp_path / "r")]) == 2

@@ -39,7 +39,7 @@ def test_a_stage_folder_that_is_a_file_is_one_line(tmp_path, capsys):
     (errno.ENOTDIR, "{path} is a file where monofast needs a folder"),
     (errno.EEXIST, "{path} is a file where monofast needs a folder"),
     (errno.ENOENT, "{path} does not exist; check the path"),
-    (errno.EIO, "Input/output error: {path}; check the path and the disk"),
+    (errno.EIO, "Input/output error ({path}); check the path and the disk"),
 ])
 def test_each_kind_of_file_system_error_names_the_path_and_the_fix(tmp_path, number, says):
     path = str(tmp_path / "missing" / "x.bin")
@@ -50,8 +50,25 @@ def test_each_kind_of_file_system_error_names_the_path_and_the_fix(tmp_path, num
 def test_a_folder_where_a_file_belongs_is_named(tmp_path):
     folder = tmp_path / "meta.json"
     folder.mkdir()
-    message = _os_error_message(OSError(errno.ENODEV, "No such device", str(folder)))
-    assert message.startswith(f"{folder} is a folder where monofast needs a file; remove it")
+    assert _os_error_message(IsADirectoryError(errno.EISDIR, "Is a directory", str(folder))).startswith(
+        f"{folder} is a folder where monofast needs a file; remove it")
+
+
+def test_other_errors_on_existing_paths_give_no_wrong_advice(tmp_path):
+    """A disk error on a file that exists, or a full folder, is not called a file in a
+    folder's place (nor the reverse): the reason and the path, as the system gave them."""
+    file, folder = tmp_path / "a.bin", tmp_path / "stage"
+    file.write_bytes(b"x")
+    folder.mkdir()
+    for err in (OSError(errno.EIO, "Input/output error", str(file)), OSError(errno.ENOTEMPTY, "Directory not empty", str(folder)),
+                OSError(errno.EEXIST, "File exists", str(folder))):
+        message = _os_error_message(err)
+        assert message.startswith(f"{err.strerror} ({err.filename}); check the path"), message
+
+
+def test_an_error_without_a_file_name_keeps_its_own_words():
+    message = _os_error_message(OSError(errno.EACCES, "/x/shard-00001.bin: Permission denied"))
+    assert message.startswith("/x/shard-00001.bin: Permission denied; then run") and "permission denied: ;" not in message
 
 
 def test_a_native_error_without_a_file_name_gets_the_path(tmp_path):

@@ -438,3 +438,30 @@ def test_manifests_from_before_a_field_became_runtime_are_up_to_date(smoke_run, 
     manifest["identity"]["epochs"] = 99  # a field that decides results still counts
     (run / "sae" / "manifest.json").write_text(json.dumps(manifest))
     assert _plan(configs, RunDir(run))["sae"]
+
+
+def test_a_run_that_would_leave_its_findings_behind_is_refused_before_it_starts(smoke_run, smoke_findings,
+                                                                                tmp_path, capsys):
+    """After a `--with findings` run, a run without them that redoes the SAE would leave the
+    findings (which the site reads) out of date: refused before any stage runs, naming the
+    two ways out; with `--with findings` the same change runs through."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_findings.run, run)
+    before = _digests(run / "sae")
+    assert cli.main(smoke_run.args + ["--run", str(run), "--set", "sae.l1_coeff=7"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'findings'} reads analysis/, sae/, which this run redoes" in err and err.count("\n") == 1
+    assert f"`monofast run --run {run} --with findings`, or remove the folder" in err
+    assert _digests(run / "sae") == before  # nothing ran
+    assert cli.main(smoke_findings.args + ["--run", str(run), "--set", "sae.l1_coeff=7"]) == 0
+
+
+def test_a_removed_input_folder_does_not_block_the_stages_after_it(smoke_run, tmp_path, capsys):
+    """Activations deleted to free the disk once the SAE is trained: the analysis, which reads
+    the SAE and the GPT, still runs; the SAE stage itself names what is missing."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run.run, run)
+    shutil.rmtree(run / "activations")
+    assert cli.main(["analysis", "--preset", "smoke", "--run", str(run), "--device", "cpu", "--force"]) == 0
+    assert cli.main(["sae", "train", "--preset", "smoke", "--run", str(run), "--device", "cpu"]) == 2
+    assert "stage 'activations' has not finished" in capsys.readouterr().err

@@ -56,5 +56,5 @@ def test_a_sweep_too_large_for_the_memory_is_refused_with_the_numbers():
     assert small.memory_needed(128) == 2 * 4 * (4 * (2 * 128 * 256 + 256 + 128) + 2 * 128 * 256)
     small.check_memory(128, cpu)  # a few MB: fits
     with pytest.raises(UserError, match=r"1 SAE\(s\) of 128,000,000 features on inputs of 128 need at least "
-                                        r"\d+\.\d GiB .* but cpu has \d+\.\d GiB free; lower --expansion"):
+                                        r"\d+\.\d GiB .* but cpu has \d+\.\d GiB free; lower the width \(--expansion"):
         SAETrainConfig(expansion=1_000_000).check_memory(128, cpu)

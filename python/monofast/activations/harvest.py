@@ -102,7 +102,7 @@ class HarvestConfig:
         if not self.shard_mb > 0:
             raise ValueError(f"shard_mb={self.shard_mb}; use e.g. 256")
         if self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0 (numpy and torch take non-negative seeds), e.g. 0")
+            raise ValueError(f"seed={self.seed} must be >= 0 (numpy takes only non-negative seeds), e.g. 0")
 
 
 class Plan(NamedTuple):

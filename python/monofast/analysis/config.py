@@ -91,7 +91,7 @@ class AnalysisConfig:
         if "/" in self.sae_name or self.sae_name.startswith("."):
             raise ValueError(f"sae_name={self.sae_name!r} must be a plain sub-folder name of sae/")
         if self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0 (numpy and torch take non-negative seeds), e.g. 1337")
+            raise ValueError(f"seed={self.seed} must be >= 0 (numpy takes only non-negative seeds), e.g. 1337")
 
     def too_wide(self, context_size: int) -> str | None:
         """What is wrong when the example windows are wider than the contexts they are cut
@@ -100,7 +100,7 @@ class AnalysisConfig:
         if self.window_radius < context_size:
             return None
         return (f"window_radius={self.window_radius} is wider than the contexts of {context_size} tokens it "
-                f"windows; give at most {context_size - 1} (e.g. --window-radius 12)")
+                f"windows; give at most --window-radius {context_size - 1}")
 
     @property
     def window(self) -> int:

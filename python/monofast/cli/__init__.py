@@ -102,18 +102,20 @@ def _os_error_message(err: OSError) -> str:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" writing {path}" if path else ""
         return f"the disk is full{where}; free some space (or write to another disk: --run, or --out for a report) and {again}"
+    if not path:  # the message (a native one) names the file itself
+        return f"{err.strerror or err}; {again}"
     if err.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied: {path}; give this user access to it (or use another folder: --run, --out), {again}"
     if err.errno == errno.EROFS:
         return f"{path} is on a read-only file system; write to a writable folder with --run (or --out for a report)"
-    if err.errno in (errno.ENOTDIR, errno.EEXIST) or (path and Path(path).is_file() and err.errno != errno.ENOENT):
+    if err.errno == errno.ENOTDIR or (err.errno == errno.EEXIST and not Path(path).is_dir()):
         return f"{path} is a file where monofast needs a folder (or a part of that path is one); move it away or choose another path"
-    if path and Path(path).is_dir():
+    if err.errno == errno.EISDIR:
         return f"{path} is a folder where monofast needs a file; remove it and {again}"
     if err.errno == errno.ENOENT:
         return f"{path} does not exist; check the path (a stage that wrote it may need running again: `{PROG} run --run DIR`)"
     reason = err.strerror or str(err)
-    return f"{reason}: {path}; check the path and the disk, {again}" if path else f"{reason}; {again}"
+    return f"{reason} ({path}); check the path and the disk, {again}" if path not in reason else f"{reason}; {again}"
 
 
 def _rewrite_hint(message: str) -> str:

@@ -19,7 +19,7 @@ from monofast.run.stages import RunDir, Stage, run_dir, stage_named
 DEFAULT_PRESET = "quick"
 
 
-NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+NEGATIVE_NUMBER = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)
 r"""What argparse must read as a (negative) value, not an option: argparse's own pattern
 (`^-\d+$|^-\d*\.\d+$` in Python 3.11) takes `-1e6` and `-inf` for unknown options and
 answers `expected one argument`; with these read as values, the option's check names the

@@ -8,6 +8,7 @@ none, never half of a new one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -94,9 +95,11 @@ def hash_file(path: str | os.PathLike) -> str:
     try:
         return _native.hash_file(os.fspath(path))
     except OSError as err:
-        if err.filename is None:  # the native message names no file: give the CLI the path
-            raise OSError(err.errno, err.strerror or str(err), os.fspath(path)) from err
-        raise
+        if err.filename is not None:
+            raise
+        if os.path.isdir(path):  # mapping a folder fails as "no such device"
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", os.fspath(path)) from err
+        raise OSError(err.errno, err.strerror or str(err), os.fspath(path)) from err  # the CLI names the path
 
 
 def hash_bytes(data: bytes) -> str:

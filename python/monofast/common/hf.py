@@ -48,7 +48,8 @@ def available_memory(device: Any) -> Optional[int]:
     if device.type == "cuda":
         import torch
 
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # earlier stages' blocks
+        return int(torch.cuda.mem_get_info(device)[0]) + cached
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

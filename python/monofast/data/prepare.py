@@ -76,7 +76,7 @@ class DataConfig:
             raise ValueError(f"vocab_size={self.vocab_size} does not fit uint16 tokens; "
                              f"use --token-dtype uint32 (or auto)")
         if self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0 (numpy and torch take non-negative seeds), e.g. 1337")
+            raise ValueError(f"seed={self.seed} must be >= 0 (numpy takes only non-negative seeds), e.g. 1337")
 
     def resolved_dtype(self) -> str:
         if self.token_dtype == "auto":

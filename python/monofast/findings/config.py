@@ -92,7 +92,7 @@ class FindingsConfig:
             raise ValueError(f"twin_seed_offset={self.twin_seed_offset} must be >= 1 (0 would train the same "
                              f"model again), e.g. 1")
         if self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0 (numpy and torch take non-negative seeds), e.g. 1337")
+            raise ValueError(f"seed={self.seed} must be >= 0 (numpy takes only non-negative seeds), e.g. 1337")
         if self.tokens < 1_000:
             raise ValueError(f"tokens={self.tokens} is too few to correlate activations; give 100000 or more")
         for name in ("batch_contexts", "specificity_bins", "steer_prompts", "steer_tokens"):

@@ -138,7 +138,7 @@ class GPTTrainConfig(GPTShape):
                 raise ValueError(f"sample_prompts: '{not_utf8(prompt)}' holds bytes that are not UTF-8 text; "
                                  f"give the prompts as UTF-8")
         if self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0 (numpy and torch take non-negative seeds), e.g. 1337")
+            raise ValueError(f"seed={self.seed} must be >= 0 (numpy takes only non-negative seeds), e.g. 1337")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, **self.shape())

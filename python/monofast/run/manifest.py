@@ -85,11 +85,10 @@ def incompatible(folder: Path, manifest: dict[str, Any]) -> UserError:
         f"or start a fresh run directory with --name NAME or --run DIR")
 
 
-def _input_digests(stage: Stage, run: RunDir, current: set[str] | None = None) -> dict[str, str]:
+def _input_digests(stage: Stage, run: RunDir) -> dict[str, str]:
     """Current digests of every file the stage reads, keyed `stage/relative/path`. Each
-    input stage must be intact and itself up to date with its own inputs (`_check_current`);
-    `current` collects the stage folders already found so, to check each once."""
-    current = set() if current is None else current
+    input stage must be intact and itself up to date with its own inputs (`_check_current`)."""
+    current: set[str] = set()  # the stage folders found current, to check each once
     digests: dict[str, str] = {}
     present = [name for name in stage.optional_inputs if (run.stage(name) / files.MANIFEST_FILE).is_file()]
     for name in stage.inputs + tuple(present):
@@ -125,8 +124,9 @@ def _check_current(label: str, manifest: dict[str, Any], root: Path, current: se
     now: dict[str, str] = {}
     for read in sorted({_stage_folder(key, root) for key in recorded}):
         read_manifest = _read_manifest(root / read)
-        if read_manifest is None:  # being redone, or gone: nothing of it can match
-            continue
+        if read_manifest is None:  # removed (activations deleted to free the disk) or being redone:
+            recorded = {key: value for key, value in recorded.items() if _stage_folder(key, root) != read}
+            continue  # nothing to compare; a stage that reads it again requires it itself
         now.update({f"{read}/{rel}": digest for rel, digest in _intact(root / read, read_manifest).items()})
         _check_current(read, read_manifest, root, current)
     if recorded != now:
@@ -149,15 +149,30 @@ def _stage_folder(key: str, root: Path) -> str:
 
 def _redo(label: str, root: Path) -> str:
     """The command that redoes stage folder `label` and what follows it: a stage of an extra
-    (and the second model's) re-runs with `--with` when its inputs changed."""
+    (and the second model's) re-runs with `--with` when its inputs changed (`--from` takes
+    only the main stages)."""
     try:
         extra = stage_named(label).extra
     except UserError:  # not a pipeline stage
         extra = ""
-    if extra:
-        return f"monofast run --run {root} --with {extra}"
-    twin = " --with findings" if label.startswith(f"{TWIN}/") else ""
-    return f"monofast run --run {root}{twin} --from {label}"
+    if label.startswith(f"{TWIN}/"):  # the second model's stages come with the findings
+        extra = "findings"
+    return f"monofast run --run {root} --with {extra}" if extra else f"monofast run --run {root} --from {label}"
+
+
+def refuse_left_behind(label: str, root: Path, redone: set[str]) -> None:
+    """Refuse, before a run starts, a finished stage it does not run (folder `label`: the
+    findings of an earlier `--with findings`, read by the site when there) that reads a stage
+    the run redoes (`redone`), or that is already out of date: the stage reading it would
+    fail after the long ones had run."""
+    manifest = _read_manifest(root / label)
+    if manifest is None:
+        return
+    ahead = sorted({_stage_folder(key, root) for key in manifest.get("inputs") or {}} & redone)
+    if ahead:
+        raise UserError(f"{root / label} reads {', '.join(f'{a}/' for a in ahead)}, which this run redoes, but is "
+                        f"not part of the run: redo it too with `{_redo(label, root)}`, or remove the folder")
+    _check_current(label, manifest, root, set())
 
 
 def require_current(run: RunDir, name: str) -> Path:

@@ -12,7 +12,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 from monofast.common.errors import UserError
 from monofast.common.log import logger
 from monofast.run import estimate
-from monofast.run.manifest import run_stage, up_to_date
+from monofast.run.manifest import refuse_left_behind, run_stage, up_to_date
 from monofast.run.resolve import resolve_config
 from monofast.run.stages import EXTRAS, STAGES, TWIN, RunDir, Stage, run_order, stage_named
 
@@ -107,13 +107,19 @@ def _forced(jobs: list[Job], force: bool, start: str | None) -> dict[str, bool]:
 def plan(jobs: list[Job], forced: Mapping[str, bool]) -> dict[str, bool]:
     """Which stages will run: forced ones, those not up to date, and those reading from a
     stage that will run. Also refuses, before anything runs, a run directory written by an
-    incompatible monofast."""
+    incompatible monofast, and a finished stage outside the run (`refuse_left_behind`) that
+    a stage of it reads and the run would leave out of date."""
     todo: dict[str, bool] = {}
     for job in jobs:
         if forced[job.label] or any(todo.get(name) for name in job.inputs()):
             todo[job.label] = True
         else:
             todo[job.label] = not up_to_date(job.stage, job.cfg, job.run)
+    redone = {label for label, runs in todo.items() if runs}
+    for job in jobs:  # a finished stage outside the run, read by one that runs, must stay current
+        for name in job.stage.optional_inputs if todo[job.label] else ():
+            if job.run.folder_name(name) not in todo:
+                refuse_left_behind(job.run.folder_name(name), job.run.root, redone)
     return todo
 
 

@@ -225,7 +225,7 @@ def _sae(stage: Optional[Finished], missing: list[str]) -> _SAE:
     fields = SAE_FIELDS
     if evaluation.get("rows") == 0:
         fields = {(f"{k}?" if k in HELD_OUT else k): kind for k, kind in SAE_FIELDS.items()}
-        missing.append(f"L0, FVU and dead / dense features: {path} has no held-out rows (harvest more contexts)")
+        missing.append(f"L0, FVU and dead / dense features: {path} has no held-out rows (hold rows out with --held-out N)")
     entry = _checked(members[name], path, stage, fields, f"saes.{name}")
     if evaluation.get("ce_loss_gap") is not None:  # shared by the members: kept beside
         entry = {**entry, "ce_loss_gap": evaluation["ce_loss_gap"],
@@ -293,7 +293,10 @@ def collect(run: str | Path, required: tuple[str, ...] = ()) -> Results:
     folders = [p for p in run.iterdir() if p.is_dir()] if run.is_dir() else []
     folders += [p for p in (run / "twin").iterdir() if p.is_dir()] if (run / "twin").is_dir() else []
     for folder in sorted(folders):
-        done = finished(run, folder.relative_to(run).as_posix())  # only its time is read: not checked
+        try:  # only its time is read: not checked, and a folder that is no finished stage is skipped
+            done = finished(run, folder.relative_to(run).as_posix())
+        except UserError:
+            continue
         if done is not None and done.seconds is not None:
             seconds[folder.relative_to(run).as_posix()] = done.seconds
     return Results(run, gpt, sae.name, sae.entry, sae.shape, summary, site_index, seconds, findings,

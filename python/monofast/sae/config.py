@@ -147,7 +147,7 @@ class SAETrainConfig:
             raise ValueError(f"ce_eval_tokens and checkpoint_every must be >= 0 (0 turns them off), got "
                              f"{self.ce_eval_tokens}, {self.checkpoint_every}")
         if self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0 (numpy and torch take non-negative seeds), e.g. 0")
+            raise ValueError(f"seed={self.seed} must be >= 0 (numpy takes only non-negative seeds), e.g. 0")
 
     def sweep(self) -> list[tuple[str, float, Optional[int]]]:
         """(name, l1 coefficient, k) of every SAE to train."""
@@ -180,8 +180,8 @@ class SAETrainConfig:
         widths = "/".join(f"{w:,}" for w in sorted({m[3] for m in self.members(d_in)}))
         raise UserError(f"sae: {len(self.members(d_in))} SAE(s) of {widths} features on inputs of {d_in} need "
                         f"at least {need / 2**30:.1f} GiB (weights, gradients, Adam state and a batch) but {device} "
-                        f"has {free / 2**30:.1f} GiB free; lower --expansion (or --d-sae) or --batch-size, or "
-                        f"train fewer SAEs at once")
+                        f"has {free / 2**30:.1f} GiB free; lower the width (--expansion or --d-sae; --expansions "
+                        f"for the family) or --batch-size, or train fewer SAEs at once")
 
     def warmup_fraction(self) -> float:
         return self.l1_warmup if self.l1_warmup != -1.0 else (0.05 if self.variant == "april2024" else 0.0)

@@ -415,10 +415,8 @@ class SparseAutoencoder(nn.Module):
         """`cfg.json` contents: SAELens keys, then monofast's own config under "monofast"."""
         cfg: dict[str, Any] = {
             "architecture": SAE_LENS_ARCHITECTURES.get(self.cfg.variant, "standard"),
-            "d_in": self.cfg.d_in,
-            "d_sae": self.cfg.d_sae,
-            "dtype": self.cfg.dtype,
-            "device": "cpu",
+            "d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae,
+            "dtype": self.cfg.dtype, "device": "cpu",
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",  # the input scale is folded into the weights
             "reshape_activations": "none",
@@ -478,9 +476,8 @@ class SparseAutoencoder(nn.Module):
             if name not in tensors or tuple(tensors[name].shape) != shape:
                 got = tuple(tensors[name].shape) if name in tensors else "missing"
                 raise DataError(f"{path}: {name} should have shape {shape}, found {got}")
-            if not bool(torch.isfinite(tensors[name]).all()):  # every reader would compute NaN from here on
-                raise DataError(f"{path}: {name} holds NaN or infinite values: the SAE is corrupt; retrain it "
-                                f"with `monofast sae train --force` (or `monofast run --from sae`)")
+            if not bool(torch.isfinite(tensors[name]).all()):  # every reader would compute NaN from it
+                raise DataError(f"{path}: {name} holds NaN or infinite values; redo the stage that wrote it")
             with torch.no_grad():
                 getattr(sae, name).copy_(tensors[name])
         return sae
