@@ -62,7 +62,7 @@ def test_nan_activations_stop_training_with_a_clear_error(make_store, small, tmp
 
 
 def test_a_sweep_too_large_for_the_memory_is_refused_before_anything_is_allocated(store_dir, small, tmp_path):
-    with pytest.raises(UserError, match=r"need at least .* GiB .* free; lower --expansion"):
+    with pytest.raises(UserError, match=r"need at least .* GiB .* free; lower the width \(--expansion"):
         sae_train.train(small(expansion=10**9), store_dir, tmp_path / "sae")
     assert not (tmp_path / "sae" / "metrics.jsonl").exists()
 
