@@ -67,8 +67,8 @@ class SampleCommand:
             raise UserError("--tokens, --top-k and --temperature must be non-negative and "
                             "--num-samples at least 1")
         for prompt in args.prompt or []:
-            if not_utf8(prompt) is not None:
-                raise UserError(f"--prompt '{not_utf8(prompt)}' holds bytes that are not UTF-8 text; "
+            if (shown := not_utf8(prompt)) is not None:
+                raise UserError(f"--prompt '{shown}' holds bytes that are not UTF-8 text; "
                                 f"give the prompt as UTF-8")
         specs = [parse_clamp(spec) for spec in args.clamp or []]  # bad syntax fails before anything loads
         device = pick_device(args.device)

@@ -147,10 +147,15 @@ def verify_recorded(path: str | os.PathLike) -> Path:
     return path
 
 
+def redo_stage(folder: Path) -> str:
+    """The advice that ends an error about a finished stage's files: redo the stage in `folder`."""
+    return f"redo that stage with `monofast run --run {folder.parent} --from {folder.name}`"
+
+
 def not_as_recorded(path: Path, folder: Path) -> DataError:
     """The error for a file that the stage in `folder` recorded and that is now missing, or
     changed since: it names the file, the check and the command that redoes the stage."""
-    redo = f"redo that stage with `monofast run --run {folder.parent} --from {folder.name}`"
+    redo = redo_stage(folder)
     if not path.exists():
         return DataError(f"{path} is missing but stage {folder.name!r} recorded it; {redo}")
     return DataError(f"{path} was changed or damaged after stage {folder.name!r} wrote it (its XXH3 "

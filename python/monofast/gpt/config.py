@@ -134,8 +134,8 @@ class GPTTrainConfig(GPTShape):
         if self.sample_tokens < 0 or self.num_samples < 0 or self.top_k < 0 or self.temperature < 0:
             raise ValueError("sample_tokens, num_samples, top_k and temperature must be non-negative")
         for prompt in self.sample_prompts:
-            if not_utf8(prompt) is not None:
-                raise ValueError(f"sample_prompts: '{not_utf8(prompt)}' holds bytes that are not UTF-8 text; "
+            if (shown := not_utf8(prompt)) is not None:
+                raise ValueError(f"sample_prompts: '{shown}' holds bytes that are not UTF-8 text; "
                                  f"give the prompts as UTF-8")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed} must be >= 0 (numpy takes only non-negative seeds), e.g. 1337")

@@ -145,7 +145,7 @@ def _best_steered(run: Path) -> Optional[tuple[int, str]]:
 
 
 def _number(value: Any, default: float) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+    return float(value) if results.is_number(value) else default
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def feature_arrays(analysis_dir: Path) -> dict[str, Any]:
     """`FEATURE_ARRAYS` of a finished analysis's features.npz (checked against its manifest
     by `results.collect`); a file without them is a `DataError` naming it."""
     path = analysis_dir / "features.npz"
-    redo = f"redo that stage with `monofast run --run {analysis_dir.parent} --from {analysis_dir.name}`"
+    redo = files.redo_stage(analysis_dir)
     arrays = files.read_npz(path, redo)
     lacking = [name for name in FEATURE_ARRAYS if name not in arrays]
     shapes = {arrays[name].shape for name in FEATURE_ARRAYS if name not in lacking}

@@ -69,7 +69,7 @@ class Finished(NamedTuple):
 
     @property
     def redo(self) -> str:
-        return f"redo that stage with `monofast run --run {self.folder.parent} --from {self.folder.name}`"
+        return files.redo_stage(self.folder)
 
     def file(self, name: str) -> Optional[Path]:
         """`folder/name` when the stage recorded it; None when it did not write it."""
@@ -95,12 +95,11 @@ def finished(run: Path, stage: str) -> Optional[Finished]:
     manifest = files.read_json(path, "manifest")
     outputs = manifest.get("outputs") if isinstance(manifest, dict) else None
     if not isinstance(outputs, dict) or not all(isinstance(record, dict) for record in outputs.values()):
-        raise DataError(f"{path} does not record the stage's outputs; redo that stage with "
-                        f"`monofast run --run {folder.parent} --from {folder.name}`")
+        raise DataError(f"{path} does not record the stage's outputs; {files.redo_stage(folder)}")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise incompatible(folder, manifest)
     seconds: Any = manifest.get("seconds")
-    return Finished(folder, outputs, float(seconds) if _is_number(seconds) else None)
+    return Finished(folder, outputs, float(seconds) if is_number(seconds) else None)
 
 
 def current(run: Path, stage: str, rows: str, missing: list[str], extra: bool = False,
@@ -129,17 +128,18 @@ def current(run: Path, stage: str, rows: str, missing: list[str], extra: bool = 
     return done
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A JSON number (a bool is not one)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 KINDS: dict[str, Callable[[Any], bool]] = {
-    "a number": _is_number,
+    "a number": is_number,
     "an object": lambda v: isinstance(v, dict),
     "a string": lambda v: isinstance(v, str),
-    "numbers by source": lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+    "numbers by source": lambda v: isinstance(v, dict) and all(is_number(x) for x in v.values()),
     "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-    "a list of numbers": lambda v: isinstance(v, list) and all(_is_number(x) for x in v),
+    "a list of numbers": lambda v: isinstance(v, list) and all(is_number(x) for x in v),
 }
 """What a field of a stage's JSON file may hold, by the name its error gives."""
 
